@@ -1,0 +1,649 @@
+"""lowmem: LOMO, AdaLomo and Adam-mini in one readable file that needs only torch.
+
+    LOMO      SGD fused into backward: each gradient is applied and freed as soon as it
+              exists, so gradient memory is one tensor and optimizer state is zero.
+    AdaLomo   LOMO + Adafactor's factored second moment + grouped update normalization.
+    AdamMini  AdamW with one second-moment value per Hessian block (head, neuron, token).
+
+Every optimizer is a torch.optim.Optimizer with two drivers:
+
+    classic:  loss.backward(); opt.step(); opt.zero_grad(set_to_none=True)
+    fused:    opt.fused_backward(loss)    # update inside backward, no gradient memory
+
+Math is done in fp32 and written back to the parameter dtype (optionally with stochastic
+rounding for bf16). The file reads top to bottom: the Adam-mini block partitioner, the
+shared driver, then one section per optimizer.
+"""
+import math
+from collections import defaultdict
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+__all__ = ["LOMO", "AdaLomo", "AdamMini", "partition", "Partition", "Blocks", "DynamicLossScaler"]
+
+# ----------------------------------------------------------------------------------------
+# The Adam-mini block partitioner (paper section 2.3; released code 1.1.1 rules)
+#
+# One second-moment value v is shared by every element of a block. Blocks by tensor:
+#   token   embedding / output head: one v per row (= per vocabulary token)
+#   head    query / key: one v per attention head (a run of head_dim output rows)
+#   qkv     fused q|k|v matrix (GPT-2 c_attn): q and k by head, v by neuron
+#   neuron  other dense weights (value, attention out, MLP, conv): one v per output neuron
+#   element biases: plain Adam, one v per element
+#   tensor  norms and everything else: one v for the whole tensor
+# Unlike the released code we decide by module structure, not only by name substrings,
+# so GPT-2's fused c_attn, HF Conv1D's (in, out) layout, GQA and head_dim != dim/n_heads
+# all get the right blocks, and unknown head counts raise instead of guessing.
+
+QK_NAMES = {"q_proj", "k_proj", "wq", "wk", "query", "key", "to_q", "to_k", "q", "k"}
+FUSED_QKV_NAMES = {"c_attn", "qkv_proj", "qkv", "wqkv", "in_proj"}
+OUTPUT_NAMES = {"lm_head", "output", "embed_out", "final_layer"}
+EMBED_NAMES = ("embed", "embd", "wte", "wpe")  # substrings, for bare parameters
+HEAD_KEYS = ("n_head", "n_heads", "num_attention_heads", "num_heads")
+KV_HEAD_KEYS = ("num_key_value_heads", "n_kv_heads", "n_kv_head", "num_kv_heads")
+HEAD_DIM_KEYS = ("head_dim", "kv_channels")
+
+
+@dataclass
+class Blocks:
+    """How one tensor is cut into Adam-mini blocks.
+
+    Rows along `axis` (the output axis: 0 for nn.Linear/Embedding, 1 for HF Conv1D) are
+    grouped: each segment (start, stop, rows_per_block) gives (stop-start)/rows_per_block
+    blocks. `element` and `tensor` kinds have no axis."""
+    name: str
+    shape: tuple
+    kind: str
+    n_v: int
+    axis: int = None
+    segments: tuple = ()
+    decay: bool = True
+
+
+class Partition(list):
+    """A list of Blocks, one per trainable tensor, that prints as a table."""
+
+    def __str__(self):
+        rows = [("name", "shape", "kind", "v entries", "params")]
+        rows += [(b.name, "x".join(map(str, b.shape)) or "scalar", b.kind, f"{b.n_v:,}",
+                  f"{math.prod(b.shape):,}") for b in self]
+        n_v, n_p = sum(b.n_v for b in self), sum(math.prod(b.shape) for b in self)
+        rows.append(("total", "", "", f"{n_v:,}", f"{n_p:,}"))
+        widths = [max(len(r[i]) for r in rows) for i in range(5)]
+        lines = ["  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in rows]
+        lines.insert(1, "-" * len(lines[0]))
+        lines.append(f"Adam-mini keeps {n_v:,} second-moment values where Adam keeps "
+                     f"{n_p:,} ({100 * n_v / max(n_p, 1):.4f}%).")
+        return "\n".join(lines)
+
+
+def _find(objects, keys):
+    for obj in objects:
+        for key in keys:
+            value = getattr(obj, key, None)
+            if isinstance(value, int) and value > 0:
+                return value
+    return None
+
+
+class _Heads:
+    """Attention head geometry: given, read from the model's config, or derived from the
+    first query tensor (head_dim = q rows / n_heads: right even when head_dim != dim/n_heads,
+    where the released code's dim*dim/n_heads silently gives wrong blocks)."""
+
+    def __init__(self, model, n_heads, n_kv_heads, head_dim):
+        objs = [o for o in (model, getattr(model, "config", None)) if o is not None]
+        self.n_heads = n_heads or _find(objs, HEAD_KEYS)
+        self.n_kv_heads = n_kv_heads or _find(objs, KV_HEAD_KEYS) or self.n_heads
+        self.head_dim = head_dim or _find(objs, HEAD_DIM_KEYS)
+
+    def infer_head_dim(self, rows, fused):
+        if self.head_dim is None and self.n_heads:
+            self.head_dim = rows // (self.n_heads + 2 * self.n_kv_heads if fused else self.n_heads)
+
+    def require(self, name):
+        if self.head_dim is None:
+            raise ValueError(
+                f"Adam-mini partition: '{name}' is a query/key weight but the number of "
+                "attention heads is unknown (no n_head/num_attention_heads/head_dim on the "
+                "model or its config). Pass n_heads= (and n_kv_heads= for GQA, head_dim= "
+                "if it is not dim/n_heads).")
+        return self.head_dim
+
+
+def _module_of(model):
+    owners = {}
+    for mod_name, module in model.named_modules():
+        for p_name, p in module.named_parameters(recurse=False):
+            owners.setdefault(id(p), module)
+    return owners
+
+
+def _owner_name(name):
+    parts = name.lower().split(".")
+    return parts[-1], (parts[-2] if len(parts) > 1 else "")
+
+
+def _output_axis(module):
+    return 1 if type(module).__name__ == "Conv1D" else 0  # HF Conv1D weight is (in, out)
+
+
+def _classify(name, p, module, heads):
+    leaf, owner = _owner_name(name)
+    shape, numel = tuple(p.shape), p.numel()
+    if "bias" in leaf:
+        return Blocks(name, shape, "element", numel, decay=False)
+    if p.dim() < 2:
+        return Blocks(name, shape, "tensor", 1, decay=False)
+    axis = _output_axis(module)
+    rows = shape[axis]
+
+    def by_rows(kind, *segments):
+        for a, b, k in segments:
+            if (b - a) % k or b > rows:
+                raise ValueError(f"Adam-mini partition: '{name}' has {rows} output rows, which do "
+                                 f"not split into heads of {k}; pass n_heads/n_kv_heads/head_dim")
+        return Blocks(name, shape, kind, sum((b - a) // k for a, b, k in segments), axis, tuple(segments))
+
+    if leaf == "in_proj_weight":  # nn.MultiheadAttention: q|k|v stacked, its own head count
+        hd = module.head_dim
+        return by_rows("qkv", (0, rows // 3, hd), (rows // 3, 2 * rows // 3, hd), (2 * rows // 3, rows, 1))
+    if owner in FUSED_QKV_NAMES:
+        hd = heads.require(name)
+        q = heads.n_heads * hd if heads.n_heads else rows // 3
+        k = heads.n_kv_heads * hd if heads.n_kv_heads else q
+        return by_rows("qkv", (0, q, hd), (q, q + k, hd), (q + k, rows, 1))
+    if owner in QK_NAMES:
+        return by_rows("head", (0, rows, heads.require(name)))
+    if isinstance(module, nn.Embedding) or owner in OUTPUT_NAMES or (
+            module is None and any(s in name.lower() for s in EMBED_NAMES)):
+        return by_rows("token", (0, rows, 1))
+    return by_rows("neuron", (0, rows, 1))
+
+
+def partition(model_or_named_params, n_heads=None, n_kv_heads=None, head_dim=None):
+    """Adam-mini blocks of every trainable tensor, as a printable Partition (a list).
+
+    Accepts an nn.Module (structure-aware) or an iterable of (name, parameter) pairs
+    (name-based only, weights assumed (out, in)). Tied parameters appear once."""
+    model = model_or_named_params if isinstance(model_or_named_params, nn.Module) else None
+    named = [(n, p) for n, p in (model.named_parameters() if model else model_or_named_params)
+             if p.requires_grad]
+    owners = _module_of(model) if model else {}
+    heads = _Heads(model, n_heads, n_kv_heads, head_dim)
+    for name, p in named:  # the first query (or fused qkv) tensor fixes head_dim
+        leaf, owner = _owner_name(name)
+        if owner in {"q_proj", "wq", "query", "to_q", "q"} | FUSED_QKV_NAMES and p.dim() >= 2:
+            heads.infer_head_dim(p.shape[_output_axis(owners.get(id(p)))], owner in FUSED_QKV_NAMES)
+            break
+    return Partition(_classify(n, p, owners.get(id(p)), heads) for n, p in named)
+
+
+def _block_mean_sq(g, blocks):
+    """mean(g*g) over each block -> (n_v,) (or g's shape for element blocks)."""
+    if blocks.kind == "element":
+        return g * g
+    if blocks.kind == "tensor":
+        return (g * g).mean().reshape(1)
+    other = [d for d in range(g.dim()) if d != blocks.axis]
+    row = (g * g).mean(dim=other)  # every row has the same size: block mean = mean of row means
+    return torch.cat([row[a:b].view(-1, k).mean(1) for a, b, k in blocks.segments])
+
+
+def _expand_blocks(v, blocks, shape):
+    """(n_v,) per-block values -> a tensor broadcastable against the parameter."""
+    if blocks.kind in ("element", "tensor"):
+        return v
+    out, start = [], 0
+    for a, b, k in blocks.segments:
+        n = (b - a) // k
+        out.append(v[start:start + n].repeat_interleave(k) if k > 1 else v[start:start + n])
+        start += n
+    rows = torch.cat(out) if len(out) > 1 else out[0]
+    return rows.view([-1 if d == blocks.axis else 1 for d in range(len(shape))])
+
+
+# ----------------------------------------------------------------------------------------
+# The shared driver: parameter handling, fused-in-backward updates, clipping, loss scaling
+
+
+class DynamicLossScaler:
+    """fp16 loss scaling: halve on overflow (min 1), double after `window` clean steps.
+
+    Unlike the official LOMO scaler it grows back, and needs no torch.distributed."""
+
+    def __init__(self, init_scale=2.0 ** 16, factor=2.0, window=1000, min_scale=1.0):
+        self.scale, self.factor, self.window, self.min_scale = init_scale, factor, window, min_scale
+        self.clean_steps = 0
+
+    def update(self, overflow):
+        if overflow:
+            self.scale, self.clean_steps = max(self.scale / self.factor, self.min_scale), 0
+        else:
+            self.clean_steps += 1
+            if self.clean_steps >= self.window:
+                self.scale, self.clean_steps = self.scale * self.factor, 0
+
+    def state_dict(self):
+        return dict(vars(self))
+
+    def load_state_dict(self, state):
+        vars(self).update(state)
+
+
+def _check_positive(name, value, allow_none=True, allow_zero=False):
+    if value is None and allow_none:
+        return
+    if not isinstance(value, (int, float)) or math.isnan(value) or value < 0 or (value == 0 and not allow_zero):
+        raise ValueError(f"{name} must be a {'non-negative' if allow_zero else 'positive'} number, got {value!r}")
+
+
+def _param_groups(model_or_params):
+    """(param groups, {param: name}) from a module, params, (name, param) pairs or groups."""
+    if isinstance(model_or_params, nn.Module):
+        items = [(n, p) for n, p in model_or_params.named_parameters() if p.requires_grad]
+        groups = [{"params": [p for _, p in items]}]
+        return groups, {p: n for n, p in items}
+    if isinstance(model_or_params, torch.Tensor):
+        raise TypeError("params must be an iterable of tensors or an nn.Module, got a single tensor")
+    items, names = list(model_or_params), {}
+    if items and isinstance(items[0], tuple):  # (name, param) pairs
+        names = {p: n for n, p in items}
+        items = [p for _, p in items]
+    groups = items if items and isinstance(items[0], dict) else [{"params": items}]
+    for gi, group in enumerate(groups):
+        group["params"] = list(group["params"])
+        for pi, p in enumerate(group["params"]):
+            names.setdefault(p, f"param_groups[{gi}][{pi}]")
+    return groups, names
+
+
+def _check_params(groups, names):
+    params = [p for g in groups for p in g["params"]]
+    if not params:
+        raise ValueError("optimizer got an empty parameter list")
+    for p in params:
+        if not isinstance(p, torch.Tensor):
+            raise TypeError(f"optimizer can only optimize tensors, got {type(p).__name__}")
+        if not p.is_floating_point():
+            raise TypeError(f"parameter '{names[p]}' has dtype {p.dtype}; only floating point "
+                            "parameters can be optimized")
+        if p.is_sparse:
+            raise TypeError(f"parameter '{names[p]}' is sparse; lowmem supports dense parameters only")
+
+
+def _stochastic_round_bf16(x, generator):
+    """Round fp32 -> bf16 up or down with probability proportional to the distance, so
+    updates below half a bf16 ulp survive on average (plain rounding would drop them)."""
+    noise = torch.randint(0, 1 << 16, x.shape, dtype=torch.int32, device=x.device, generator=generator)
+    bits = (x.view(torch.int32) + noise) & -65536  # add to the 16 dropped bits, then truncate
+    return bits.view(torch.float32).to(torch.bfloat16)  # exact: the low 16 bits are zero
+
+
+class _LowMemOptimizer(torch.optim.Optimizer):
+    """Shared driver. Subclasses implement `_update(p, g, group, state, lr)` on an fp32
+    gradient g and return the new fp32 weights (or p itself when updated in place)."""
+
+    def __init__(self, model_or_params, defaults, clip_grad_norm=None, clip_grad_value=None,
+                 loss_scale=None, stochastic_rounding=False, seed=0):
+        groups, self._names = _param_groups(model_or_params)
+        _check_params(groups, self._names)
+        _check_positive("lr", defaults["lr"], allow_none=False, allow_zero=True)
+        _check_positive("weight_decay", defaults["weight_decay"], allow_none=False, allow_zero=True)
+        _check_positive("clip_grad_norm", clip_grad_norm)
+        _check_positive("clip_grad_value", clip_grad_value)
+        _check_positive("loss_scale", loss_scale)
+        super().__init__(groups, defaults)
+        self.clip_grad_norm, self.clip_grad_value = clip_grad_norm, clip_grad_value
+        self.stochastic_rounding, self.seed = stochastic_rounding, seed
+        params = [p for g in self.param_groups for p in g["params"]]
+        fp16 = any(p.dtype == torch.float16 for p in params)
+        self.loss_scaler = DynamicLossScaler() if (loss_scale is None and fp16) else None
+        self.static_loss_scale = loss_scale or 1.0
+        self._group_of = {p: g for g in self.param_groups for p in g["params"]}
+        self._generators = {}
+        self._mode, self._lr, self._clip_coef, self._sumsq, self._pending_norm = None, None, None, None, None
+        # The hook is registered once and does nothing unless fused_backward/grad_norm is
+        # running (the official code's hooks are permanent: any backward updated weights).
+        self._hooks = [p.register_post_accumulate_grad_hook(self._hook) for p in params if p.requires_grad]
+
+    # -- per-parameter pipeline shared by both drivers --------------------------------
+
+    @property
+    def loss_scale(self):
+        return self.loss_scaler.scale if self.loss_scaler else self.static_loss_scale
+
+    def _prepare(self, grad, scale, all_reduce):
+        """fp32 gradient, unscaled, and (fused driver) averaged over data-parallel ranks."""
+        g = grad.float() if grad.dtype != torch.float32 else grad
+        if scale != 1.0:
+            g = g / scale
+        if all_reduce and dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+            dist.all_reduce(g, op=dist.ReduceOp.SUM)  # SUM then divide: gloo has no AVG
+            g.div_(dist.get_world_size())
+        return g
+
+    def _apply(self, p, g, lr, clip_coef):
+        """Value clip, then norm-clip coefficient (REFERENCE 1 order), then the rule."""
+        if self.clip_grad_value:
+            g = g.clamp(-self.clip_grad_value, self.clip_grad_value)
+        if clip_coef is not None:
+            g = g * clip_coef
+        group = self._group_of[p]
+        new = self._update(p, g, group, self.state[p], group["lr"] if lr is None else lr)
+        if new is not p:
+            self._write_back(p, new)
+
+    def _write_back(self, p, w):
+        if self.stochastic_rounding and p.dtype == torch.bfloat16:
+            p.copy_(_stochastic_round_bf16(w, self._generator(p.device)))
+        else:
+            p.copy_(w)
+
+    def _generator(self, device):
+        key = str(device)
+        if key not in self._generators:
+            self._generators[key] = torch.Generator(device=device).manual_seed(self.seed)
+        return self._generators[key]
+
+    def _clip_coef_from(self, total_norm):
+        if self.clip_grad_norm is None:
+            return None
+        return (self.clip_grad_norm / (total_norm + 1e-6)).clamp(max=1.0)
+
+    # -- classic driver -----------------------------------------------------------------
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        """Classic driver: apply the rule to every parameter holding a .grad.
+
+        The user owns loss scaling here (no scaler is applied); clipping is applied."""
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        params = [p for g in self.param_groups for p in g["params"] if p.grad is not None]
+        grads = [self._prepare(p.grad, 1.0, all_reduce=False) for p in params]  # DDP's job here
+        clip_coef = None
+        if self.clip_grad_norm is not None and grads:
+            clip_coef = self._clip_coef_from(torch.linalg.vector_norm(
+                torch.stack([torch.linalg.vector_norm(g) for g in grads])))
+        for p, g in zip(params, grads):
+            self._apply(p, g, None, clip_coef)
+        return loss
+
+    # -- fused driver -------------------------------------------------------------------
+
+    @torch.no_grad()
+    def _hook(self, p):
+        if self._mode is None:  # a plain backward: let .grad accumulate as usual
+            return
+        g = self._prepare(p.grad, self.loss_scale, all_reduce=True)
+        p.grad = None  # freed at once: peak gradient memory is one tensor
+        if self._mode == "norm":
+            self._sumsq = self._sumsq + g.square().sum()  # stays on device: no sync
+        else:
+            self._apply(p, g, self._lr, self._clip_coef)
+
+    def _backward(self, loss, mode, retain_graph=False):
+        for p in self._group_of:
+            if p.grad is not None:
+                raise ValueError(
+                    f"fused_backward: parameter '{self._names[p]}' already holds a .grad. The "
+                    "fused driver applies each gradient inside backward and frees it, so "
+                    "gradients cannot be accumulated over micro-batches (each backward is one "
+                    "optimizer step). Call opt.zero_grad(set_to_none=True) first, or use the "
+                    "classic driver (loss.backward(); opt.step()) for gradient accumulation.")
+        self._mode = mode
+        try:
+            (loss * self.loss_scale if self.loss_scale != 1.0 else loss).backward(retain_graph=retain_graph)
+        finally:
+            self._mode = None
+
+    def grad_norm(self, loss):
+        """Pass 1 of two: backward (graph retained) that only measures the global gradient
+        L2 norm (unscaled, before value clipping). Returns it as a 0-d tensor; it is inf/nan
+        if any gradient overflowed. The next fused_backward(loss) uses it."""
+        self._sumsq = torch.zeros((), device=loss.device, dtype=torch.float32)
+        self._backward(loss, "norm", retain_graph=True)
+        self._pending_norm = self._sumsq.sqrt()
+        self._sumsq = None
+        return self._pending_norm
+
+    def fused_backward(self, loss, lr=None):
+        """Backward with every parameter updated (and its gradient freed) the moment its
+        gradient is complete. `lr` overrides the param_groups lr for this step only.
+
+        Clipping by global norm (clip_grad_norm=) and fp16 overflow checks need the norm
+        before any update, so they cost one extra backward (grad_norm) unless the caller
+        ran grad_norm(loss) already. Returns False if the step was skipped on overflow.
+        Do not wrap the model in DDP: under torch.distributed each gradient is averaged
+        across ranks inside the hook."""
+        if lr is not None:
+            _check_positive("lr", lr, allow_none=False, allow_zero=True)
+        norm, self._pending_norm = self._pending_norm, None
+        if norm is None and (self.clip_grad_norm is not None or self.loss_scaler):
+            norm, self._pending_norm = self.grad_norm(loss), None
+        if self.loss_scaler and not torch.isfinite(norm).item():  # one sync per step, fp16 only
+            self.loss_scaler.update(overflow=True)
+            return False
+        self._lr, self._clip_coef = lr, (self._clip_coef_from(norm) if norm is not None else None)
+        try:
+            self._backward(loss, "update")
+        finally:
+            self._lr, self._clip_coef = None, None
+        if self.loss_scaler:
+            self.loss_scaler.update(overflow=False)
+        self._opt_called = True  # tells torch's lr schedulers that a step happened
+        return True
+
+    # -- state ----------------------------------------------------------------------------
+
+    def state_bytes(self):
+        """Bytes held as optimizer state (all tensors in self.state)."""
+        return sum(t.numel() * t.element_size() for s in self.state.values()
+                   for t in s.values() if torch.is_tensor(t))
+
+    def state_dict(self):
+        sd = super().state_dict()
+        sd["lowmem"] = {"loss_scaler": self.loss_scaler.state_dict() if self.loss_scaler else None,
+                        "generators": {k: g.get_state() for k, g in self._generators.items()}}
+        return sd
+
+    def load_state_dict(self, state_dict):
+        """Load state exactly (dtype kept: torch's loader would cast fp32 state to bf16)."""
+        saved = state_dict["param_groups"]
+        if len(saved) != len(self.param_groups) or any(
+                len(s["params"]) != len(g["params"]) for s, g in zip(saved, self.param_groups)):
+            raise ValueError("load_state_dict: the saved parameter groups do not match this "
+                             "optimizer's (different number of groups or parameters)")
+        by_id = {i: p for s, g in zip(saved, self.param_groups) for i, p in zip(s["params"], g["params"])}
+        new_state = defaultdict(dict)
+        for i, s in state_dict["state"].items():
+            p = by_id[i]
+            new_state[p] = {k: v.to(device=p.device, copy=True) if torch.is_tensor(v) else v
+                            for k, v in s.items()}
+        self.state = new_state
+        for s, g in zip(saved, self.param_groups):
+            g.update({k: v for k, v in s.items() if k != "params"})
+        extra = state_dict.get("lowmem", {})
+        if self.loss_scaler and extra.get("loss_scaler"):
+            self.loss_scaler.load_state_dict(extra["loss_scaler"])
+        for key, rng in extra.get("generators", {}).items():
+            self._generator(torch.device(key)).set_state(rng.cpu() if torch.is_tensor(rng) else rng)
+
+
+# ----------------------------------------------------------------------------------------
+# LOMO (LOMO paper, section 3.2): SGD, fused into backward
+
+
+class LOMO(_LowMemOptimizer):
+    """p <- p * (1 - lr*wd) - lr * g. No optimizer state. `step()` is plain SGD."""
+
+    def __init__(self, model_or_params, lr=1e-3, weight_decay=0.0, clip_grad_norm=None,
+                 clip_grad_value=None, loss_scale=None, stochastic_rounding=False, seed=0):
+        super().__init__(model_or_params, dict(lr=lr, weight_decay=weight_decay), clip_grad_norm,
+                         clip_grad_value, loss_scale, stochastic_rounding, seed)
+
+    def _update(self, p, g, group, state, lr):
+        w = p.float() if p.dtype != torch.float32 else p
+        if group["weight_decay"]:
+            w.mul_(1 - lr * group["weight_decay"])
+        return w.add_(g, alpha=-lr)
+
+
+# ----------------------------------------------------------------------------------------
+# AdaLomo (AdaLomo paper, Algorithm 1): factored second moment + grouped update normalization
+
+
+def _rms(x):
+    return torch.linalg.vector_norm(x) / math.sqrt(max(x.numel(), 1))
+
+
+class AdaLomo(_LowMemOptimizer):
+    """Adafactor-style adaptive LOMO, without first moment.
+
+    Matrices (and the last two dims of >2-D tensors) keep row and column means of g^2;
+    0-d and 1-D tensors keep a full v. The update is normalized by its RMS and scaled by
+    the parameter's RMS (grouped update normalization). The step counter starts at 1 at
+    the first update of each tensor, so no NaN can come from step 0 (an official defect)."""
+
+    def __init__(self, model_or_params, lr=1e-3, eps=(1e-30, 1e-3), clip_threshold=1.0,
+                 decay_rate=-0.8, weight_decay=0.0, clip_grad_norm=None, clip_grad_value=None,
+                 loss_scale=None, stochastic_rounding=False, seed=0):
+        if len(eps) != 2 or any(not isinstance(e, (int, float)) or e <= 0 for e in eps):
+            raise ValueError(f"eps must be two positive numbers (eps1, eps2), got {eps!r}")
+        _check_positive("clip_threshold", clip_threshold, allow_none=False)
+        if not isinstance(decay_rate, (int, float)) or not decay_rate < 0:
+            raise ValueError(f"decay_rate must be negative (beta2_t = 1 - t**decay_rate), got {decay_rate!r}")
+        defaults = dict(lr=lr, eps=tuple(eps), clip_threshold=clip_threshold,
+                        decay_rate=decay_rate, weight_decay=weight_decay)
+        super().__init__(model_or_params, defaults, clip_grad_norm, clip_grad_value, loss_scale,
+                         stochastic_rounding, seed)
+
+    def _update(self, p, g, group, state, lr):
+        eps1, eps2 = group["eps"]
+        factored = g.dim() >= 2
+        if not state:
+            state["step"] = 0
+            if factored:
+                state["row"] = torch.zeros(g.shape[:-1], dtype=torch.float32, device=g.device)
+                state["col"] = torch.zeros(g.shape[:-2] + g.shape[-1:], dtype=torch.float32, device=g.device)
+            else:
+                state["v"] = torch.zeros_like(g, dtype=torch.float32)
+        state["step"] += 1
+        beta2t = 1.0 - state["step"] ** group["decay_rate"]
+        u = g * g + eps1
+        if factored:
+            row, col = state["row"], state["col"]
+            row.mul_(beta2t).add_(u.mean(dim=-1), alpha=1 - beta2t)
+            col.mul_(beta2t).add_(u.mean(dim=-2), alpha=1 - beta2t)
+            r = (row / row.mean(dim=-1, keepdim=True)).rsqrt_().unsqueeze(-1)
+            update = (r * col.rsqrt().unsqueeze(-2)).mul_(g)
+        else:
+            state["v"].mul_(beta2t).add_(u, alpha=1 - beta2t)
+            update = state["v"].rsqrt().mul_(g)
+        update.div_((_rms(update) / group["clip_threshold"]).clamp_(min=1.0))
+        w = p.float() if p.dtype != torch.float32 else p
+        lr_t = lr * _rms(w).clamp(min=eps2)  # RMS before decay; a tensor: no host sync
+        if group["weight_decay"]:
+            w.mul_(1 - lr_t * group["weight_decay"])
+        return w.sub_(update.mul_(lr_t))
+
+
+# ----------------------------------------------------------------------------------------
+# Adam-mini (Adam-mini paper, Algorithm 1 with the released 1.1.1 partition)
+
+
+class AdamMini(_LowMemOptimizer):
+    """AdamW with one second-moment value per block (see `partition`).
+
+    m = b1*m + (1-b1)*g;  v_b = b2*v_b + (1-b2)*mean_block(g*g)
+    p = p*(1 - lr*wd) - lr * m_hat / (sqrt(v_hat_b) + eps)
+    Weight decay is skipped on 1-D tensors (norms, biases). State is fp32 by default
+    whatever the parameter dtype (`state_dtype`)."""
+
+    def __init__(self, model_or_named_params, lr=1e-3, betas=(0.9, 0.999), eps=1e-8,
+                 weight_decay=0.0, n_heads=None, n_kv_heads=None, head_dim=None,
+                 clip_grad_norm=None, clip_grad_value=None, loss_scale=None,
+                 stochastic_rounding=False, seed=0, state_dtype=torch.float32):
+        if len(betas) != 2 or any(not isinstance(b, (int, float)) or not 0.0 <= b < 1.0 for b in betas):
+            raise ValueError(f"betas must be two numbers in [0, 1), got {betas!r}")
+        _check_positive("eps", eps, allow_none=False)
+        if not state_dtype.is_floating_point:
+            raise TypeError(f"state_dtype must be a floating point dtype, got {state_dtype}")
+        is_module = isinstance(model_or_named_params, nn.Module)
+        named = [(n, p) for n, p in (model_or_named_params.named_parameters() if is_module
+                                     else model_or_named_params) if p.requires_grad]
+        self.partition = partition(model_or_named_params if is_module else named,
+                                   n_heads, n_kv_heads, head_dim)
+        self.state_dtype = state_dtype
+        defaults = dict(lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay)
+        super().__init__(named, defaults, clip_grad_norm, clip_grad_value, loss_scale,
+                         stochastic_rounding, seed)
+        self._blocks = {p: b for (_, p), b in zip(named, self.partition)}
+
+    def _update(self, p, g, group, state, lr):
+        blocks = self._blocks[p]
+        b1, b2 = group["betas"]
+        if not state:
+            state["step"] = 0
+            state["m"] = torch.zeros_like(p, dtype=self.state_dtype)
+            v_shape = p.shape if blocks.kind == "element" else (blocks.n_v,)
+            state["v"] = torch.zeros(v_shape, dtype=self.state_dtype, device=p.device)
+        state["step"] += 1
+        t, m, v = state["step"], state["m"], state["v"]
+        m32 = m.float() if m.dtype != torch.float32 else m
+        m32.lerp_(g, 1 - b1)
+        v.mul_(b2).add_(_block_mean_sq(g, blocks).to(v.dtype), alpha=1 - b2)
+        if m32 is not m:
+            m.copy_(m32)
+        w = p.float() if p.dtype != torch.float32 else p
+        if group["weight_decay"] and blocks.decay:
+            w.mul_(1 - lr * group["weight_decay"])
+        denom = (v.float().sqrt() / math.sqrt(1 - b2 ** t)).add_(group["eps"])
+        return w.addcdiv_(m32, _expand_blocks(denom, blocks, p.shape), value=-lr / (1 - b1 ** t))
+
+
+if __name__ == "__main__":  # python lowmem.py: a 20-second tour on a toy language model
+    import time
+    torch.manual_seed(0)
+    vocab, dim, heads = 64, 64, 4
+    text = torch.arange(4096) * 7 % vocab  # a deterministic sequence to memorize
+
+    class Toy(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.embed = nn.Embedding(vocab, dim)
+            self.attn = nn.MultiheadAttention(dim, heads, batch_first=True)
+            self.norm = nn.LayerNorm(dim)
+            self.mlp = nn.Sequential(nn.Linear(dim, 4 * dim), nn.GELU(), nn.Linear(4 * dim, dim))
+            self.lm_head = nn.Linear(dim, vocab, bias=False)
+
+        def forward(self, idx):
+            x = self.embed(idx)
+            mask = nn.Transformer.generate_square_subsequent_mask(idx.size(1))
+            x = x + self.attn(x, x, x, attn_mask=mask, need_weights=False)[0]
+            return self.lm_head(self.mlp(self.norm(x)) + x)
+
+    print(partition(Toy()), "\n")
+    for name, make, lr in [("LOMO", LOMO, 0.5), ("AdaLomo", AdaLomo, 1e-2), ("AdamMini", AdamMini, 3e-3)]:
+        for fused in (False, True):
+            torch.manual_seed(0)
+            model = Toy()
+            opt, t0, losses = make(model, lr=lr), time.time(), []
+            for it in range(100):
+                i = torch.randint(0, len(text) - 33, (16,))
+                batch = torch.stack([text[j:j + 33] for j in i])
+                logits = model(batch[:, :-1])
+                loss = nn.functional.cross_entropy(logits.reshape(-1, vocab), batch[:, 1:].reshape(-1))
+                losses.append(loss.item())
+                if fused:
+                    opt.fused_backward(loss)
+                else:
+                    loss.backward(), opt.step(), opt.zero_grad(set_to_none=True)
+            print(f"{name:9s} {'fused  ' if fused else 'classic'} loss {losses[0]:.3f} -> {losses[-1]:.3f}"
+                  f"  state {opt.state_bytes() / 1024:6.1f} KiB  {time.time() - t0:.1f}s")

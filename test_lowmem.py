@@ -1,0 +1,546 @@
+"""Tests for lowmem.py against independent references: PyTorch's SGD, transformers'
+Adafactor, the official `lomo-optim` and `adam-mini` packages, and literal numbers."""
+import copy
+import io
+import os
+import socket
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import lowmem
+
+# ---------------------------------------------------------------------------- helpers
+
+
+class TinyNet(nn.Module):
+    """Embedding + pre-LN MLP block + tied output head: small, with every tensor kind."""
+
+    def __init__(self, vocab=23, dim=16, tied=True):
+        super().__init__()
+        self.wte = nn.Embedding(vocab, dim)
+        self.ln = nn.LayerNorm(dim)
+        self.fc = nn.Linear(dim, 4 * dim)
+        self.proj = nn.Linear(4 * dim, dim)
+        self.head = nn.Linear(dim, vocab, bias=False)
+        if tied:
+            self.head.weight = self.wte.weight
+
+    def forward(self, idx):
+        x = self.wte(idx)
+        x = x + self.proj(F.gelu(self.fc(self.ln(x))))
+        return self.head(x)
+
+
+def lm_loss(model, idx):
+    logits = model(idx[:, :-1])
+    logits = getattr(logits, "logits", logits)
+    return F.cross_entropy(logits.reshape(-1, logits.size(-1)).float(), idx[:, 1:].reshape(-1))
+
+
+def batches(n, vocab=23, seed=0, shape=(4, 9)):
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randint(0, vocab, shape, generator=g) for _ in range(n)]
+
+
+def max_diff(a, b):
+    return max((p - q).abs().max().item() for p, q in zip(a.parameters(), b.parameters()))
+
+
+def train(model, opt, data, fused):
+    losses = []
+    for idx in data:
+        loss = lm_loss(model, idx)
+        losses.append(loss.item())
+        if fused:
+            opt.fused_backward(loss)
+        else:
+            loss.backward()
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+    return losses
+
+
+def tiny_llama(seed=0, **kw):
+    transformers = pytest.importorskip("transformers", reason="transformers is the reference model")
+    cfg = dict(vocab_size=23, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
+               num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=False)
+    cfg.update(kw)
+    torch.manual_seed(seed)
+    return transformers.LlamaForCausalLM(transformers.LlamaConfig(**cfg)).float()
+
+
+# ---------------------------------------------------------------------------- AdaLomo math
+
+
+@pytest.mark.parametrize("fused", [False, True])
+def test_adalomo_worked_examples(fused):
+    """The two worked examples of REFERENCE.md 2, as literal numbers."""
+    cases = [([[0.5, -0.5], [1.0, 2.0]], [[1.0, 0.0], [0.0, 2.0]], [[0.290238, -0.5], [1.0, 1.895119]]),
+             ([0.5, -2.0, 1e-4, 3.0], [2.0, -3.0, 5.0, 0.0], [0.317997, -1.817997, -0.181903, 3.0])]
+    for w, g, expected in cases:
+        p = nn.Parameter(torch.tensor(w))
+        opt = lowmem.AdaLomo([p], lr=0.1)
+        if fused:
+            opt.fused_backward((p * torch.tensor(g)).sum())
+        else:
+            p.grad = torch.tensor(g)
+            opt.step()
+        assert torch.allclose(p.data, torch.tensor(expected), atol=1e-6), p.data
+
+
+def test_adalomo_matches_hf_adafactor():
+    """AdaLomo == Adafactor(beta1=None, scale_parameter, no relative step), 10 steps, on
+    2-D, 3-D (factored over the last two dims), 1-D and 0-d tensors, with weight decay."""
+    transformers = pytest.importorskip("transformers", reason="Adafactor oracle lives in transformers")
+    shapes = [(5, 7), (3, 4, 6), (9,), ()]
+    torch.manual_seed(0)
+    ours = [nn.Parameter(torch.randn(s)) for s in shapes]
+    ref = [nn.Parameter(p.detach().clone()) for p in ours]
+    opt = lowmem.AdaLomo(ours, lr=0.05, weight_decay=0.1)
+    oracle = transformers.optimization.Adafactor(
+        ref, lr=0.05, eps=(1e-30, 1e-3), clip_threshold=1.0, decay_rate=-0.8, beta1=None,
+        weight_decay=0.1, scale_parameter=True, relative_step=False, warmup_init=False)
+    for _ in range(10):
+        for p, q in zip(ours, ref):
+            p.grad = torch.randn(p.shape)
+            q.grad = p.grad.clone()
+        opt.step()
+        oracle.step()
+    worst = max((p - q).abs().max().item() for p, q in zip(ours, ref))
+    assert worst < 1e-6, worst
+
+
+def test_adalomo_plain_backward_before_first_step_is_finite():
+    """Official defect: a backward before the first fused step gives step 0 -> NaN."""
+    model = TinyNet()
+    opt = lowmem.AdaLomo(model, lr=1e-2)
+    lm_loss(model, batches(1)[0]).backward()  # e.g. a user's sanity check
+    opt.zero_grad(set_to_none=True)
+    opt.fused_backward(lm_loss(model, batches(1)[0]))
+    assert all(torch.isfinite(p).all() for p in model.parameters())
+
+
+# ---------------------------------------------------------------------------- LOMO math
+
+
+@pytest.mark.parametrize("fused", [False, True])
+def test_lomo_equals_torch_sgd(fused):
+    """fp32, no clipping: LOMO == torch SGD with p *= 1 - lr*wd applied first."""
+    model = TinyNet(tied=False)
+    ref = copy.deepcopy(model)
+    lr, wd = 0.1, 0.01
+    opt = lowmem.LOMO(model, lr=lr, weight_decay=wd)
+    sgd = torch.optim.SGD(ref.parameters(), lr=lr)
+    train(model, opt, batches(10), fused)
+    for idx in batches(10):
+        lm_loss(ref, idx).backward()
+        with torch.no_grad():
+            for p in ref.parameters():
+                p.mul_(1 - lr * wd)
+        sgd.step()
+        sgd.zero_grad(set_to_none=True)
+    assert max_diff(model, ref) < 1e-6
+
+
+# ---------------------------------------------------------------------------- official parity
+
+
+@pytest.fixture
+def official_lomo(monkeypatch):
+    lomo_optim = pytest.importorskip("lomo_optim", reason="official lomo-optim==0.1.1 not installed")
+    # The official AdaLomo allocates its state with .cuda(); on a CPU-only machine we make
+    # Tensor.cuda a no-op for the duration of the test so the reference runs on CPU.
+    monkeypatch.setattr(torch.Tensor, "cuda", lambda self, *a, **k: self)
+    return lomo_optim
+
+
+def run_official(model, opt, data, clip):
+    for idx in data:
+        if clip:
+            opt.grad_norm(lm_loss(model, idx))
+        opt.fused_backward(lm_loss(model, idx), opt.lr)
+
+
+@pytest.mark.parametrize("clip", [False, True])
+def test_lomo_matches_official(official_lomo, clip):
+    model = tiny_llama()
+    ref = copy.deepcopy(model)
+    kw = dict(lr=0.05, weight_decay=0.01, clip_grad_value=0.02 if clip else None,
+              clip_grad_norm=0.5 if clip else None)
+    opt = lowmem.LOMO(model, **kw)
+    train(model, opt, batches(10), fused=True)
+    run_official(ref, official_lomo.Lomo(ref, **kw), batches(10), clip)
+    assert max_diff(model, ref) < 1e-6
+
+
+@pytest.mark.parametrize("clip", [False, True])
+def test_adalomo_matches_official(official_lomo, clip):
+    model = tiny_llama()
+    ref = copy.deepcopy(model)
+    kw = dict(lr=0.01, weight_decay=0.01, clip_grad_value=0.05 if clip else None,
+              clip_grad_norm=0.5 if clip else None)
+    opt = lowmem.AdaLomo(model, **kw)
+    train(model, opt, batches(10), fused=True)
+    run_official(ref, official_lomo.AdaLomo(ref, **kw), batches(10), clip)
+    assert max_diff(model, ref) < 1e-6
+
+
+@pytest.mark.parametrize("fused", [False, True])
+def test_adam_mini_matches_official(fused):
+    adam_mini = pytest.importorskip("adam_mini", reason="official adam-mini==1.1.1 not installed")
+    model = tiny_llama()  # GQA: 4 query heads, 2 key/value heads, untied lm_head
+    ref = copy.deepcopy(model)
+    opt = lowmem.AdamMini(model, lr=0.01, weight_decay=0.1)
+    official = adam_mini.Adam_mini(ref.named_parameters(), lr=0.01, weight_decay=0.1, dim=32,
+                                   n_heads=4, n_kv_heads=2, verbose=False)
+    train(model, opt, batches(10), fused)
+    train(ref, official, batches(10), fused=False)
+    assert max_diff(model, ref) <= 1e-6
+
+
+# ---------------------------------------------------------------------------- drivers
+
+
+def make(name, model, **kw):
+    if name == "lomo":
+        return lowmem.LOMO(model, lr=0.05, **kw)
+    if name == "adalomo":
+        return lowmem.AdaLomo(model, lr=0.01, weight_decay=0.01, **kw)
+    return lowmem.AdamMini(model, lr=0.01, weight_decay=0.1, n_heads=1, **kw)
+
+
+OPTIMIZERS = ["lomo", "adalomo", "adam_mini"]
+
+
+@pytest.mark.parametrize("name", OPTIMIZERS)
+@pytest.mark.parametrize("clip", [{}, {"clip_grad_norm": 0.3, "clip_grad_value": 0.01}])
+def test_classic_equals_fused(name, clip):
+    model = TinyNet()
+    ref = copy.deepcopy(model)
+    train(model, make(name, model, **clip), batches(10), fused=True)
+    train(ref, make(name, ref, **clip), batches(10), fused=False)
+    assert max_diff(model, ref) < 1e-6
+
+
+@pytest.mark.parametrize("name", OPTIMIZERS)
+@pytest.mark.parametrize("fused", [False, True])
+def test_each_optimizer_fits_a_batch(name, fused):
+    model = TinyNet()
+    losses = train(model, make(name, model), batches(1) * 15, fused)
+    assert losses[-1] < 0.8 * losses[0], losses
+
+
+@pytest.mark.parametrize("name", OPTIMIZERS)
+def test_tied_weight_updated_once(name):
+    model = TinyNet(tied=True)
+    opt = make(name, model)
+    calls = []
+    update = opt._update
+    opt._update = lambda p, *a: calls.append(p) or update(p, *a)
+    opt.fused_backward(lm_loss(model, batches(1)[0]))
+    assert len(calls) == len(list(model.parameters()))  # one call per distinct tensor
+    assert sum(c is model.wte.weight for c in calls) == 1
+
+
+@pytest.mark.parametrize("name", OPTIMIZERS)
+def test_frozen_and_unused_parameters_untouched(name):
+    model = TinyNet(tied=False)
+    model.unused = nn.Parameter(torch.ones(3))
+    model.ln.weight.requires_grad_(False)
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    opt = make(name, model)
+    opt.fused_backward(lm_loss(model, batches(1)[0]))
+    lm_loss(model, batches(1)[0]).backward()
+    opt.step()
+    assert torch.equal(model.unused, before["unused"])
+    assert torch.equal(model.ln.weight, before["ln.weight"])
+    assert not torch.equal(model.fc.weight, before["fc.weight"])
+
+
+@pytest.mark.parametrize("name", OPTIMIZERS)
+def test_plain_backward_outside_fused_does_not_update(name):
+    model = TinyNet()
+    opt = make(name, model)
+    before = copy.deepcopy(model)
+    loss = lm_loss(model, batches(1)[0])
+    loss.backward()
+    assert max_diff(model, before) == 0
+    assert all(p.grad is not None for p in model.parameters())
+    # gradients present: fused_backward refuses (accumulation is impossible) and changes nothing
+    with pytest.raises(ValueError, match="cannot be accumulated"):
+        opt.fused_backward(lm_loss(model, batches(1)[0]))
+    assert max_diff(model, before) == 0 and not opt.state
+
+
+@pytest.mark.parametrize("name", OPTIMIZERS)
+def test_grad_norm_then_fused_backward(name):
+    """The official two-call API (grad_norm, then fused_backward) equals the one-call form."""
+    model = TinyNet()
+    ref = copy.deepcopy(model)
+    opt, opt_ref = make(name, model, clip_grad_norm=0.1), make(name, ref, clip_grad_norm=0.1)
+    for idx in batches(3):
+        loss = lm_loss(model, idx)
+        norm = opt.grad_norm(loss)
+        assert norm.item() > 0
+        opt.fused_backward(loss)
+        opt_ref.fused_backward(lm_loss(ref, idx))
+    assert max_diff(model, ref) < 1e-7
+
+
+@pytest.mark.parametrize("name", OPTIMIZERS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_state_dict_resume_is_exact(name, dtype):
+    data = batches(8)
+    kw = {"stochastic_rounding": True} if dtype == torch.bfloat16 else {}
+    model = TinyNet().to(dtype)
+    start = copy.deepcopy(model)
+    opt = make(name, model, **kw)
+    train(model, opt, data, fused=True)
+
+    resumed = copy.deepcopy(start)
+    opt1 = make(name, resumed, **kw)
+    train(resumed, opt1, data[:3], fused=True)
+    buf = io.BytesIO()
+    torch.save({"model": resumed.state_dict(), "opt": opt1.state_dict()}, buf)
+    buf.seek(0)
+    ckpt = torch.load(buf, weights_only=True)
+    fresh = copy.deepcopy(start)
+    fresh.load_state_dict(ckpt["model"])
+    opt2 = make(name, fresh, **kw)
+    opt2.load_state_dict(ckpt["opt"])
+    assert all(t.dtype == torch.float32 for s in opt2.state.values() for t in s.values() if torch.is_tensor(t))
+    train(fresh, opt2, data[3:], fused=True)
+    assert max_diff(model, fresh) == 0
+
+
+def test_load_state_dict_rejects_mismatch_before_changing_anything():
+    model = TinyNet()
+    opt = make("adam_mini", model)
+    opt.fused_backward(lm_loss(model, batches(1)[0]))
+    state = copy.deepcopy(opt.state_dict())
+    small = lowmem.LOMO([nn.Parameter(torch.ones(2))])
+    with pytest.raises(ValueError, match="do not match"):
+        opt.load_state_dict(small.state_dict())
+    after = opt.state_dict()
+    assert all(torch.equal(state["state"][i]["m"], after["state"][i]["m"]) for i in state["state"])
+
+
+# ---------------------------------------------------------------------------- fp16 and rounding
+
+
+@pytest.mark.parametrize("name", OPTIMIZERS)
+def test_fp16_overflow_skips_step_and_scale_backs_off_then_grows(name):
+    model = TinyNet().half()
+    opt = make(name, model)
+    assert opt.loss_scaler is not None  # detected from the parameters' dtype
+    scale = opt.loss_scale
+    before = copy.deepcopy(model)
+    model.fc.weight.register_hook(lambda g: torch.full_like(g, float("inf")))
+    assert not opt.fused_backward(lm_loss(model, batches(1)[0]))  # an fp32 loss: fp16 is
+    # detected from the parameters (the official code looks at loss.dtype and would miss it)
+    assert max_diff(model, before) == 0 and not opt.state
+    assert opt.loss_scale == scale / 2
+    model2 = TinyNet().half()
+    opt2 = make(name, model2)
+    opt2.loss_scaler.window = 3
+    s0 = opt2.loss_scale
+    for idx in batches(3):
+        assert opt2.fused_backward(lm_loss(model2, idx))
+    assert opt2.loss_scale == 2 * s0
+    assert all(torch.isfinite(p).all() for p in model2.parameters())
+
+
+def test_stochastic_rounding_is_unbiased_and_reproducible():
+    """bf16 weight 1.0, lr 1e-4, g 2: the update (2e-4) is below half an ulp (3.9e-3)."""
+    def one_step(sr, seed=0):
+        p = nn.Parameter(torch.ones(200_000, dtype=torch.bfloat16))
+        opt = lowmem.LOMO([p], lr=1e-4, stochastic_rounding=sr, seed=seed)
+        p.grad = torch.full_like(p, 2.0)
+        opt.step()
+        return p.detach()
+    assert torch.all(one_step(False) == 1.0)  # round-to-nearest loses the update entirely
+    mean = one_step(True).double().mean().item()
+    assert abs(mean - (1 - 2e-4)) < 3e-5, mean  # 5 sigma of the Bernoulli mean is ~2e-5
+    assert torch.equal(one_step(True, seed=1), one_step(True, seed=1))
+    assert not torch.equal(one_step(True, seed=1), one_step(True, seed=2))
+
+
+def test_adam_mini_state_is_fp32_for_bf16_params():
+    model = TinyNet().to(torch.bfloat16)
+    opt = lowmem.AdamMini(model, n_heads=1)
+    opt.fused_backward(lm_loss(model, batches(1)[0]))
+    assert {t.dtype for s in opt.state.values() for t in s.values() if torch.is_tensor(t)} == {torch.float32}
+
+
+def test_state_bytes():
+    model = TinyNet(tied=False)
+    n_params = sum(p.numel() for p in model.parameters())
+    assert lowmem.LOMO(model).state_bytes() == 0
+    opt = lowmem.AdamMini(model, n_heads=1)
+    opt.fused_backward(lm_loss(model, batches(1)[0]))
+    assert opt.state_bytes() == 4 * (n_params + sum(b.n_v for b in opt.partition))
+    opt = lowmem.AdaLomo(model)
+    opt.fused_backward(lm_loss(model, batches(1)[0]))
+    factored = sum(p.shape[0] + p.shape[1] for p in model.parameters() if p.dim() == 2)
+    vectors = sum(p.numel() for p in model.parameters() if p.dim() < 2)
+    assert opt.state_bytes() == 4 * (factored + vectors)
+
+
+# ---------------------------------------------------------------------------- data parallel
+
+
+def _free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _dp_worker(rank, world, port, out_dir):
+    import torch.distributed as dist
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
+    torch.manual_seed(0)
+    model = TinyNet(tied=True)
+    opt = lowmem.LOMO(model, lr=0.1, weight_decay=0.01)
+    for idx in batches(4, shape=(8, 9)):
+        opt.fused_backward(lm_loss(model, idx[rank * 4:(rank + 1) * 4]))  # different data per rank
+    torch.save(model.state_dict(), os.path.join(out_dir, f"rank{rank}.pt"))
+    dist.destroy_process_group()
+
+
+def test_data_parallel_fused_lomo_equals_sgd_on_combined_batch(tmp_path):
+    import torch.multiprocessing as mp
+    mp.spawn(_dp_worker, args=(2, _free_port(), str(tmp_path)), nprocs=2)
+    r0, r1 = (torch.load(tmp_path / f"rank{r}.pt") for r in (0, 1))
+    assert all(torch.equal(r0[k], r1[k]) for k in r0)  # replicas stay identical
+    torch.manual_seed(0)
+    ref = TinyNet(tied=True)
+    sgd = torch.optim.SGD(ref.parameters(), lr=0.1)
+    for idx in batches(4, shape=(8, 9)):
+        lm_loss(ref, idx).backward()
+        with torch.no_grad():
+            for p in ref.parameters():
+                p.mul_(1 - 0.1 * 0.01)
+        sgd.step()
+        sgd.zero_grad(set_to_none=True)
+    assert max((r0[k] - v).abs().max().item() for k, v in ref.state_dict().items()) < 1e-6
+
+
+# ---------------------------------------------------------------------------- partition
+
+
+def kinds(part):
+    return {b.name: (b.kind, b.n_v) for b in part}
+
+
+def test_partition_llama_gqa():
+    model = tiny_llama()  # 4 heads of 8, 2 kv heads, untied head
+    part = kinds(lowmem.partition(model))
+    assert part["model.embed_tokens.weight"] == ("token", 23)
+    assert part["lm_head.weight"] == ("token", 23)
+    assert part["model.layers.0.self_attn.q_proj.weight"] == ("head", 4)
+    assert part["model.layers.0.self_attn.k_proj.weight"] == ("head", 2)
+    assert part["model.layers.0.self_attn.v_proj.weight"] == ("neuron", 16)
+    assert part["model.layers.0.mlp.down_proj.weight"] == ("neuron", 32)
+    assert part["model.layers.0.input_layernorm.weight"] == ("tensor", 1)
+
+
+def test_partition_head_dim_not_dim_over_heads():
+    """Qwen3/Gemma style: head_dim 16 with 4 heads on a 32-wide model (q has 64 rows)."""
+    part = kinds(lowmem.partition(tiny_llama(head_dim=16)))
+    assert part["model.layers.0.self_attn.q_proj.weight"] == ("head", 4)
+    assert part["model.layers.0.self_attn.k_proj.weight"] == ("head", 2)
+
+
+def test_partition_hf_gpt2_conv1d_fused_qkv_and_tied_wte():
+    transformers = pytest.importorskip("transformers")
+    cfg = transformers.GPT2Config(vocab_size=50, n_positions=16, n_embd=24, n_layer=1, n_head=3)
+    part = lowmem.partition(transformers.GPT2LMHeadModel(cfg))
+    by = {b.name: b for b in part}
+    assert "lm_head.weight" not in by  # tied to wte: counted once
+    assert (by["transformer.wte.weight"].kind, by["transformer.wte.weight"].n_v) == ("token", 50)
+    assert (by["transformer.wpe.weight"].kind, by["transformer.wpe.weight"].n_v) == ("token", 16)
+    attn = by["transformer.h.0.attn.c_attn.weight"]  # Conv1D (24, 72): output is axis 1
+    assert attn.axis == 1 and attn.kind == "qkv" and attn.n_v == 3 + 3 + 24
+    assert (by["transformer.h.0.mlp.c_fc.weight"].axis, by["transformer.h.0.mlp.c_fc.weight"].n_v) == (1, 96)
+    assert by["transformer.h.0.attn.c_attn.bias"].kind == "element"
+    assert by["transformer.h.0.ln_1.weight"].kind == "tensor"
+
+
+def test_partition_linear_fused_qkv_and_conv2d():
+    class Attn(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.c_attn = nn.Linear(12, 36)
+            self.conv = nn.Conv2d(3, 5, 3)
+            self.mha = nn.MultiheadAttention(12, 4)
+    part = {b.name: b for b in lowmem.partition(Attn(), n_heads=2)}
+    assert part["c_attn.weight"].segments == ((0, 12, 6), (12, 24, 6), (24, 36, 1))
+    assert part["c_attn.weight"].n_v == 2 + 2 + 12
+    assert (part["conv.weight"].kind, part["conv.weight"].n_v) == ("neuron", 5)
+    assert part["mha.in_proj_weight"].n_v == 4 + 4 + 12  # uses the module's own 4 heads
+    assert "Adam-mini keeps" in str(lowmem.partition(Attn(), n_heads=2))
+
+
+def test_partition_unknown_heads_is_an_error():
+    model = nn.ModuleDict({"q_proj": nn.Linear(8, 8), "k_proj": nn.Linear(8, 8)})
+    with pytest.raises(ValueError, match="number of attention heads is unknown"):
+        lowmem.partition(model)
+    with pytest.raises(ValueError, match="heads is unknown"):
+        lowmem.AdamMini(model)
+    assert kinds(lowmem.partition(model, n_heads=2))["q_proj.weight"] == ("head", 2)
+
+
+def test_partition_lora_and_1d_embed_names_do_not_crash():
+    class Lora(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.q_proj = nn.Linear(8, 8)
+            self.q_proj.lora_A = nn.Linear(8, 2, bias=False)
+            self.embed_norm = nn.LayerNorm(8)
+    part = kinds(lowmem.partition(Lora(), n_heads=2))
+    assert part["q_proj.lora_A.weight"] == ("neuron", 2)
+    assert part["embed_norm.weight"] == ("tensor", 1)
+
+
+# ---------------------------------------------------------------------------- bad input
+
+
+@pytest.mark.parametrize("ctor, match", [
+    (lambda p: lowmem.LOMO(p, lr=-1), "lr"),
+    (lambda p: lowmem.AdamMini([("w", p[0])], betas=(0.9, 1.0)), "betas"),
+    (lambda p: lowmem.AdamMini([("w", p[0])], betas=(-0.1, 0.9)), "betas"),
+    (lambda p: lowmem.AdamMini([("w", p[0])], eps=0), "eps"),
+    (lambda p: lowmem.AdaLomo(p, eps=(1e-30, -1)), "eps"),
+    (lambda p: lowmem.AdaLomo(p, decay_rate=0.8), "decay_rate"),
+    (lambda p: lowmem.LOMO(p, clip_grad_norm=0), "clip_grad_norm"),
+    (lambda p: lowmem.LOMO(p, clip_grad_value=-1), "clip_grad_value"),
+    (lambda p: lowmem.LOMO(p, weight_decay=-0.1), "weight_decay"),
+    (lambda p: lowmem.LOMO([]), "empty"),
+])
+def test_bad_arguments_raise_value_error(ctor, match):
+    with pytest.raises(ValueError, match=match):
+        ctor([nn.Parameter(torch.ones(2, 2))])
+
+
+def test_bad_parameters_raise_type_error():
+    with pytest.raises(TypeError, match="dtype torch.int64"):
+        lowmem.LOMO([torch.ones(2, dtype=torch.long)])
+    with pytest.raises(TypeError, match="sparse"):
+        lowmem.AdaLomo([torch.ones(2).to_sparse().requires_grad_()])
+    with pytest.raises(ValueError, match="lr"):
+        p = nn.Parameter(torch.ones(2))
+        lowmem.LOMO([p]).fused_backward(p.sum(), lr=-1.0)
+    assert torch.equal(p.data, torch.ones(2))
+
+
+def test_lr_scheduler_drives_param_groups():
+    model = TinyNet()
+    opt = lowmem.AdaLomo(model, lr=1.0)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda it: 0.5 ** it)
+    for idx in batches(3):
+        opt.fused_backward(lm_loss(model, idx))
+        sched.step()
+    assert opt.param_groups[0]["lr"] == 0.125
