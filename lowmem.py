@@ -14,7 +14,14 @@ Math is done in fp32 and written back to the parameter dtype (optionally with st
 rounding for bf16). The file reads top to bottom: the Adam-mini block partitioner, the
 shared driver, then one section per optimizer.
 """
+import hashlib
 import math
+import os
+import platform
+import shutil
+import subprocess
+import sys
+import tempfile
 from collections import defaultdict
 from dataclasses import dataclass
 
@@ -22,7 +29,8 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-__all__ = ["LOMO", "AdaLomo", "AdamMini", "partition", "Partition", "Blocks", "DynamicLossScaler"]
+__all__ = ["LOMO", "AdaLomo", "AdamMini", "partition", "Partition", "Blocks", "DynamicLossScaler",
+           "kernels"]
 
 # ----------------------------------------------------------------------------------------
 # The Adam-mini block partitioner (paper section 2.3; released code 1.1.1 rules)
@@ -207,6 +215,122 @@ def _expand_blocks(v, blocks, shape):
 
 
 # ----------------------------------------------------------------------------------------
+# Fused C / CUDA kernels (fused_ext.c), compiled on first use and loaded with cffi.
+# The PyTorch code in each optimizer is the readable reference; the kernels do the same math
+# in one pass per tensor. LOWMEM_KERNELS=torch forces the reference, =c requires the kernels.
+
+_CDEF = """
+typedef struct { float inv_scale, clip, coef; } prep_t;
+typedef struct { float decay, step, one_b1, b2, one_b2, bc2_sqrt, eps; } adam_t;
+int lm_sumsq(const void *x, int dt, int64_t n, float scale, float *out, void *stream);
+int lm_sgd(void *p, int pdt, const void *g, int gdt, int64_t n, prep_t q, float lr, float decay, int sr, uint64_t seed, void *stream);
+int lm_adam_elem(void *p, int pdt, const void *g, int gdt, float *m, float *v, int64_t n, prep_t q, adam_t h, int sr, uint64_t seed, void *stream);
+int lm_adam_blocks(void *p, int pdt, const void *g, int gdt, float *m, float *v, const int64_t *start, int64_t n_v, prep_t q, adam_t h, int sr, uint64_t seed, void *stream);
+int lm_rowcol_sumsq(const void *g, int gdt, int64_t batch, int64_t rows, int64_t cols, prep_t q, float add, float *rowsum, float *colsum, void *stream);
+int lm_factored_sumsq(const void *g, int gdt, int64_t batch, int64_t rows, int64_t cols, prep_t q, const float *r, const float *c, float *out, void *stream);
+int lm_factored_apply(void *p, int pdt, const void *g, int gdt, int64_t batch, int64_t rows, int64_t cols, prep_t q, const float *r, const float *c, const float *k, int sr, uint64_t seed, void *stream);
+"""
+_DTYPE_CODE = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
+_SOURCE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "fused_ext.c")
+_libs = {}  # "cpu" / "cuda" -> (ffi, lib) or None
+
+
+def _compile(cuda):
+    """Build fused_ext.c into a cache keyed by source, flags and machine; None if impossible."""
+    compiler = shutil.which("nvcc" if cuda else os.environ.get("CC", "cc"))
+    if compiler is None or not os.path.exists(_SOURCE):
+        return None, f"no {'nvcc' if cuda else 'C compiler'} or no fused_ext.c"
+    flags = (["-O3", "-x", "cu", "-arch=native", "-shared", "-Xcompiler", "-fPIC"] if cuda else
+             ["-O3", "-fopenmp", "-fno-math-errno", "-fPIC", "-shared", "-std=c99"])
+    with open(_SOURCE, "rb") as f:
+        key = hashlib.sha256(f.read() + " ".join([compiler] + flags + [platform.machine(), platform.node()
+                                                  if cuda else ""]).encode()).hexdigest()[:16]
+    cache = os.environ.get("LOWMEM_CACHE", os.path.join(os.path.expanduser("~"), ".cache", "lowmem"))
+    os.makedirs(cache, exist_ok=True)
+    target = os.path.join(cache, f"fused_ext_{'cuda_' if cuda else ''}{key}.so")
+    if not os.path.exists(target):  # build to a temp file, then rename: concurrent builds are safe
+        fd, tmp = tempfile.mkstemp(suffix=".so", dir=cache)
+        os.close(fd)
+        result = subprocess.run([compiler, *flags, _SOURCE, "-o", tmp], capture_output=True, text=True)
+        if result.returncode != 0:
+            os.unlink(tmp)
+            return None, f"build failed: {result.stderr.strip()[-500:]}"
+        os.replace(tmp, target)
+    return target, None
+
+
+def _load(device_type):
+    if device_type not in _libs:
+        _libs[device_type], why = None, None
+        mode = os.environ.get("LOWMEM_KERNELS", "auto")
+        if mode not in ("auto", "c", "torch"):
+            raise ValueError(f"LOWMEM_KERNELS must be auto, c or torch, got {mode!r}")
+        if mode == "torch":
+            why = "LOWMEM_KERNELS=torch"
+        elif device_type not in ("cpu", "cuda"):
+            why = f"no kernels for {device_type}"
+        else:
+            try:
+                import cffi
+                path, why = _compile(cuda=device_type == "cuda")
+                if path:
+                    ffi = cffi.FFI()
+                    ffi.cdef(_CDEF)
+                    _libs[device_type] = (ffi, ffi.dlopen(path))
+            except ImportError:
+                why = "cffi is not installed"
+        if _libs[device_type] is None and mode == "c":
+            raise RuntimeError(f"LOWMEM_KERNELS=c but the {device_type} kernels are unavailable: {why}")
+        used = {"cpu": "C kernels (fused_ext.c, OpenMP)", "cuda": "CUDA kernels (fused_ext.c)"}
+        print(f"lowmem: {device_type} updates use " + (used[device_type] if _libs[device_type]
+              else f"the PyTorch reference path ({why})"), file=sys.stderr)
+    return _libs[device_type]
+
+
+def kernels(device=None):
+    """Which implementation updates tensors on `device`: "c", "cuda" or "torch"."""
+    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    if _load(device.type) is None:
+        return "torch"
+    return "cuda" if device.type == "cuda" else "c"
+
+
+def _ptr(ffi, t, ctype="void *"):
+    return ffi.cast(ctype, t.data_ptr())
+
+
+def _check_kernel_args(like, *tensors):
+    """Refuse, before any memory is touched, what the kernels cannot handle."""
+    for t in tensors:
+        if not t.is_contiguous():
+            raise ValueError(f"fused kernel: tensor of shape {tuple(t.shape)} is not contiguous")
+        if t.device != like.device:
+            raise ValueError(f"fused kernel: tensor on {t.device}, expected {like.device}")
+        if t.dtype not in _DTYPE_CODE:
+            raise ValueError(f"fused kernel: dtype {t.dtype} is not fp32, bf16 or fp16")
+
+
+def _call(like, name, *args):
+    """Call kernel `name` on the library for `like`'s device, on torch's current stream."""
+    ffi, lib = _libs[like.device.type]
+    stream = torch.cuda.current_stream(like.device).cuda_stream if like.is_cuda else 0
+    conv = [_ptr(ffi, a, "float *" if a.dtype == torch.float32 else
+                 "int64_t *" if a.dtype == torch.int64 else "void *") if torch.is_tensor(a) else
+            ffi.new(a.ctype + " *", tuple(a))[0] if hasattr(a, "ctype") else a for a in args]
+    err = getattr(lib, name)(*conv, ffi.cast("void *", stream))
+    if err:
+        raise RuntimeError(f"fused kernel {name} failed with error {err}")
+
+
+def _kernel_ok(p, grad, *state):
+    """Tensors the kernels handle; others (fp64, non-contiguous, non-fp32 state) use torch."""
+    if _load(p.device.type) is None or grad.shape != p.shape:
+        return False
+    return all(t.is_contiguous() and t.dtype in _DTYPE_CODE for t in (p, grad)) and all(
+        s.dtype == torch.float32 and s.is_contiguous() for s in state)
+
+
+# ----------------------------------------------------------------------------------------
 # The shared driver: parameter handling, fused-in-backward updates, clipping, loss scaling
 
 
@@ -283,6 +407,33 @@ def _stochastic_round_bf16(x, generator):
     return bits.view(torch.float32).to(torch.bfloat16)  # exact: the low 16 bits are zero
 
 
+class _Prep(tuple):
+    """Gradient preparation, applied in this order: g*inv_scale, clamp(+-clip), *coef."""
+    ctype = "prep_t"
+
+    def __new__(cls, inv_scale, clip, coef):
+        return super().__new__(cls, (float(inv_scale), float(clip), float(coef)))
+
+
+class _Adam(tuple):
+    """Adam hyper-parameters for one step of one tensor (matches adam_t in fused_ext.c)."""
+    ctype = "adam_t"
+
+    def __new__(cls, lr, wd, b1, b2, t, eps):  # scalars in double, as the torch path does
+        return super().__new__(cls, (1 - lr * wd, lr / (1 - b1 ** t), 1 - b1, b2, 1 - b2,
+                                     math.sqrt(1 - b2 ** t), eps))
+
+
+def _torch_grad(grad, prep):
+    inv_scale, clip, coef = prep
+    g = grad.float() if grad.dtype != torch.float32 else grad
+    if inv_scale != 1.0:
+        g = g * inv_scale
+    if clip:
+        g = g.clamp(-clip, clip)
+    return g * coef if coef != 1.0 else g
+
+
 class _LowMemOptimizer(torch.optim.Optimizer):
     """Shared driver. Subclasses implement `_update(p, g, group, state, lr)` on an fp32
     gradient g and return the new fp32 weights (or p itself when updated in place)."""
@@ -304,7 +455,7 @@ class _LowMemOptimizer(torch.optim.Optimizer):
         self.loss_scaler = DynamicLossScaler() if (loss_scale is None and fp16) else None
         self.static_loss_scale = loss_scale or 1.0
         self._group_of = {p: g for g in self.param_groups for p in g["params"]}
-        self._generators = {}
+        self._generators, self._sr_calls = {}, 0
         self._mode, self._lr, self._clip_coef, self._sumsq, self._pending_norm = None, None, None, None, None
         # The hook is registered once and does nothing unless fused_backward/grad_norm is
         # running (the official code's hooks are permanent: any backward updated weights).
@@ -316,26 +467,43 @@ class _LowMemOptimizer(torch.optim.Optimizer):
     def loss_scale(self):
         return self.loss_scaler.scale if self.loss_scaler else self.static_loss_scale
 
-    def _prepare(self, grad, scale, all_reduce):
-        """fp32 gradient, unscaled, and (fused driver) averaged over data-parallel ranks."""
-        g = grad.float() if grad.dtype != torch.float32 else grad
-        if scale != 1.0:
-            g = g / scale
-        if all_reduce and dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
-            dist.all_reduce(g, op=dist.ReduceOp.SUM)  # SUM then divide: gloo has no AVG
-            g.div_(dist.get_world_size())
-        return g
+    def _reduce_across_ranks(self, grad, scale):
+        """Fused driver under torch.distributed: average the (unscaled, fp32) gradient."""
+        if not (dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1):
+            return grad, scale
+        g = grad.float() / scale
+        dist.all_reduce(g, op=dist.ReduceOp.SUM)  # SUM then divide: gloo has no AVG
+        return g.div_(dist.get_world_size()), 1.0
 
-    def _apply(self, p, g, lr, clip_coef):
-        """Value clip, then norm-clip coefficient (REFERENCE 1 order), then the rule."""
-        if self.clip_grad_value:
-            g = g.clamp(-self.clip_grad_value, self.clip_grad_value)
-        if clip_coef is not None:
-            g = g * clip_coef
+    def _grad_sumsq(self, grad, scale):
+        """Squared L2 norm of grad/scale as a 0-d fp32 device tensor (no host sync)."""
+        if _kernel_ok(grad, grad):
+            out = torch.zeros(1, dtype=torch.float32, device=grad.device)
+            _call(grad, "lm_sumsq", grad, _DTYPE_CODE[grad.dtype], grad.numel(), 1.0 / scale, out)
+            return out[0]
+        return (grad.float() / scale).square().sum()
+
+    def _apply(self, p, grad, scale, lr, clip_coef):
+        """Unscale, value clip, norm-clip coefficient (REFERENCE 1 order), then the rule:
+        in one fused kernel when possible, else with the PyTorch reference."""
         group = self._group_of[p]
-        new = self._update(p, g, group, self.state[p], group["lr"] if lr is None else lr)
+        lr = group["lr"] if lr is None else lr
+        prep = _Prep(1.0 / scale, self.clip_grad_value or 0.0, 1.0 if clip_coef is None else clip_coef)
+        if self._kernel_update(p, grad, prep, group, self.state[p], lr):
+            return
+        new = self._update(p, _torch_grad(grad, prep), group, self.state[p], lr)
         if new is not p:
             self._write_back(p, new)
+
+    def _kernel_update(self, p, grad, prep, group, state, lr):
+        return False  # optimizers with a C path override this
+
+    def _sr_seed(self, p):
+        """Per-call seed for the kernels' stochastic rounding (0 = round to nearest)."""
+        if not (self.stochastic_rounding and p.dtype == torch.bfloat16):
+            return 0, 0
+        self._sr_calls += 1
+        return 1, (self.seed * 0x9E3779B97F4A7C15 + self._sr_calls) % 2 ** 64
 
     def _write_back(self, p, w):
         if self.stochastic_rounding and p.dtype == torch.bfloat16:
@@ -352,7 +520,7 @@ class _LowMemOptimizer(torch.optim.Optimizer):
     def _clip_coef_from(self, total_norm):
         if self.clip_grad_norm is None:
             return None
-        return (self.clip_grad_norm / (total_norm + 1e-6)).clamp(max=1.0)
+        return min(1.0, self.clip_grad_norm / (float(total_norm) + 1e-6))  # one sync per step
 
     # -- classic driver -----------------------------------------------------------------
 
@@ -366,13 +534,11 @@ class _LowMemOptimizer(torch.optim.Optimizer):
             with torch.enable_grad():
                 loss = closure()
         params = [p for g in self.param_groups for p in g["params"] if p.grad is not None]
-        grads = [self._prepare(p.grad, 1.0, all_reduce=False) for p in params]  # DDP's job here
-        clip_coef = None
-        if self.clip_grad_norm is not None and grads:
-            clip_coef = self._clip_coef_from(torch.linalg.vector_norm(
-                torch.stack([torch.linalg.vector_norm(g) for g in grads])))
-        for p, g in zip(params, grads):
-            self._apply(p, g, None, clip_coef)
+        clip_coef = None  # no all-reduce here: syncing .grad is DDP's job in this driver
+        if self.clip_grad_norm is not None and params:
+            clip_coef = self._clip_coef_from(sum(self._grad_sumsq(p.grad, 1.0) for p in params).sqrt())
+        for p in params:
+            self._apply(p, p.grad, 1.0, None, clip_coef)
         return loss
 
     # -- fused driver -------------------------------------------------------------------
@@ -381,12 +547,12 @@ class _LowMemOptimizer(torch.optim.Optimizer):
     def _hook(self, p):
         if self._mode is None:  # a plain backward: let .grad accumulate as usual
             return
-        g = self._prepare(p.grad, self.loss_scale, all_reduce=True)
-        p.grad = None  # freed at once: peak gradient memory is one tensor
+        grad, scale = self._reduce_across_ranks(p.grad, self.loss_scale)
+        p.grad = None  # freed once applied: peak gradient memory is one tensor
         if self._mode == "norm":
-            self._sumsq = self._sumsq + g.square().sum()  # stays on device: no sync
+            self._sumsq = self._sumsq + self._grad_sumsq(grad, scale)  # on device: no sync
         else:
-            self._apply(p, g, self._lr, self._clip_coef)
+            self._apply(p, grad, scale, self._lr, self._clip_coef)
 
     def _backward(self, loss, mode, retain_graph=False):
         for p in self._group_of:
@@ -450,7 +616,8 @@ class _LowMemOptimizer(torch.optim.Optimizer):
     def state_dict(self):
         sd = super().state_dict()
         sd["lowmem"] = {"loss_scaler": self.loss_scaler.state_dict() if self.loss_scaler else None,
-                        "generators": {k: g.get_state() for k, g in self._generators.items()}}
+                        "generators": {k: g.get_state() for k, g in self._generators.items()},
+                        "sr_calls": self._sr_calls}
         return sd
 
     def load_state_dict(self, state_dict):
@@ -472,6 +639,7 @@ class _LowMemOptimizer(torch.optim.Optimizer):
         extra = state_dict.get("lowmem", {})
         if self.loss_scaler and extra.get("loss_scaler"):
             self.loss_scaler.load_state_dict(extra["loss_scaler"])
+        self._sr_calls = extra.get("sr_calls", 0)
         for key, rng in extra.get("generators", {}).items():
             self._generator(torch.device(key)).set_state(rng.cpu() if torch.is_tensor(rng) else rng)
 
@@ -493,6 +661,13 @@ class LOMO(_LowMemOptimizer):
         if group["weight_decay"]:
             w.mul_(1 - lr * group["weight_decay"])
         return w.add_(g, alpha=-lr)
+
+    def _kernel_update(self, p, grad, prep, group, state, lr):
+        if not _kernel_ok(p, grad):
+            return False
+        _call(p, "lm_sgd", p, _DTYPE_CODE[p.dtype], grad, _DTYPE_CODE[grad.dtype], p.numel(), prep,
+              lr, 1 - lr * group["weight_decay"], *self._sr_seed(p))
+        return True
 
 
 # ----------------------------------------------------------------------------------------
@@ -524,20 +699,23 @@ class AdaLomo(_LowMemOptimizer):
         super().__init__(model_or_params, defaults, clip_grad_norm, clip_grad_value, loss_scale,
                          stochastic_rounding, seed)
 
-    def _update(self, p, g, group, state, lr):
-        eps1, eps2 = group["eps"]
-        factored = g.dim() >= 2
+    def _begin(self, g, state, group):
+        """Create state on first use, advance the step; returns beta2_t."""
         if not state:
             state["step"] = 0
-            if factored:
+            if g.dim() >= 2:
                 state["row"] = torch.zeros(g.shape[:-1], dtype=torch.float32, device=g.device)
                 state["col"] = torch.zeros(g.shape[:-2] + g.shape[-1:], dtype=torch.float32, device=g.device)
             else:
-                state["v"] = torch.zeros_like(g, dtype=torch.float32)
+                state["v"] = torch.zeros(g.shape, dtype=torch.float32, device=g.device)
         state["step"] += 1
-        beta2t = 1.0 - state["step"] ** group["decay_rate"]
+        return 1.0 - state["step"] ** group["decay_rate"]
+
+    def _update(self, p, g, group, state, lr):
+        eps1, eps2 = group["eps"]
+        beta2t = self._begin(g, state, group)
         u = g * g + eps1
-        if factored:
+        if g.dim() >= 2:
             row, col = state["row"], state["col"]
             row.mul_(beta2t).add_(u.mean(dim=-1), alpha=1 - beta2t)
             col.mul_(beta2t).add_(u.mean(dim=-2), alpha=1 - beta2t)
@@ -552,6 +730,42 @@ class AdaLomo(_LowMemOptimizer):
         if group["weight_decay"]:
             w.mul_(1 - lr_t * group["weight_decay"])
         return w.sub_(update.mul_(lr_t))
+
+    def _kernel_update(self, p, grad, prep, group, state, lr):
+        """Same math in three streaming passes: (1) row/col sums of g^2, (2) the update's
+        squared norm, (3) apply. Only tiny row/col vectors are touched by torch ops."""
+        if not _kernel_ok(p, grad):
+            return False
+        eps1, eps2 = group["eps"]
+        beta2t = self._begin(grad, state, group)
+        n, f32 = p.numel(), dict(dtype=torch.float32, device=p.device)
+        if n == 0:
+            return True
+        if grad.dim() >= 2:
+            rows, cols = grad.shape[-2:]
+            batch = n // (rows * cols)
+            rowsum, colsum = torch.zeros(batch * rows, **f32), torch.zeros(batch * cols, **f32)
+            _call(p, "lm_rowcol_sumsq", grad, _DTYPE_CODE[grad.dtype], batch, rows, cols, prep, eps1,
+                  rowsum, colsum)
+            row, col = state["row"], state["col"]
+            row.mul_(beta2t).add_(rowsum.view(row.shape) / cols, alpha=1 - beta2t)
+            col.mul_(beta2t).add_(colsum.view(col.shape) / rows, alpha=1 - beta2t)
+            r = (row / row.mean(dim=-1, keepdim=True)).rsqrt_().reshape(-1)
+            c = col.rsqrt().reshape(-1)
+        else:  # 1-D / 0-d: small tensors, the v update stays in torch
+            grad = _torch_grad(grad, prep).contiguous()
+            prep, (batch, rows, cols) = _Prep(1, 0, 1), (1, n, 1)
+            state["v"].mul_(beta2t).add_(grad * grad + eps1, alpha=1 - beta2t)
+            r, c = state["v"].rsqrt().reshape(-1), torch.ones(1, **f32)
+        gdt, usq, psq = _DTYPE_CODE[grad.dtype], torch.zeros(1, **f32), torch.zeros(1, **f32)
+        _call(p, "lm_factored_sumsq", grad, gdt, batch, rows, cols, prep, r, c, usq)
+        _call(p, "lm_sumsq", p, _DTYPE_CODE[p.dtype], n, 1.0, psq)
+        lr_t = lr * (psq / n).sqrt().clamp(min=eps2)
+        clip_div = ((usq / n).sqrt() / group["clip_threshold"]).clamp(min=1.0)
+        k = torch.cat([1 - lr_t * group["weight_decay"], lr_t / clip_div])
+        _call(p, "lm_factored_apply", p, _DTYPE_CODE[p.dtype], grad, gdt, batch, rows, cols, prep,
+              r, c, k, *self._sr_seed(p))
+        return True
 
 
 # ----------------------------------------------------------------------------------------
@@ -585,17 +799,21 @@ class AdamMini(_LowMemOptimizer):
         super().__init__(named, defaults, clip_grad_norm, clip_grad_value, loss_scale,
                          stochastic_rounding, seed)
         self._blocks = {p: b for (_, p), b in zip(named, self.partition)}
+        self._starts = {}
 
-    def _update(self, p, g, group, state, lr):
-        blocks = self._blocks[p]
-        b1, b2 = group["betas"]
+    def _begin(self, p, state, blocks):
         if not state:
             state["step"] = 0
             state["m"] = torch.zeros_like(p, dtype=self.state_dtype)
             v_shape = p.shape if blocks.kind == "element" else (blocks.n_v,)
             state["v"] = torch.zeros(v_shape, dtype=self.state_dtype, device=p.device)
         state["step"] += 1
-        t, m, v = state["step"], state["m"], state["v"]
+        return state["step"], state["m"], state["v"]
+
+    def _update(self, p, g, group, state, lr):
+        blocks = self._blocks[p]
+        b1, b2 = group["betas"]
+        t, m, v = self._begin(p, state, blocks)
         m32 = m.float() if m.dtype != torch.float32 else m
         m32.lerp_(g, 1 - b1)
         v.mul_(b2).add_(_block_mean_sq(g, blocks).to(v.dtype), alpha=1 - b2)
@@ -607,43 +825,27 @@ class AdamMini(_LowMemOptimizer):
         denom = (v.float().sqrt() / math.sqrt(1 - b2 ** t)).add_(group["eps"])
         return w.addcdiv_(m32, _expand_blocks(denom, blocks, p.shape), value=-lr / (1 - b1 ** t))
 
+    def _kernel_update(self, p, grad, prep, group, state, lr):
+        """One pass: each block's mean g^2, v and update while the block is in cache."""
+        blocks = self._blocks[p]
+        if blocks.axis == 1 or self.state_dtype != torch.float32 or not _kernel_ok(p, grad):
+            return False  # HF Conv1D column blocks are not contiguous: torch path
+        t, m, v = self._begin(p, state, blocks)
+        wd = group["weight_decay"] if blocks.decay else 0.0
+        h = _Adam(lr, wd, *group["betas"], t, group["eps"])
+        pdt, gdt = _DTYPE_CODE[p.dtype], _DTYPE_CODE[grad.dtype]
+        if blocks.kind == "element":
+            _call(p, "lm_adam_elem", p, pdt, grad, gdt, m, v, p.numel(), prep, h, *self._sr_seed(p))
+        else:
+            _call(p, "lm_adam_blocks", p, pdt, grad, gdt, m, v, self._block_starts(p, blocks),
+                  blocks.n_v, prep, h, *self._sr_seed(p))
+        return True
 
-if __name__ == "__main__":  # python lowmem.py: a 20-second tour on a toy language model
-    import time
-    torch.manual_seed(0)
-    vocab, dim, heads = 64, 64, 4
-    text = torch.arange(4096) * 7 % vocab  # a deterministic sequence to memorize
-
-    class Toy(nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.embed = nn.Embedding(vocab, dim)
-            self.attn = nn.MultiheadAttention(dim, heads, batch_first=True)
-            self.norm = nn.LayerNorm(dim)
-            self.mlp = nn.Sequential(nn.Linear(dim, 4 * dim), nn.GELU(), nn.Linear(4 * dim, dim))
-            self.lm_head = nn.Linear(dim, vocab, bias=False)
-
-        def forward(self, idx):
-            x = self.embed(idx)
-            mask = nn.Transformer.generate_square_subsequent_mask(idx.size(1))
-            x = x + self.attn(x, x, x, attn_mask=mask, need_weights=False)[0]
-            return self.lm_head(self.mlp(self.norm(x)) + x)
-
-    print(partition(Toy()), "\n")
-    for name, make, lr in [("LOMO", LOMO, 0.5), ("AdaLomo", AdaLomo, 1e-2), ("AdamMini", AdamMini, 3e-3)]:
-        for fused in (False, True):
-            torch.manual_seed(0)
-            model = Toy()
-            opt, t0, losses = make(model, lr=lr), time.time(), []
-            for it in range(100):
-                i = torch.randint(0, len(text) - 33, (16,))
-                batch = torch.stack([text[j:j + 33] for j in i])
-                logits = model(batch[:, :-1])
-                loss = nn.functional.cross_entropy(logits.reshape(-1, vocab), batch[:, 1:].reshape(-1))
-                losses.append(loss.item())
-                if fused:
-                    opt.fused_backward(loss)
-                else:
-                    loss.backward(), opt.step(), opt.zero_grad(set_to_none=True)
-            print(f"{name:9s} {'fused  ' if fused else 'classic'} loss {losses[0]:.3f} -> {losses[-1]:.3f}"
-                  f"  state {opt.state_bytes() / 1024:6.1f} KiB  {time.time() - t0:.1f}s")
+    def _block_starts(self, p, blocks):
+        """Element offsets of the blocks (each a contiguous run of output rows), cached."""
+        if p not in self._starts:
+            row_len = p.numel() // max(p.shape[0], 1) if blocks.axis == 0 else p.numel()
+            segments = blocks.segments if blocks.axis == 0 else ((0, 1, 1),)
+            offsets = [a + i * k for a, b, k in segments for i in range((b - a) // k)] + [segments[-1][1]]
+            self._starts[p] = torch.tensor(offsets, dtype=torch.int64, device=p.device) * row_len
+        return self._starts[p]
