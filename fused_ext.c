@@ -96,13 +96,62 @@ HD void adam_elem(void *p, int pdt, float *m, float g, float v, int64_t i, adam_
 }
 
 #ifndef __CUDACC__
-/* ===================================== CPU ========================================== */
+/* ===================================== CPU ==========================================
+   Work goes in chunks of CH elements: each chunk is converted into an L1-resident fp32
+   buffer with the dtype switch outside the inner loops, so every inner loop is a plain
+   vectorizable loop. Reductions keep 16 independent partial sums (vectorizable without
+   -ffast-math) and add them up in double. */
+#define CH 2048
+#define MIN(a, b) ((a) < (b) ? (a) : (b))
+
+static void ld_chunk(float *d, const void *x, int dt, int64_t o, int64_t n) {
+    if (dt == 0) { const float *s = (const float *)x + o; for (int64_t i = 0; i < n; i++) d[i] = s[i]; }
+    else if (dt == 1) { const uint16_t *s = (const uint16_t *)x + o; for (int64_t i = 0; i < n; i++) d[i] = bits2f((uint32_t)s[i] << 16); }
+    else { const uint16_t *s = (const uint16_t *)x + o; for (int64_t i = 0; i < n; i++) d[i] = half2f(s[i]); }
+}
+static void st_chunk(void *x, int dt, int64_t o, const float *s, int64_t n, int sr, uint64_t seed) {
+    if (dt == 0) { float *d = (float *)x + o; for (int64_t i = 0; i < n; i++) d[i] = s[i]; }
+    else if (dt == 2) { uint16_t *d = (uint16_t *)x + o; for (int64_t i = 0; i < n; i++) d[i] = f2half(s[i]); }
+    else if (!sr) { uint16_t *d = (uint16_t *)x + o; for (int64_t i = 0; i < n; i++) d[i] = f2bf16(s[i]); }
+    else for (int64_t i = 0; i < n; i++) store(x, 1, o + i, s[i], 1, seed);
+}
+/* fp32 data is used in place; bf16/fp16 are staged through buf (written back by put) */
+static float *view(float *buf, const void *x, int dt, int64_t o, int64_t n) {
+    if (dt == 0) return (float *)x + o;
+    ld_chunk(buf, x, dt, o, n);
+    return buf;
+}
+static void put(void *x, int dt, int64_t o, const float *s, int64_t n, int sr, uint64_t seed) {
+    if (dt != 0) st_chunk(x, dt, o, s, n, sr, seed);
+}
+/* the prepared gradient of a chunk: in place when there is nothing to prepare */
+static const float *grad_view(float *buf, const void *g, int dt, int64_t o, int64_t n, prep_t q) {
+    if (dt == 0 && q.clip <= 0.0f && q.inv_scale == 1.0f && q.coef == 1.0f) return (const float *)g + o;
+    float *d = view(buf, g, dt, o, n);
+    if (d != buf) { for (int64_t i = 0; i < n; i++) buf[i] = d[i]; d = buf; }
+    if (q.clip > 0.0f) for (int64_t i = 0; i < n; i++) d[i] = fminf(fmaxf(d[i] * q.inv_scale, -q.clip), q.clip) * q.coef;
+    else for (int64_t i = 0; i < n; i++) d[i] = d[i] * q.inv_scale * q.coef;
+    return d;
+}
+static double sumsq_chunk(const float *d, int64_t n) {  /* sum of d^2 */
+    float part[16] = {0};
+    int64_t i = 0;
+    for (; i + 16 <= n; i += 16) for (int j = 0; j < 16; j++) part[j] += d[i + j] * d[i + j];
+    double s = 0.0;
+    for (; i < n; i++) s += (double)d[i] * d[i];
+    for (int j = 0; j < 16; j++) s += part[j];
+    return s;
+}
 
 /* sum of (x*scale)^2 over n elements, added to *out (the norm pass and parameter RMS) */
 int lm_sumsq(const void *x, int dt, int64_t n, float scale, float *out, void *stream) {
     double acc = 0.0;
+    prep_t q = {scale, 0.0f, 1.0f};
     #pragma omp parallel for reduction(+:acc) schedule(static)
-    for (int64_t i = 0; i < n; i++) { float v = load(x, dt, i) * scale; acc += v * v; }
+    for (int64_t o = 0; o < n; o += CH) {
+        float buf[CH]; int64_t len = MIN(CH, n - o);
+        acc += sumsq_chunk(grad_view(buf, x, dt, o, len, q), len);
+    }
     *out += (float)acc; (void)stream; return 0;
 }
 
@@ -110,37 +159,58 @@ int lm_sumsq(const void *x, int dt, int64_t n, float scale, float *out, void *st
 int lm_sgd(void *p, int pdt, const void *g, int gdt, int64_t n, prep_t q, float lr, float decay,
            int sr, uint64_t seed, void *stream) {
     #pragma omp parallel for schedule(static)
-    for (int64_t i = 0; i < n; i++)
-        store(p, pdt, i, load(p, pdt, i) * decay - lr * prep(g, gdt, i, q), sr, seed);
+    for (int64_t o = 0; o < n; o += CH) {
+        float wbuf[CH], gbuf[CH]; int64_t len = MIN(CH, n - o);
+        const float *d = grad_view(gbuf, g, gdt, o, len, q);
+        float *w = view(wbuf, p, pdt, o, len);
+        for (int64_t i = 0; i < len; i++) w[i] = w[i] * decay - lr * d[i];
+        put(p, pdt, o, w, len, sr, seed);
+    }
     (void)stream; return 0;
+}
+
+/* Adam update of elements [o, o+len) with prepared gradient d and second moment v[] (or the
+   block's v when vstride == 0) */
+static void adam_chunk(void *p, int pdt, float *m, const float *d, const float *v, int vstride,
+                       int64_t o, int64_t len, adam_t h, int sr, uint64_t seed) {
+    float wbuf[CH], *w = view(wbuf, p, pdt, o, len);
+    for (int64_t i = 0; i < len; i++) {
+        float mi = m[o + i], diff = d[i] - mi;  /* torch.lerp_(m, g, 1-b1) */
+        mi = h.one_b1 < 0.5f ? mi + h.one_b1 * diff : d[i] - diff * (1.0f - h.one_b1);
+        m[o + i] = mi;
+        w[i] = w[i] * h.decay + (-h.step) * (mi / (sqrtf(v[i * vstride]) / h.bc2_sqrt + h.eps));
+    }
+    put(p, pdt, o, w, len, sr, seed);
 }
 
 /* AdamW, one v per element (Adam-mini's bias blocks) */
 int lm_adam_elem(void *p, int pdt, const void *g, int gdt, float *m, float *v, int64_t n,
                  prep_t q, adam_t h, int sr, uint64_t seed, void *stream) {
     #pragma omp parallel for schedule(static)
-    for (int64_t i = 0; i < n; i++) {
-        float gi = prep(g, gdt, i, q);
-        v[i] = v[i] * h.b2 + h.one_b2 * (gi * gi);
-        adam_elem(p, pdt, m, gi, v[i], i, h, sr, seed);
+    for (int64_t o = 0; o < n; o += CH) {
+        float gbuf[CH]; int64_t len = MIN(CH, n - o);
+        const float *d = grad_view(gbuf, g, gdt, o, len, q);
+        for (int64_t i = 0; i < len; i++) v[o + i] = v[o + i] * h.b2 + h.one_b2 * (d[i] * d[i]);
+        adam_chunk(p, pdt, m, d, v + o, 1, o, len, h, sr, seed);
     }
     (void)stream; return 0;
 }
 
-/* Adam-mini, blocks that are contiguous runs of elements: block b is
-   [start[b], start[b+1]). Per block: mean g^2 -> v[b], then update the block while it is
-   still in cache, so g is read from memory once (rows, heads, whole tensor). */
+/* Adam-mini, blocks that are contiguous runs of elements: block b is [start[b], start[b+1]).
+   Per block: mean g^2 -> v[b], then update the block while it is still in cache, so g is
+   read from memory once (rows, heads, whole tensor). */
 int lm_adam_blocks(void *p, int pdt, const void *g, int gdt, float *m, float *v,
                    const int64_t *start, int64_t n_v, prep_t q, adam_t h, int sr, uint64_t seed,
                    void *stream) {
     #pragma omp parallel for schedule(dynamic, 4)
     for (int64_t b = 0; b < n_v; b++) {
-        int64_t a = start[b], e = start[b + 1];
+        float gbuf[CH]; int64_t a = start[b], e = start[b + 1];
         double acc = 0.0;
-        for (int64_t i = a; i < e; i++) { float gi = prep(g, gdt, i, q); acc += gi * gi; }
+        for (int64_t o = a; o < e; o += CH) acc += sumsq_chunk(grad_view(gbuf, g, gdt, o, MIN(CH, e - o), q), MIN(CH, e - o));
         float vb = v[b] * h.b2 + h.one_b2 * (float)(acc / (double)(e - a));
         v[b] = vb;
-        for (int64_t i = a; i < e; i++) adam_elem(p, pdt, m, prep(g, gdt, i, q), vb, i, h, sr, seed);
+        for (int64_t o = a; o < e; o += CH)
+            adam_chunk(p, pdt, m, grad_view(gbuf, g, gdt, o, MIN(CH, e - o), q), &vb, 0, o, MIN(CH, e - o), h, sr, seed);
     }
     (void)stream; return 0;
 }
@@ -150,21 +220,21 @@ int lm_rowcol_sumsq(const void *g, int gdt, int64_t batch, int64_t rows, int64_t
                     float add, float *rowsum, float *colsum, void *stream) {
     #pragma omp parallel for schedule(static)
     for (int64_t r = 0; r < batch * rows; r++) {
-        double acc = 0.0;
-        for (int64_t c = 0; c < cols; c++) { float x = prep(g, gdt, r * cols + c, q); acc += x * x + add; }
-        rowsum[r] = (float)acc;
+        float gbuf[CH]; double acc = 0.0;
+        for (int64_t o = 0; o < cols; o += CH) acc += sumsq_chunk(grad_view(gbuf, g, gdt, r * cols + o, MIN(CH, cols - o), q), MIN(CH, cols - o));
+        rowsum[r] = (float)(acc + (double)add * cols);
     }
-    int64_t tiles = (cols + 63) / 64;
+    int64_t tiles = (cols + 255) / 256;
     #pragma omp parallel for schedule(static) collapse(2)
     for (int64_t b = 0; b < batch; b++)
         for (int64_t t = 0; t < tiles; t++) {
-            double acc[64] = {0};
-            int64_t c0 = t * 64, w = cols - c0 < 64 ? cols - c0 : 64;
+            double acc[256] = {0}; float gbuf[256];
+            int64_t c0 = t * 256, w = MIN(256, cols - c0);
             for (int64_t r = 0; r < rows; r++) {
-                int64_t base = (b * rows + r) * cols + c0;
-                for (int64_t j = 0; j < w; j++) { float x = prep(g, gdt, base + j, q); acc[j] += x * x + add; }
+                const float *d = grad_view(gbuf, g, gdt, (b * rows + r) * cols + c0, w, q);
+                for (int64_t j = 0; j < w; j++) acc[j] += d[j] * d[j];
             }
-            for (int64_t j = 0; j < w; j++) colsum[b * cols + c0 + j] = (float)acc[j];
+            for (int64_t j = 0; j < w; j++) colsum[b * cols + c0 + j] = (float)(acc[j] + (double)add * rows);
         }
     (void)stream; return 0;
 }
@@ -176,9 +246,14 @@ int lm_factored_sumsq(const void *g, int gdt, int64_t batch, int64_t rows, int64
     #pragma omp parallel for reduction(+:acc) schedule(static)
     for (int64_t i = 0; i < batch * rows; i++) {
         const float *ci = c + (i / rows) * cols;
-        float s = 0.0f;
-        for (int64_t j = 0; j < cols; j++) { float u = prep(g, gdt, i * cols + j, q) * ci[j]; s += u * u; }
-        acc += (double)s * r[i] * r[i];
+        float gbuf[CH], u[CH]; double s = 0.0;
+        for (int64_t o = 0; o < cols; o += CH) {
+            int64_t len = MIN(CH, cols - o);
+            const float *d = grad_view(gbuf, g, gdt, i * cols + o, len, q);
+            for (int64_t j = 0; j < len; j++) u[j] = d[j] * ci[o + j];
+            s += sumsq_chunk(u, len);
+        }
+        acc += s * r[i] * r[i];
     }
     *out += (float)acc; (void)stream; return 0;
 }
@@ -192,10 +267,13 @@ int lm_factored_apply(void *p, int pdt, const void *g, int gdt, int64_t batch, i
     #pragma omp parallel for schedule(static)
     for (int64_t i = 0; i < batch * rows; i++) {
         const float *ci = c + (i / rows) * cols;
-        float ri = step * r[i];
-        for (int64_t j = 0; j < cols; j++) {
-            int64_t e = i * cols + j;
-            store(p, pdt, e, load(p, pdt, e) * decay - ri * ci[j] * prep(g, gdt, e, q), sr, seed);
+        float ri = step * r[i], gbuf[CH], wbuf[CH];
+        for (int64_t o = 0; o < cols; o += CH) {
+            int64_t len = MIN(CH, cols - o), e = i * cols + o;
+            const float *d = grad_view(gbuf, g, gdt, e, len, q);
+            float *w = view(wbuf, p, pdt, e, len);
+            for (int64_t j = 0; j < len; j++) w[j] = w[j] * decay - ri * ci[o + j] * d[j];
+            put(p, pdt, e, w, len, sr, seed);
         }
     }
     (void)stream; return 0;

@@ -235,19 +235,26 @@ _SOURCE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "fused_ext.c"
 _libs = {}  # "cpu" / "cuda" -> (ffi, lib) or None
 
 
+def _cpu_id():
+    try:
+        with open("/proc/cpuinfo") as f:
+            return "".join(sorted({l for l in f if l.startswith(("model name", "flags"))}))
+    except OSError:
+        return platform.processor()
+
+
 def _compile(cuda):
     """Build fused_ext.c into a cache keyed by source, flags and machine; None if impossible."""
     compiler = shutil.which("nvcc" if cuda else os.environ.get("CC", "cc"))
     if compiler is None or not os.path.exists(_SOURCE):
         return None, f"no {'nvcc' if cuda else 'C compiler'} or no fused_ext.c"
     flags = (["-O3", "-x", "cu", "-arch=native", "-shared", "-Xcompiler", "-fPIC"] if cuda else
-             ["-O3", "-fopenmp", "-fno-math-errno", "-fPIC", "-shared", "-std=c99"])
-    with open(_SOURCE, "rb") as f:
-        key = hashlib.sha256(f.read() + " ".join([compiler] + flags + [platform.machine(), platform.node()
-                                                  if cuda else ""]).encode()).hexdigest()[:16]
+             ["-O3", "-march=native", "-fopenmp", "-fno-math-errno", "-fPIC", "-shared", "-std=c99"])
+    with open(_SOURCE, "rb") as f:  # -march=native: the key includes the CPU model and flags
+        key = hashlib.sha256(f.read() + " ".join([compiler, *flags, platform.machine(), _cpu_id()]).encode())
     cache = os.environ.get("LOWMEM_CACHE", os.path.join(os.path.expanduser("~"), ".cache", "lowmem"))
     os.makedirs(cache, exist_ok=True)
-    target = os.path.join(cache, f"fused_ext_{'cuda_' if cuda else ''}{key}.so")
+    target = os.path.join(cache, f"fused_ext_{'cuda_' if cuda else ''}{key.hexdigest()[:16]}.so")
     if not os.path.exists(target):  # build to a temp file, then rename: concurrent builds are safe
         fd, tmp = tempfile.mkstemp(suffix=".so", dir=cache)
         os.close(fd)
@@ -306,13 +313,14 @@ def _check_kernel_args(like, *tensors):
             raise ValueError(f"fused kernel: tensor of shape {tuple(t.shape)} is not contiguous")
         if t.device != like.device:
             raise ValueError(f"fused kernel: tensor on {t.device}, expected {like.device}")
-        if t.dtype not in _DTYPE_CODE:
+        if t.dtype not in _DTYPE_CODE and t.dtype != torch.int64:
             raise ValueError(f"fused kernel: dtype {t.dtype} is not fp32, bf16 or fp16")
 
 
 def _call(like, name, *args):
     """Call kernel `name` on the library for `like`'s device, on torch's current stream."""
     ffi, lib = _libs[like.device.type]
+    _check_kernel_args(like, *[a for a in args if torch.is_tensor(a)])
     stream = torch.cuda.current_stream(like.device).cuda_stream if like.is_cuda else 0
     conv = [_ptr(ffi, a, "float *" if a.dtype == torch.float32 else
                  "int64_t *" if a.dtype == torch.int64 else "void *") if torch.is_tensor(a) else

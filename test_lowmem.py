@@ -534,3 +534,147 @@ def test_lr_scheduler_drives_param_groups():
         opt.fused_backward(lm_loss(model, idx))
         sched.step()
     assert opt.param_groups[0]["lr"] == 0.125
+
+
+# ---------------------------------------------------------------------------- C / CUDA kernels
+
+
+def kernel_devices():
+    devices = ["cpu"]
+    if torch.cuda.is_available():
+        devices.append("cuda")
+    return devices
+
+
+def needs_kernels(device):
+    if lowmem.kernels(device) == "torch":
+        pytest.skip(f"no fused kernels for {device} here (no compiler, or LOWMEM_KERNELS=torch)")
+
+
+def step_both_paths(make_opt, shape, dtype, device, steps=3, **kw):
+    """Run the same updates through the kernel and the PyTorch reference paths."""
+    out = {}
+    for path in ("kernel", "torch"):
+        torch.manual_seed(0)
+        p = nn.Parameter(torch.randn(shape, device=device).to(dtype))
+        opt = make_opt(p, **kw)
+        if path == "torch":
+            opt._kernel_update = lambda *a: False
+        gen = torch.Generator(device=device).manual_seed(1)
+        for _ in range(steps):
+            p.grad = torch.randn(shape, device=device, generator=gen).to(dtype)
+            opt.step()
+        out[path] = p.detach().float()
+    return out["kernel"], out["torch"]
+
+
+KERNEL_OPTS = {
+    "lomo": lambda p, **kw: lowmem.LOMO([p], lr=0.05, weight_decay=0.1, **kw),
+    "adalomo": lambda p, **kw: lowmem.AdaLomo([p], lr=0.05, weight_decay=0.1, **kw),
+    "adam_mini_rows": lambda p, **kw: lowmem.AdamMini([("mlp.w", p)], lr=0.01, weight_decay=0.1, **kw),
+    "adam_mini_heads": lambda p, **kw: lowmem.AdamMini([("attn.q_proj.weight", p)], lr=0.01, head_dim=3, **kw),
+    "adam_mini_elem": lambda p, **kw: lowmem.AdamMini([("fc.bias", p)], lr=0.01, **kw),
+    "adam_mini_tensor": lambda p, **kw: lowmem.AdamMini([("ln.weight", p)], lr=0.01, **kw),
+}
+SHAPES = {"lomo": [(0,), (1,), (7,), (4097,), (33, 65)], "adalomo": [(1,), (7,), (4097,), (33, 65), (3, 7, 5), ()],
+          "adam_mini_rows": [(1, 1), (7, 9), (33, 65)], "adam_mini_heads": [(9, 4), (48, 17)],
+          "adam_mini_elem": [(0,), (1,), (7,), (4097,)], "adam_mini_tensor": [(1,), (7,), (4097,)]}
+
+
+@pytest.mark.parametrize("device", kernel_devices())
+@pytest.mark.parametrize("name", list(KERNEL_OPTS))
+@pytest.mark.parametrize("clip", [{}, {"clip_grad_value": 0.5, "clip_grad_norm": 1.0}])
+def test_kernels_match_torch_reference_fp32(device, name, clip):
+    needs_kernels(device)
+    for shape in SHAPES[name]:
+        kernel, ref = step_both_paths(KERNEL_OPTS[name], shape, torch.float32, device, **clip)
+        assert torch.allclose(kernel, ref, rtol=1e-6, atol=1e-6), (shape, (kernel - ref).abs().max())
+
+
+@pytest.mark.parametrize("device", kernel_devices())
+@pytest.mark.parametrize("name", list(KERNEL_OPTS))
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_kernels_match_torch_reference_low_precision(device, name, dtype):
+    """One step from identical inputs: the rounding to bf16/fp16 is defined (round to
+    nearest even), so results agree bit for bit except where the fp32 values differ by an
+    ulp before rounding: allow 1 ulp of the parameter dtype."""
+    needs_kernels(device)
+    for shape in SHAPES[name]:
+        kernel, ref = step_both_paths(KERNEL_OPTS[name], shape, dtype, device, steps=1)
+        ulp = torch.finfo(dtype).eps * ref.abs().clamp(min=torch.finfo(dtype).tiny)
+        assert torch.all((kernel - ref).abs() <= ulp), (shape, (kernel - ref).abs().max())
+        if name == "lomo":  # a single multiply-add: the kernel's rounding is bit-exact
+            assert torch.equal(kernel, ref)
+
+
+@pytest.mark.parametrize("device", kernel_devices())
+def test_kernel_stochastic_rounding_unbiased_and_reproducible(device):
+    needs_kernels(device)
+
+    def one_step(seed):
+        p = nn.Parameter(torch.ones(200_000, dtype=torch.bfloat16, device=device))
+        opt = lowmem.LOMO([p], lr=1e-4, stochastic_rounding=True, seed=seed)
+        p.grad = torch.full_like(p, 2.0)
+        opt.step()
+        return p.detach()
+    mean = one_step(0).double().mean().item()
+    assert abs(mean - (1 - 2e-4)) < 3e-5, mean
+    assert torch.equal(one_step(1), one_step(1)) and not torch.equal(one_step(1), one_step(2))
+
+
+@pytest.mark.parametrize("name", OPTIMIZERS)
+def test_full_optimizers_same_trajectory_with_c_and_torch_kernels(name):
+    needs_kernels("cpu")
+    model = TinyNet()
+    ref = copy.deepcopy(model)
+    opt, opt_ref = make(name, model, clip_grad_norm=1.0), make(name, ref, clip_grad_norm=1.0)
+    opt_ref._kernel_update = lambda *a: False
+    train(model, opt, batches(10), fused=True)
+    train(ref, opt_ref, batches(10), fused=True)
+    assert max_diff(model, ref) < 1e-6
+
+
+def test_kernel_argument_checks_refuse_bad_tensors():
+    needs_kernels("cpu")
+    p = torch.zeros(4, 4)
+    with pytest.raises(ValueError, match="not contiguous"):
+        lowmem._check_kernel_args(p, p.t())
+    with pytest.raises(ValueError, match="dtype torch.float64"):
+        lowmem._check_kernel_args(p, p.double())
+    with pytest.raises(ValueError, match="on meta"):
+        lowmem._check_kernel_args(p, p.to("meta"))
+    # the optimizers route what the kernels cannot take (fp64, non-contiguous) to torch
+    q = nn.Parameter(torch.ones(3, 3, dtype=torch.float64))
+    q.grad = torch.ones(3, 3, dtype=torch.float64)
+    lowmem.AdaLomo([q], lr=0.1).step()
+    assert q.dtype == torch.float64 and torch.all(q < 1)
+
+
+def test_fallback_when_no_compiler(tmp_path):
+    """Simulate a machine without a C compiler: the torch path is used and says so."""
+    import subprocess
+    import sys
+    code = ("import lowmem, torch; p = torch.nn.Parameter(torch.ones(3)); opt = lowmem.LOMO([p], lr=0.5);"
+            "p.grad = torch.ones(3); opt.step(); print(lowmem.kernels('cpu'), p.tolist())")
+    env = dict(os.environ, CC="no-such-compiler-lowmem", LOWMEM_CACHE=str(tmp_path), LOWMEM_KERNELS="auto")
+    run = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True,
+                         cwd=os.path.dirname(os.path.abspath(lowmem.__file__)))
+    assert run.returncode == 0, run.stderr
+    assert run.stdout.split()[0] == "torch" and "[0.5, 0.5, 0.5]" in run.stdout
+    assert "PyTorch reference path" in run.stderr
+    env["LOWMEM_KERNELS"] = "c"  # demanding the kernels without a compiler is an error
+    run = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True,
+                         cwd=os.path.dirname(os.path.abspath(lowmem.__file__)))
+    assert run.returncode != 0 and "LOWMEM_KERNELS=c" in run.stderr
+
+
+def test_concurrent_builds_do_not_corrupt_the_cache(tmp_path):
+    import subprocess
+    import sys
+    code = "import lowmem; print(lowmem.kernels('cpu'))"
+    env = dict(os.environ, LOWMEM_CACHE=str(tmp_path), LOWMEM_KERNELS="c")
+    procs = [subprocess.Popen([sys.executable, "-c", code], env=env, stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, text=True,
+                              cwd=os.path.dirname(os.path.abspath(lowmem.__file__))) for _ in range(3)]
+    assert [p.communicate()[0].strip() for p in procs] == ["c"] * 3
+    assert len(list(tmp_path.glob("*.so"))) == 1
