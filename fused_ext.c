@@ -1,8 +1,9 @@
 /* fused_ext.c: in-place fused optimizer kernels for lowmem, CPU (OpenMP) and CUDA.
 
    Build (lowmem.py does this on first use and caches the result):
-     cc   -O3 -fopenmp -fno-math-errno -fPIC -shared -std=c99 fused_ext.c -o fused_ext.so
-     nvcc -O3 -x cu -arch=native -shared -Xcompiler -fPIC fused_ext.c -o fused_ext_cuda.so
+     cc   -O3 -march=native -fopenmp -fno-math-errno -fPIC -shared -std=c99 fused_ext.c -o fused_ext.so
+     nvcc -O3 --fmad=false -x cu -arch=native -shared -Xcompiler -fPIC fused_ext.c -o fused_ext_cuda.so
+   (--fmad=false: no contraction into FMA, so results round exactly as PyTorch's ops do)
 
    One exported C ABI for both builds. Tensors are contiguous; lowmem checks shape, dtype and
    device before calling. dtype codes: 0 fp32, 1 bf16 (uint16_t), 2 fp16 (uint16_t). Math is
@@ -329,28 +330,45 @@ __global__ void k_rowsum(const void *g, int gdt, int64_t cols, prep_t q, float a
     if (threadIdx.x == 0) rowsum[blockIdx.x] = acc;
 }
 __global__ void k_colsum(const void *g, int gdt, int64_t batch, int64_t rows, int64_t cols, prep_t q, float add, float *colsum) {
-    GLOBAL_LOOP(bc, batch * cols) {  /* adjacent threads read adjacent columns: coalesced */
-        int64_t b = bc / cols, c = bc % cols;
+    /* work item = (batch, chunk of 32 rows, column): adjacent threads read adjacent columns
+       (coalesced) and there is enough parallelism for tall matrices; colsum starts zeroed */
+    int64_t chunks = (rows + 31) / 32;
+    GLOBAL_LOOP(item, batch * chunks * cols) {
+        int64_t c = item % cols, bk = item / cols, b = bk / chunks, r0 = (bk % chunks) * 32;
+        int64_t r1 = r0 + 32 < rows ? r0 + 32 : rows;
         float acc = 0.0f;
-        for (int64_t r = 0; r < rows; r++) { float x = prep(g, gdt, (b * rows + r) * cols + c, q); acc += x * x + add; }
-        colsum[bc] = acc;
+        for (int64_t r = r0; r < r1; r++) { float x = prep(g, gdt, (b * rows + r) * cols + c, q); acc += x * x + add; }
+        atomicAdd(colsum + b * cols + c, acc);
     }
 }
+/* factored kernels: one CUDA block per row (threads over columns: no per-element integer
+   division); a column vector (cols == 1, the unfactored 1-D case) goes element-wise */
 __global__ void k_factored_sumsq(const void *g, int gdt, int64_t batch, int64_t rows, int64_t cols, prep_t q, const float *r, const float *c, float *out) {
     float acc = 0.0f;
-    GLOBAL_LOOP(e, batch * rows * cols) {
-        int64_t i = e / cols, j = e % cols;
-        float u = prep(g, gdt, e, q) * r[i] * c[(i / rows) * cols + j];
-        acc += u * u;
+    if (cols == 1) {
+        GLOBAL_LOOP(i, batch * rows) { float u = prep(g, gdt, i, q) * r[i] * c[i / rows]; acc += u * u; }
+    } else {
+        for (int64_t i = blockIdx.x; i < batch * rows; i += gridDim.x) {
+            const float *ci = c + (i / rows) * cols;
+            for (int64_t j = threadIdx.x; j < cols; j += blockDim.x) { float u = prep(g, gdt, i * cols + j, q) * r[i] * ci[j]; acc += u * u; }
+        }
     }
     acc = block_sum(acc);
     if (threadIdx.x == 0) atomicAdd(out, acc);
 }
 __global__ void k_factored_apply(void *p, int pdt, const void *g, int gdt, int64_t batch, int64_t rows, int64_t cols, prep_t q, const float *r, const float *c, const float *k, int sr, uint64_t seed) {
     float decay = k[0], step = k[1];
-    GLOBAL_LOOP(e, batch * rows * cols) {
-        int64_t i = e / cols, j = e % cols;
-        store(p, pdt, e, load(p, pdt, e) * decay - step * r[i] * c[(i / rows) * cols + j] * prep(g, gdt, e, q), sr, seed);
+    if (cols == 1) {
+        GLOBAL_LOOP(i, batch * rows) store(p, pdt, i, load(p, pdt, i) * decay - step * r[i] * c[i / rows] * prep(g, gdt, i, q), sr, seed);
+        return;
+    }
+    for (int64_t i = blockIdx.x; i < batch * rows; i += gridDim.x) {
+        const float *ci = c + (i / rows) * cols;
+        float ri = step * r[i];
+        for (int64_t j = threadIdx.x; j < cols; j += blockDim.x) {
+            int64_t e = i * cols + j;
+            store(p, pdt, e, load(p, pdt, e) * decay - ri * ci[j] * prep(g, gdt, e, q), sr, seed);
+        }
     }
 }
 
@@ -371,14 +389,14 @@ EXPORT int lm_adam_blocks(void *p, int pdt, const void *g, int gdt, float *m, fl
 EXPORT int lm_rowcol_sumsq(const void *g, int gdt, int64_t batch, int64_t rows, int64_t cols, prep_t q, float add, float *rowsum, float *colsum, void *stream) {
     if (batch * rows * cols == 0) DONE;
     k_rowsum<<<(unsigned)(batch * rows), THREADS, 0, S>>>(g, gdt, cols, q, add, rowsum);
-    k_colsum<<<grid_for(batch * cols), THREADS, 0, S>>>(g, gdt, batch, rows, cols, q, add, colsum); DONE;
+    k_colsum<<<grid_for(batch * ((rows + 31) / 32) * cols), THREADS, 0, S>>>(g, gdt, batch, rows, cols, q, add, colsum); DONE;
 }
 EXPORT int lm_factored_sumsq(const void *g, int gdt, int64_t batch, int64_t rows, int64_t cols, prep_t q, const float *r, const float *c, float *out, void *stream) {
     int64_t n = batch * rows * cols;
-    if (n > 0) k_factored_sumsq<<<grid_for(n), THREADS, 0, S>>>(g, gdt, batch, rows, cols, q, r, c, out); DONE;
+    if (n > 0) k_factored_sumsq<<<cols == 1 ? grid_for(n) : (int)(batch * rows < 8192 ? batch * rows : 8192), THREADS, 0, S>>>(g, gdt, batch, rows, cols, q, r, c, out); DONE;
 }
 EXPORT int lm_factored_apply(void *p, int pdt, const void *g, int gdt, int64_t batch, int64_t rows, int64_t cols, prep_t q, const float *r, const float *c, const float *k, int sr, uint64_t seed, void *stream) {
     int64_t n = batch * rows * cols;
-    if (n > 0) k_factored_apply<<<grid_for(n), THREADS, 0, S>>>(p, pdt, g, gdt, batch, rows, cols, q, r, c, k, sr, seed); DONE;
+    if (n > 0) k_factored_apply<<<cols == 1 ? grid_for(n) : (int)(batch * rows < 8192 ? batch * rows : 8192), THREADS, 0, S>>>(p, pdt, g, gdt, batch, rows, cols, q, r, c, k, sr, seed); DONE;
 }
 #endif

@@ -248,7 +248,7 @@ def _compile(cuda):
     compiler = shutil.which("nvcc" if cuda else os.environ.get("CC", "cc"))
     if compiler is None or not os.path.exists(_SOURCE):
         return None, f"no {'nvcc' if cuda else 'C compiler'} or no fused_ext.c"
-    flags = (["-O3", "-x", "cu", "-arch=native", "-shared", "-Xcompiler", "-fPIC"] if cuda else
+    flags = (["-O3", "--fmad=false", "-x", "cu", "-arch=native", "-shared", "-Xcompiler", "-fPIC"] if cuda else
              ["-O3", "-march=native", "-fopenmp", "-fno-math-errno", "-fPIC", "-shared", "-std=c99"])
     with open(_SOURCE, "rb") as f:  # -march=native: the key includes the CPU model and flags
         key = hashlib.sha256(f.read() + " ".join([compiler, *flags, platform.machine(), _cpu_id()]).encode())
