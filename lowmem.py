@@ -857,3 +857,44 @@ class AdamMini(_LowMemOptimizer):
             offsets = [a + i * k for a, b, k in segments for i in range((b - a) // k)] + [segments[-1][1]]
             self._starts[p] = torch.tensor(offsets, dtype=torch.int64, device=p.device) * row_len
         return self._starts[p]
+
+
+if __name__ == "__main__":  # python lowmem.py: a 20-second tour on a toy language model
+    import time
+    torch.manual_seed(0)
+    vocab, dim, heads = 64, 64, 4
+    text = torch.arange(4096) * 7 % vocab  # a deterministic sequence to memorize
+
+    class Toy(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.embed = nn.Embedding(vocab, dim)
+            self.attn = nn.MultiheadAttention(dim, heads, batch_first=True)
+            self.norm = nn.LayerNorm(dim)
+            self.mlp = nn.Sequential(nn.Linear(dim, 4 * dim), nn.GELU(), nn.Linear(4 * dim, dim))
+            self.lm_head = nn.Linear(dim, vocab, bias=False)
+
+        def forward(self, idx):
+            x = self.embed(idx)
+            mask = nn.Transformer.generate_square_subsequent_mask(idx.size(1))
+            x = x + self.attn(x, x, x, attn_mask=mask, need_weights=False)[0]
+            return self.lm_head(self.mlp(self.norm(x)) + x)
+
+    print(partition(Toy()), "\n")
+    for name, make, lr in [("LOMO", LOMO, 0.5), ("AdaLomo", AdaLomo, 1e-2), ("AdamMini", AdamMini, 3e-3)]:
+        for fused in (False, True):
+            torch.manual_seed(0)
+            model = Toy()
+            opt, t0, losses = make(model, lr=lr), time.time(), []
+            for it in range(100):
+                i = torch.randint(0, len(text) - 33, (16,))
+                batch = torch.stack([text[j:j + 33] for j in i])
+                logits = model(batch[:, :-1])
+                loss = nn.functional.cross_entropy(logits.reshape(-1, vocab), batch[:, 1:].reshape(-1))
+                losses.append(loss.item())
+                if fused:
+                    opt.fused_backward(loss)
+                else:
+                    loss.backward(), opt.step(), opt.zero_grad(set_to_none=True)
+            print(f"{name:9s} {'fused  ' if fused else 'classic'} loss {losses[0]:.3f} -> {losses[-1]:.3f}"
+                  f"  state {opt.state_bytes() / 1024:6.1f} KiB  {time.time() - t0:.1f}s")
