@@ -87,13 +87,13 @@ HD float prep(const void *g, int dt, int64_t i, prep_t q) {
    one_b2 = 1-b2) and the operations associate as in lowmem's PyTorch path, so both agree
    to the last bit or two. */
 typedef struct { float decay, step, one_b1, b2, one_b2, bc2_sqrt, eps; } adam_t;
-HD void adam_elem(void *p, int pdt, float *m, float g, float v, int64_t i, adam_t h, int sr, uint64_t seed) {
-    float mi = m[i], d = g - mi;  /* torch.lerp_(m, g, w) */
-    mi = h.one_b1 < 0.5f ? mi + h.one_b1 * d : g - d * (1.0f - h.one_b1);
-    m[i] = mi;
-    float w = load(p, pdt, i) * h.decay;
-    w = w + (-h.step) * (mi / (sqrtf(v) / h.bc2_sqrt + h.eps));
-    store(p, pdt, i, w, sr, seed);
+HD float adam_v(float v, float gsq, adam_t h) { return v * h.b2 + h.one_b2 * gsq; }
+HD float adam_m(float m, float g, adam_t h) {  /* torch.lerp_(m, g, 1-b1) */
+    float d = g - m;
+    return h.one_b1 < 0.5f ? m + h.one_b1 * d : g - d * (1.0f - h.one_b1);
+}
+HD float adam_w(float w, float m, float v, adam_t h) {
+    return w * h.decay + (-h.step) * (m / (sqrtf(v) / h.bc2_sqrt + h.eps));
 }
 
 #ifndef __CUDACC__
@@ -176,10 +176,8 @@ static void adam_chunk(void *p, int pdt, float *m, const float *d, const float *
                        int64_t o, int64_t len, adam_t h, int sr, uint64_t seed) {
     float wbuf[CH], *w = view(wbuf, p, pdt, o, len);
     for (int64_t i = 0; i < len; i++) {
-        float mi = m[o + i], diff = d[i] - mi;  /* torch.lerp_(m, g, 1-b1) */
-        mi = h.one_b1 < 0.5f ? mi + h.one_b1 * diff : d[i] - diff * (1.0f - h.one_b1);
-        m[o + i] = mi;
-        w[i] = w[i] * h.decay + (-h.step) * (mi / (sqrtf(v[i * vstride]) / h.bc2_sqrt + h.eps));
+        m[o + i] = adam_m(m[o + i], d[i], h);
+        w[i] = adam_w(w[i], m[o + i], v[i * vstride], h);
     }
     put(p, pdt, o, w, len, sr, seed);
 }
@@ -191,7 +189,7 @@ int lm_adam_elem(void *p, int pdt, const void *g, int gdt, float *m, float *v, i
     for (int64_t o = 0; o < n; o += CH) {
         float gbuf[CH]; int64_t len = MIN(CH, n - o);
         const float *d = grad_view(gbuf, g, gdt, o, len, q);
-        for (int64_t i = 0; i < len; i++) v[o + i] = v[o + i] * h.b2 + h.one_b2 * (d[i] * d[i]);
+        for (int64_t i = 0; i < len; i++) v[o + i] = adam_v(v[o + i], d[i] * d[i], h);
         adam_chunk(p, pdt, m, d, v + o, 1, o, len, h, sr, seed);
     }
     (void)stream; return 0;
@@ -208,7 +206,7 @@ int lm_adam_blocks(void *p, int pdt, const void *g, int gdt, float *m, float *v,
         float gbuf[CH]; int64_t a = start[b], e = start[b + 1];
         double acc = 0.0;
         for (int64_t o = a; o < e; o += CH) acc += sumsq_chunk(grad_view(gbuf, g, gdt, o, MIN(CH, e - o), q), MIN(CH, e - o));
-        float vb = v[b] * h.b2 + h.one_b2 * (float)(acc / (double)(e - a));
+        float vb = adam_v(v[b], (float)(acc / (double)(e - a)), h);
         v[b] = vb;
         for (int64_t o = a; o < e; o += CH)
             adam_chunk(p, pdt, m, grad_view(gbuf, g, gdt, o, MIN(CH, e - o), q), &vb, 0, o, MIN(CH, e - o), h, sr, seed);
@@ -305,12 +303,15 @@ __global__ void k_sumsq(const void *x, int dt, int64_t n, float scale, float *ou
 __global__ void k_sgd(void *p, int pdt, const void *g, int gdt, int64_t n, prep_t q, float lr, float decay, int sr, uint64_t seed) {
     GLOBAL_LOOP(i, n) store(p, pdt, i, load(p, pdt, i) * decay - lr * prep(g, gdt, i, q), sr, seed);
 }
+__device__ void adam_elem(void *p, int pdt, float *m, float g, float v, int64_t i, adam_t h, int sr, uint64_t seed) {
+    m[i] = adam_m(m[i], g, h);
+    store(p, pdt, i, adam_w(load(p, pdt, i), m[i], v, h), sr, seed);
+}
 __global__ void k_adam_elem(void *p, int pdt, const void *g, int gdt, float *m, float *v, int64_t n, prep_t q, adam_t h, int sr, uint64_t seed) {
     GLOBAL_LOOP(i, n) {
         float gi = prep(g, gdt, i, q);
-        float vi = v[i] * h.b2 + h.one_b2 * (gi * gi);
-        v[i] = vi;
-        adam_elem(p, pdt, m, gi, vi, i, h, sr, seed);
+        v[i] = adam_v(v[i], gi * gi, h);
+        adam_elem(p, pdt, m, gi, v[i], i, h, sr, seed);
     }
 }
 __global__ void k_adam_blocks(void *p, int pdt, const void *g, int gdt, float *m, float *v, const int64_t *start, prep_t q, adam_t h, int sr, uint64_t seed) {
@@ -319,7 +320,7 @@ __global__ void k_adam_blocks(void *p, int pdt, const void *g, int gdt, float *m
     float acc = 0.0f;
     for (int64_t i = a + threadIdx.x; i < e; i += blockDim.x) { float gi = prep(g, gdt, i, q); acc += gi * gi; }
     acc = block_sum(acc);
-    if (threadIdx.x == 0) { vb = v[blockIdx.x] * h.b2 + h.one_b2 * (acc / (float)(e - a)); v[blockIdx.x] = vb; }
+    if (threadIdx.x == 0) { vb = adam_v(v[blockIdx.x], acc / (float)(e - a), h); v[blockIdx.x] = vb; }
     __syncthreads();
     for (int64_t i = a + threadIdx.x; i < e; i += blockDim.x) adam_elem(p, pdt, m, prep(g, gdt, i, q), vb, i, h, sr, seed);
 }

@@ -330,12 +330,11 @@ def _call(like, name, *args):
         raise RuntimeError(f"fused kernel {name} failed with error {err}")
 
 
-def _kernel_ok(p, grad, *state):
-    """Tensors the kernels handle; others (fp64, non-contiguous, non-fp32 state) use torch."""
+def _kernel_ok(p, grad):
+    """Tensors the kernels handle; others (fp64, non-contiguous) use the torch path."""
     if _load(p.device.type) is None or grad.shape != p.shape:
         return False
-    return all(t.is_contiguous() and t.dtype in _DTYPE_CODE for t in (p, grad)) and all(
-        s.dtype == torch.float32 and s.is_contiguous() for s in state)
+    return all(t.is_contiguous() and t.dtype in _DTYPE_CODE for t in (p, grad))
 
 
 # ----------------------------------------------------------------------------------------
