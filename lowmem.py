@@ -458,6 +458,8 @@ class _LowMemOptimizer(torch.optim.Optimizer):
         self.clip_grad_norm, self.clip_grad_value = clip_grad_norm, clip_grad_value
         self.stochastic_rounding, self.seed = stochastic_rounding, seed
         params = [p for g in self.param_groups for p in g["params"]]
+        for device_type in {p.device.type for p in params}:
+            _load(device_type)  # build/choose kernels now: a bad LOWMEM_KERNELS fails here, not mid-backward
         fp16 = any(p.dtype == torch.float16 for p in params)
         self.loss_scaler = DynamicLossScaler() if (loss_scale is None and fp16) else None
         self.static_loss_scale = loss_scale or 1.0

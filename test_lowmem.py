@@ -662,10 +662,12 @@ def test_fallback_when_no_compiler(tmp_path):
     assert run.returncode == 0, run.stderr
     assert run.stdout.split()[0] == "torch" and "[0.5, 0.5, 0.5]" in run.stdout
     assert "PyTorch reference path" in run.stderr
-    env["LOWMEM_KERNELS"] = "c"  # demanding the kernels without a compiler is an error
+    env["LOWMEM_KERNELS"] = "c"  # demanding the kernels without a compiler is an error,
+    # raised when the optimizer is built (before any backward or parameter change)
     run = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True,
                          cwd=os.path.dirname(os.path.abspath(lowmem.__file__)))
     assert run.returncode != 0 and "LOWMEM_KERNELS=c" in run.stderr
+    assert "in __init__" in run.stderr  # raised by the constructor
 
 
 def test_concurrent_builds_do_not_corrupt_the_cache(tmp_path):
