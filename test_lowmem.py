@@ -680,3 +680,166 @@ def test_concurrent_builds_do_not_corrupt_the_cache(tmp_path):
                               cwd=os.path.dirname(os.path.abspath(lowmem.__file__))) for _ in range(3)]
     assert [p.communicate()[0].strip() for p in procs] == ["c"] * 3
     assert len(list(tmp_path.glob("*.so"))) == 1
+
+
+# ---------------------------------------------------------------------------- train_gpt2.py
+
+import train_gpt2  # noqa: E402  (the script's model, data and config code; nothing runs on import)
+
+
+def gpt_args(tmp_path, **kw):
+    """A tiny, fast configuration of train_gpt2 as --key=value arguments."""
+    cfg = dict(n_layer=2, n_head=2, n_embd=32, block_size=32, batch_size=4, max_iters=20,
+               eval_interval=20, eval_iters=4, log_interval=1, warmup_iters=2, sample_tokens=0,
+               out_dir=str(tmp_path / "out"))
+    cfg.update(kw)
+    return [f"--{k}={v!r}" if isinstance(v, str) else f"--{k}={v}" for k, v in cfg.items()]
+
+
+def tiny_hf_gpt2(path, safe=True):
+    transformers = pytest.importorskip("transformers")
+    torch.manual_seed(0)
+    config = transformers.GPT2Config(vocab_size=97, n_positions=24, n_embd=32, n_layer=2, n_head=4)
+    hf = transformers.GPT2LMHeadModel(config).eval()
+    hf.save_pretrained(path, safe_serialization=safe)
+    return hf
+
+
+@pytest.mark.parametrize("safe", [True, False])
+def test_gpt2_from_pretrained_matches_transformers_logits(tmp_path, safe):
+    hf = tiny_hf_gpt2(tmp_path, safe)
+    ours = train_gpt2.GPT.from_pretrained(str(tmp_path)).eval()
+    idx = torch.randint(0, 97, (2, 24), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        assert (ours(idx)[0] - hf(idx).logits).abs().max().item() < 1e-5
+    assert ours.lm_head.weight is ours.transformer.wte.weight  # tied, as GPT-2
+
+
+def test_gpt2_partition_splits_fused_c_attn_into_heads():
+    model = train_gpt2.GPT(train_gpt2.GPTConfig(block_size=8, vocab_size=50, n_layer=1, n_head=4, n_embd=32))
+    blocks = {b.name: b for b in lowmem.partition(model)}
+    attn = blocks["transformer.h.0.attn.c_attn.weight"]
+    assert attn.kind == "qkv" and attn.n_v == 4 + 4 + 32  # q, k by head; v by neuron
+    assert blocks["transformer.wte.weight"].kind == "token" and "lm_head.weight" not in blocks
+
+
+def test_gpt2_activation_checkpointing_same_grads_and_one_hook_per_tied_weight():
+    cfg = train_gpt2.GPTConfig(block_size=16, vocab_size=40, n_layer=2, n_head=2, n_embd=16)
+    torch.manual_seed(0)
+    plain = train_gpt2.GPT(cfg)
+    ckpt = copy.deepcopy(plain)
+    ckpt.config = train_gpt2.GPTConfig(**{**cfg.__dict__, "activation_checkpointing": True})
+    idx = torch.randint(0, 40, (3, 17))
+    for model in (plain, ckpt):
+        opt = lowmem.LOMO(model, lr=0.1)
+        opt.fused_backward(model(idx[:, :-1], idx[:, 1:])[1])
+    assert max_diff(plain, ckpt) < 1e-6
+
+
+def test_stdlib_dataset_is_offline_deterministic_and_bytes(tmp_path):
+    a, b = train_gpt2.prepare_stdlib(str(tmp_path / "a")), train_gpt2.prepare_stdlib(str(tmp_path / "b"))
+    for split in ("train", "val"):
+        assert open(os.path.join(a, f"{split}.bin"), "rb").read() == open(os.path.join(b, f"{split}.bin"), "rb").read()
+    data = train_gpt2.Data(a, block_size=64)
+    assert data.vocab_size == 256 and os.path.getsize(data.paths["train"]) > 5 * os.path.getsize(data.paths["val"])
+    x, y = data.batch("val", 3, torch.Generator().manual_seed(0))
+    assert x.shape == (3, 64) and torch.equal(x[:, 1:], y[:, :-1])
+    assert "the" in data.decode(x.flatten().tolist())
+
+
+def write_bin(directory, train, val, meta=None):
+    os.makedirs(directory, exist_ok=True)
+    for name, ids in (("train", train), ("val", val)):
+        if ids is not None:
+            torch.tensor(ids, dtype=torch.int32).numpy().astype("uint16").tofile(os.path.join(directory, f"{name}.bin"))
+    if meta is not None:
+        with open(os.path.join(directory, "meta.json"), "w") as f:
+            f.write(meta)
+    return str(directory)
+
+
+def test_nanogpt_bin_reader_defaults_to_gpt2_vocab(tmp_path):
+    ids = list(range(50000, 50257)) * 2
+    data = train_gpt2.Data(write_bin(tmp_path, ids, ids), block_size=16)
+    assert data.vocab_size == 50304 and data.tokenizer == "gpt2"
+    x, y = data.batch("train", 2, torch.Generator().manual_seed(0))
+    assert x.dtype == torch.int64 and (x[:, 1:] == y[:, :-1]).all() and int(x.min()) >= 50000
+
+
+@pytest.mark.parametrize("setup, match", [
+    (lambda d: str(d / "nope"), "not a directory"),
+    (lambda d: write_bin(d, [1] * 100, None), "val.bin is missing"),
+    (lambda d: write_bin(d, [1] * 100, [1] * 5), "fewer than block_size"),
+    (lambda d: write_bin(d, [1] * 100, [1] * 100, '{"vocab_size": 10}') and
+     write_bin(d, [1] * 99 + [12], [1] * 100), "token id 12 >= vocab_size 10"),
+    (lambda d: (write_bin(d, [1] * 100, [1] * 100), open(d / "train.bin", "ab").write(b"x"), str(d))[2],
+     "not a whole number"),
+])
+def test_bad_dataset_is_a_clear_error(tmp_path, setup, match):
+    with pytest.raises((ValueError, FileNotFoundError), match=match):
+        train_gpt2.Data(setup(tmp_path), block_size=16)
+
+
+def test_config_overrides_file_and_rejections(tmp_path):
+    conf = tmp_path / "conf.py"
+    conf.write_text("n_layer = 3\nlearning_rate = 2e-3\n")
+    cfg = train_gpt2.parse_config([str(conf), "--n_layer=5", "--optimizer=adalomo", "--dataset=data/x"])
+    assert (cfg["n_layer"], cfg["learning_rate"], cfg["fused"], cfg["dataset"]) == (5, 2e-3, True, "data/x")
+    assert train_gpt2.parse_config(["--learning_rate=1"])["learning_rate"] == 1.0  # int accepted for float
+    for args, match in [(["--n_layers=3"], "unknown key 'n_layers'"),
+                        (["--n_layer=3.5"], "n_layer must be int"),
+                        (["--compile=yes"], "compile must be bool"),
+                        (["--optimizer=adam"], "optimizer must be one of"),
+                        (["--optimizer=lomo", "--gradient_accumulation_steps=2"], "needs fused=False"),
+                        (["--optimizer=adamw", "--fused=True"], "needs a lowmem optimizer"),
+                        (["--dtype=float16"], "needs a fused lowmem driver"),
+                        (["n_layer=3"], "neither --key=value nor a config file")]:
+        with pytest.raises(SystemExit, match=match):
+            train_gpt2.parse_config(args)
+
+
+def test_config_files_in_repo_parse():
+    root = os.path.dirname(os.path.abspath(train_gpt2.__file__))
+    for name in sorted(os.listdir(os.path.join(root, "config"))):
+        if name.startswith("gpt2"):
+            train_gpt2.parse_config([os.path.join(root, "config", name)])
+
+
+@pytest.mark.parametrize("optimizer, fused", [("adamw", False), ("sgd", False), ("adam_mini", False),
+                                              ("adam_mini", True), ("adalomo", False), ("adalomo", True),
+                                              ("lomo", False), ("lomo", True)])
+def test_train_gpt2_every_optimizer_lowers_the_loss(tmp_path, optimizer, fused):
+    h = train_gpt2.train(train_gpt2.parse_config(gpt_args(tmp_path, optimizer=optimizer, fused=fused)))
+    (_, first), (_, last) = h["val"][0], h["val"][-1]
+    assert last < first - 0.5, (first, last)  # from ~ln(256)=5.5
+    assert os.path.isfile(tmp_path / "out" / "ckpt.pt")
+
+
+@pytest.mark.parametrize("optimizer", ["adamw", "adam_mini", "adalomo"])
+def test_train_gpt2_resume_is_exact(tmp_path, optimizer):
+    common = dict(optimizer=optimizer, lr_decay_iters=8, dropout=0.1, eval_interval=4)
+    whole = train_gpt2.train(train_gpt2.parse_config(gpt_args(tmp_path / "a", max_iters=8, **common)))
+    train_gpt2.train(train_gpt2.parse_config(gpt_args(tmp_path / "b", max_iters=4, **common)))
+    resumed = train_gpt2.train(train_gpt2.parse_config(gpt_args(tmp_path / "b", max_iters=8, init_from="resume",
+                                                                **common)))
+    assert resumed["train"] == whole["train"][4:] and resumed["val"][-1] == whole["val"][-1]
+
+
+def test_train_gpt2_resume_without_checkpoint_is_an_error(tmp_path):
+    with pytest.raises(SystemExit, match="no checkpoint"):
+        train_gpt2.train(train_gpt2.parse_config(gpt_args(tmp_path, init_from="resume")))
+
+
+@pytest.mark.parametrize("optimizer", ["adamw", "lomo"])
+def test_train_gpt2_torchrun_two_processes(tmp_path, optimizer):
+    import subprocess
+    import sys
+    train_gpt2.prepare_stdlib()  # done once here, not raced by the two ranks' first import
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port",
+           str(_free_port()), train_gpt2.__file__, "--device='cpu'"] + gpt_args(tmp_path, optimizer=optimizer, max_iters=10,
+                                                                              eval_interval=10)
+    run = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert run.returncode == 0, run.stderr[-3000:]
+    assert "x2 |" in run.stdout and run.stdout.count("done: 10 iters") == 1  # rank 0 logs
+    vals = [float(line.split("val loss ")[1].split()[0]) for line in run.stdout.splitlines() if "val loss" in line]
+    assert vals[-1] < vals[0] - 0.5

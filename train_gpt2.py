@@ -1,0 +1,649 @@
+"""Pre-train GPT-2 with AdamW, Adam-mini, AdaLomo, LOMO or SGD (nanoGPT's model.py + train.py).
+
+    python train_gpt2.py                                  # CPU smoke run, offline, a few minutes
+    python train_gpt2.py --optimizer=adalomo              # any optimizer; fused drivers for lomo/adalomo
+    python train_gpt2.py config/gpt2_124m.py              # GPT-2 124M on nanoGPT's openwebtext (GPU)
+    torchrun --nproc_per_node=8 train_gpt2.py config/gpt2_124m.py
+
+Config is the plain globals below; a config file (Python assignments) and --key=value
+arguments override them, in order. The default data is text that ships with Python (the
+stdlib's documentation topics and docstrings) as bytes, so nothing is ever downloaded.
+`GPT`, `GPTConfig` and `Data` import without side effects (tests and bench.py use them).
+"""
+import ast
+import glob
+import json
+import math
+import os
+import resource
+import sys
+import sysconfig
+import time
+import zlib
+from contextlib import nullcontext
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from torch import nn
+from torch.nn import functional as F
+
+import lowmem
+
+# ----------------------------------------------------------------------------------------
+# config: plain globals, overridden by a config file and --key=value (see parse_config)
+out_dir = "out-gpt2"
+init_from = "scratch"  # scratch | resume | a Hugging Face GPT-2 directory (config.json + weights)
+dataset = "stdlib"  # stdlib (built offline from Python's own docs) | a dir with nanoGPT train.bin/val.bin
+eval_interval = 250
+eval_iters = 20
+log_interval = 25
+sample_tokens = 200  # greedy sample printed at the end (0: none)
+# model
+n_layer = 4
+n_head = 4
+n_embd = 128
+block_size = 128
+dropout = 0.0
+bias = True
+activation_checkpointing = False
+# optimizer
+optimizer = "adamw"  # adamw | adam_mini | adalomo | lomo | sgd
+fused = None  # update inside backward (lowmem only); None: True for lomo/adalomo, else False
+learning_rate = None  # None: DEFAULT_LR[optimizer]
+weight_decay = 0.1
+beta1 = 0.9
+beta2 = 0.99
+grad_clip = 1.0  # global norm, 0 = off; with a fused driver it costs a second backward (LOMO 3.3)
+stochastic_rounding = True  # bf16 parameters, lowmem optimizers
+batch_size = 12
+gradient_accumulation_steps = 1  # classic driver only: a fused backward is a whole step
+max_iters = 1500
+warmup_iters = 100
+lr_decay_iters = None  # None: max_iters
+min_lr = None  # None: learning_rate / 10
+# system
+device = "auto"  # auto | cpu | cuda | cuda:N | mps
+dtype = "float32"  # parameter dtype: float32 | bfloat16 | float16 (fp16 needs a fused driver)
+amp = False  # bf16 autocast of forward/backward with fp32 parameters (CUDA; nanoGPT's default)
+compile = False
+seed = 1337
+# ----------------------------------------------------------------------------------------
+
+# Best lr of the sweep in `python bench.py converge` on the default model.
+DEFAULT_LR = {"adamw": 1e-2, "adam_mini": 1e-2, "adalomo": 0.1, "lomo": 0.1, "sgd": 0.1}
+OPTIMIZERS = tuple(DEFAULT_LR)
+OPTIONAL = {"fused": bool, "learning_rate": float, "lr_decay_iters": int, "min_lr": float}
+CONFIG_KEYS = [k for k, v in list(globals().items()) if not k.startswith("_") and k.islower()
+               and (isinstance(v, (int, float, bool, str)) or k in OPTIONAL)]
+DEFAULTS = {k: globals()[k] for k in CONFIG_KEYS}
+
+
+# ----------------------------------------------------------------------------------------
+# model (GPT-2: learned positions, pre-LayerNorm, tanh-GELU MLP, tied wte/lm_head)
+
+@dataclass
+class GPTConfig:
+    block_size: int = 1024
+    vocab_size: int = 50304
+    n_layer: int = 12
+    n_head: int = 12
+    n_embd: int = 768
+    dropout: float = 0.0
+    bias: bool = True
+    activation_checkpointing: bool = False
+
+
+class CausalSelfAttention(nn.Module):
+    def __init__(self, config):
+        super().__init__()
+        assert config.n_embd % config.n_head == 0, "n_embd must be a multiple of n_head"
+        self.c_attn = nn.Linear(config.n_embd, 3 * config.n_embd, bias=config.bias)  # q|k|v fused
+        self.c_proj = nn.Linear(config.n_embd, config.n_embd, bias=config.bias)
+        self.n_head, self.dropout = config.n_head, config.dropout
+        self.resid_dropout = nn.Dropout(config.dropout)
+
+    def forward(self, x):
+        B, T, C = x.shape
+        q, k, v = self.c_attn(x).split(C, dim=2)
+        q, k, v = (t.view(B, T, self.n_head, C // self.n_head).transpose(1, 2) for t in (q, k, v))
+        y = F.scaled_dot_product_attention(q, k, v, is_causal=True,
+                                           dropout_p=self.dropout if self.training else 0.0)
+        return self.resid_dropout(self.c_proj(y.transpose(1, 2).contiguous().view(B, T, C)))
+
+
+class MLP(nn.Module):
+    def __init__(self, config):
+        super().__init__()
+        self.c_fc = nn.Linear(config.n_embd, 4 * config.n_embd, bias=config.bias)
+        self.c_proj = nn.Linear(4 * config.n_embd, config.n_embd, bias=config.bias)
+        self.dropout = nn.Dropout(config.dropout)
+
+    def forward(self, x):
+        return self.dropout(self.c_proj(F.gelu(self.c_fc(x), approximate="tanh")))
+
+
+class Block(nn.Module):
+    def __init__(self, config):
+        super().__init__()
+        self.ln_1 = nn.LayerNorm(config.n_embd, bias=config.bias)
+        self.attn = CausalSelfAttention(config)
+        self.ln_2 = nn.LayerNorm(config.n_embd, bias=config.bias)
+        self.mlp = MLP(config)
+
+    def forward(self, x):
+        x = x + self.attn(self.ln_1(x))
+        return x + self.mlp(self.ln_2(x))
+
+
+class GPT(nn.Module):
+    def __init__(self, config):
+        super().__init__()
+        self.config = config
+        self.n_head = config.n_head  # read by lowmem.partition to split c_attn into heads
+        self.transformer = nn.ModuleDict(dict(
+            wte=nn.Embedding(config.vocab_size, config.n_embd),
+            wpe=nn.Embedding(config.block_size, config.n_embd),
+            drop=nn.Dropout(config.dropout),
+            h=nn.ModuleList(Block(config) for _ in range(config.n_layer)),
+            ln_f=nn.LayerNorm(config.n_embd, bias=config.bias)))
+        self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
+        self.lm_head.weight = self.transformer.wte.weight  # tied: one tensor, one update
+        self.apply(self._init_weights)
+        for name, p in self.named_parameters():  # GPT-2 paper: scaled residual projections
+            if name.endswith("c_proj.weight"):
+                nn.init.normal_(p, mean=0.0, std=0.02 / math.sqrt(2 * config.n_layer))
+
+    @staticmethod
+    def _init_weights(module):
+        if isinstance(module, (nn.Linear, nn.Embedding)):
+            nn.init.normal_(module.weight, mean=0.0, std=0.02)
+        if isinstance(module, nn.Linear) and module.bias is not None:
+            nn.init.zeros_(module.bias)
+
+    def num_params(self):
+        return sum(p.numel() for p in self.parameters())
+
+    def forward(self, idx, targets=None):
+        T = idx.size(1)
+        if T > self.config.block_size:
+            raise ValueError(f"sequence of length {T} is longer than block_size {self.config.block_size}")
+        pos = torch.arange(T, device=idx.device)
+        x = self.transformer.drop(self.transformer.wte(idx) + self.transformer.wpe(pos))
+        for block in self.transformer.h:
+            if self.config.activation_checkpointing and self.training:
+                # use_reentrant=False: the reentrant variant can fire a tied weight's
+                # post-accumulate hook twice with partial gradients (REFERENCE 4)
+                x = torch.utils.checkpoint.checkpoint(block, x, use_reentrant=False)
+            else:
+                x = block(x)
+        logits = self.lm_head(self.transformer.ln_f(x))
+        if targets is None:
+            return logits, None
+        return logits, F.cross_entropy(logits.float().view(-1, logits.size(-1)), targets.reshape(-1))
+
+    @classmethod
+    def from_pretrained(cls, path, **overrides):
+        """Load a Hugging Face GPT-2 directory from disk (config.json + model.safetensors or
+        pytorch_model.bin). HF's Conv1D stores weights as (in, out): they are transposed."""
+        cfg_path = os.path.join(path, "config.json")
+        if not os.path.isfile(cfg_path):
+            raise FileNotFoundError(f"init_from={path!r}: no config.json there (expected a Hugging Face GPT-2 directory)")
+        with open(cfg_path) as f:
+            hf = json.load(f)
+        config = GPTConfig(block_size=hf["n_positions"], vocab_size=hf["vocab_size"], n_layer=hf["n_layer"],
+                           n_head=hf["n_head"], n_embd=hf["n_embd"], bias=True, **overrides)
+        model = cls(config)
+        ours = model.state_dict()
+        loaded = set()
+        for key, tensor in _read_hf_weights(path).items():
+            key = key if key.startswith(("transformer.", "lm_head.")) else "transformer." + key
+            if key.endswith((".attn.bias", ".attn.masked_bias")):
+                continue  # causal-mask buffers, not parameters
+            if key not in ours:
+                raise ValueError(f"{path}: unexpected weight {key!r} for GPT-2")
+            if key.endswith(("c_attn.weight", "c_proj.weight", "c_fc.weight")):
+                tensor = tensor.t()
+            if tensor.shape != ours[key].shape:
+                raise ValueError(f"{path}: {key} has shape {tuple(tensor.shape)}, expected {tuple(ours[key].shape)}")
+            ours[key].copy_(tensor)
+            loaded.add(key)
+        missing = set(ours) - loaded - {"lm_head.weight"}  # lm_head is tied to wte
+        if missing:
+            raise ValueError(f"{path}: weights missing from the checkpoint: {sorted(missing)[:5]}")
+        return model
+
+    @torch.no_grad()
+    def generate(self, idx, max_new_tokens):
+        """Greedy decoding (argmax), cropped to the last block_size tokens."""
+        for _ in range(max_new_tokens):
+            logits, _ = self(idx[:, -self.config.block_size:])
+            idx = torch.cat([idx, logits[:, -1].argmax(-1, keepdim=True)], dim=1)
+        return idx
+
+
+def _read_hf_weights(path):
+    st, bin_ = os.path.join(path, "model.safetensors"), os.path.join(path, "pytorch_model.bin")
+    if os.path.isfile(st):
+        from safetensors.torch import load_file  # optional dependency, only for this path
+        return load_file(st)
+    if os.path.isfile(bin_):
+        return torch.load(bin_, map_location="cpu", weights_only=True)
+    raise FileNotFoundError(f"{path}: neither model.safetensors nor pytorch_model.bin found")
+
+
+# ----------------------------------------------------------------------------------------
+# data: nanoGPT's format (train.bin / val.bin of uint16 token ids; meta.json gives vocab)
+
+STDLIB_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "data", "stdlib")
+
+
+def stdlib_documents():
+    """(name, text) pairs from what every CPython ships: pydoc's documentation topics and
+    the docstrings of the pure-Python standard library (parsed with ast, nothing imported)."""
+    from pydoc_data.topics import topics
+    docs = [(f"topic/{k}", v) for k, v in sorted(topics.items())]
+    root = sysconfig.get_paths()["stdlib"]
+    skip = {"test", "tests", "idlelib", "site-packages", "dist-packages", "lib2to3", "turtledemo"}
+    for path in sorted(glob.glob(os.path.join(root, "*.py")) + glob.glob(os.path.join(root, "*", "*.py"))):
+        rel = os.path.relpath(path, root)
+        if rel.split(os.sep)[0] in skip:
+            continue
+        try:
+            with open(path, encoding="utf-8") as f:
+                tree = ast.parse(f.read())
+        except (SyntaxError, UnicodeDecodeError, OSError):
+            continue
+        kinds = (ast.Module, ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef)
+        text = "\n\n".join(filter(None, (ast.get_docstring(n) for n in ast.walk(tree) if isinstance(n, kinds))))
+        if text:
+            docs.append((rel, text))
+    return docs
+
+
+def prepare_stdlib(out=STDLIB_DIR):
+    """Write the byte-level (vocab 256) stdlib dataset once; val = docs whose name hashes to
+    0 mod 10 (deterministic). Files are written to temp names and renamed (atomic)."""
+    if all(os.path.isfile(os.path.join(out, f)) for f in ("train.bin", "val.bin", "meta.json")):
+        return out
+    os.makedirs(out, exist_ok=True)
+    splits = {"train": [], "val": []}
+    for name, text in stdlib_documents():
+        splits["val" if zlib.crc32(name.encode()) % 10 == 0 else "train"].append(text + "\n\n")
+    for split, texts in splits.items():
+        ids = np.frombuffer("".join(texts).encode("utf-8"), dtype=np.uint8).astype(np.uint16)
+        _atomic_write(os.path.join(out, f"{split}.bin"), ids.tobytes())
+    meta = {"vocab_size": 256, "tokenizer": "bytes", "source": f"Python {sys.version.split()[0]} stdlib docs"}
+    _atomic_write(os.path.join(out, "meta.json"), json.dumps(meta).encode())
+    return out
+
+
+def _atomic_write(path, data):
+    tmp = f"{path}.tmp{os.getpid()}"
+    with open(tmp, "wb") as f:
+        f.write(data)
+    os.replace(tmp, path)
+
+
+class Data:
+    """Random (x, y) windows of a nanoGPT-format dataset directory, checked up front."""
+
+    def __init__(self, directory, block_size):
+        if not os.path.isdir(directory):
+            raise FileNotFoundError(f"dataset={directory!r} is not a directory (expected train.bin and val.bin "
+                                    "as written by nanoGPT's prepare.py, or dataset=stdlib)")
+        self.dir, self.block_size = directory, block_size
+        self.vocab_size, self.tokenizer = self._read_meta()
+        self.paths = {}
+        for split in ("train", "val"):
+            path = os.path.join(directory, f"{split}.bin")
+            if not os.path.isfile(path):
+                raise FileNotFoundError(f"dataset {directory!r}: {split}.bin is missing")
+            size = os.path.getsize(path)
+            if size % 2:
+                raise ValueError(f"dataset {path}: {size} bytes is not a whole number of uint16 tokens (corrupt?)")
+            if size // 2 < block_size + 2:
+                raise ValueError(f"dataset {path}: {size // 2} tokens, fewer than block_size + 2 = {block_size + 2}")
+            head = np.memmap(path, dtype=np.uint16, mode="r")[:1 << 24]
+            if int(head.max()) >= self.vocab_size:
+                raise ValueError(f"dataset {path}: token id {int(head.max())} >= vocab_size {self.vocab_size} (corrupt, "
+                                 "or a meta.json/meta.pkl with the wrong vocab_size)")
+            self.paths[split] = path
+
+    def _read_meta(self):
+        meta_json, meta_pkl = os.path.join(self.dir, "meta.json"), os.path.join(self.dir, "meta.pkl")
+        if os.path.isfile(meta_json):
+            with open(meta_json) as f:
+                meta = json.load(f)
+            return int(meta["vocab_size"]), meta.get("tokenizer", "ids")
+        if os.path.isfile(meta_pkl):  # nanoGPT's char-level datasets
+            import pickle
+            with open(meta_pkl, "rb") as f:
+                meta = pickle.load(f)
+            return int(meta["vocab_size"]), "ids"
+        return 50304, "gpt2"  # GPT-2's 50257 rounded up to a multiple of 64, as nanoGPT
+
+    def batch(self, split, batch_size, generator, device="cpu"):
+        data = np.memmap(self.paths[split], dtype=np.uint16, mode="r")  # re-opened: no memmap leak
+        ix = torch.randint(len(data) - self.block_size - 1, (batch_size,), generator=generator).tolist()
+        xy = torch.from_numpy(np.stack([data[i:i + self.block_size + 1] for i in ix]).astype(np.int64))
+        if int(xy.max()) >= self.vocab_size:
+            raise ValueError(f"dataset {self.paths[split]}: token id {int(xy.max())} >= vocab_size {self.vocab_size}")
+        if str(device).startswith("cuda"):
+            xy = xy.pin_memory().to(device, non_blocking=True)
+        else:
+            xy = xy.to(device)
+        return xy[:, :-1], xy[:, 1:]
+
+    def decode(self, ids):
+        if self.tokenizer == "bytes":
+            return bytes(ids).decode("utf-8", errors="replace")
+        if self.tokenizer == "gpt2":
+            try:
+                import tiktoken  # optional: only to print the sample as text
+                return tiktoken.get_encoding("gpt2").decode([i for i in ids if i < 50257])
+            except ImportError:
+                pass
+        return " ".join(map(str, ids))
+
+
+# ----------------------------------------------------------------------------------------
+# config parsing: strict (unknown keys and wrong types are errors, before anything runs)
+
+def parse_config(argv, defaults=None, optional=None, validate=None):
+    """Defaults <- config files (Python assignments, nanoGPT style) <- --key=value, in order.
+    train_llama.py calls this with its own defaults and validator."""
+    defaults, optional = defaults or DEFAULTS, OPTIONAL if optional is None else optional
+    cfg = dict(defaults)
+    for arg in argv:
+        if arg.startswith("--"):
+            key, sep, value = arg[2:].partition("=")
+            if not sep:
+                raise SystemExit(f"config: expected --key=value, got {arg!r}")
+            _set(cfg, defaults, optional, key, _literal(value), arg)
+        else:
+            if not os.path.isfile(arg):
+                raise SystemExit(f"config: {arg!r} is neither --key=value nor a config file")
+            scope = {}
+            with open(arg) as f:
+                exec(f.read(), {}, scope)
+            for key, value in scope.items():
+                if not key.startswith("_"):
+                    _set(cfg, defaults, optional, key, value, arg)
+    (validate or validate_gpt2)(cfg)
+    return cfg
+
+
+def _literal(text):
+    try:
+        return ast.literal_eval(text)
+    except (ValueError, SyntaxError):
+        return text  # a bare string such as --dataset=data/openwebtext
+
+
+def _set(cfg, defaults, optional, key, value, where):
+    if key not in defaults:
+        raise SystemExit(f"config: unknown key {key!r} (from {where}); known keys: {', '.join(defaults)}")
+    want = optional.get(key) or type(defaults[key])
+    is_int = isinstance(value, int) and not isinstance(value, bool)
+    ok = (value is None and key in optional) or (want is int and is_int) or (want is float and (is_int or isinstance(value, float))) \
+        or (want not in (int, float) and isinstance(value, want))
+    if not ok:
+        raise SystemExit(f"config: {key} must be {want.__name__}, got {value!r} (from {where})")
+    cfg[key] = float(value) if want is float and value is not None else value
+
+
+def config_error(msg):
+    raise SystemExit(f"config: {msg}")
+
+
+def validate_training(cfg, optimizers):
+    """Checks shared by train_gpt2.py and train_llama.py; fills the None defaults."""
+    if cfg["optimizer"] not in optimizers:
+        config_error(f"optimizer must be one of {', '.join(optimizers)}, got {cfg['optimizer']!r}")
+    if cfg["fused"] is None:
+        cfg["fused"] = cfg["optimizer"] in ("lomo", "adalomo")
+    if cfg["fused"] and cfg["optimizer"] in ("adamw", "sgd"):
+        config_error(f"fused=True needs a lowmem optimizer (lomo, adalomo, adam_mini), not {cfg['optimizer']}")
+    if cfg["fused"] and cfg["gradient_accumulation_steps"] != 1:
+        config_error("gradient_accumulation_steps > 1 needs fused=False: the fused driver updates every "
+                     "parameter inside backward, so each backward is a whole optimizer step")
+    if cfg["dtype"] not in ("float32", "bfloat16", "float16"):
+        config_error(f"dtype must be float32, bfloat16 or float16, got {cfg['dtype']!r}")
+    if cfg["amp"] and cfg["dtype"] != "float32":
+        config_error("amp=True autocasts fp32 parameters; it needs dtype=float32")
+    if cfg["dtype"] == "float16" and not cfg["fused"]:
+        config_error("dtype=float16 needs a fused lowmem driver (its dynamic loss scaler); use bfloat16 otherwise")
+    for key in ("batch_size", "max_iters", "eval_interval", "eval_iters", "log_interval", "gradient_accumulation_steps"):
+        if cfg[key] < 1:
+            config_error(f"{key} must be >= 1, got {cfg[key]}")
+    if cfg["learning_rate"] is None:
+        cfg["learning_rate"] = optimizers[cfg["optimizer"]]
+    cfg["lr_decay_iters"] = cfg["lr_decay_iters"] or cfg["max_iters"]
+    cfg["min_lr"] = cfg["learning_rate"] / 10 if cfg["min_lr"] is None else cfg["min_lr"]
+
+
+def validate_gpt2(cfg):
+    validate_training(cfg, DEFAULT_LR)
+    for key in ("block_size", "n_layer", "n_head", "n_embd"):
+        if cfg[key] < 1:
+            config_error(f"{key} must be >= 1, got {cfg[key]}")
+
+
+# ----------------------------------------------------------------------------------------
+# training (the loop is shared with train_llama.py)
+
+def get_lr(it, cfg):
+    """Linear warmup, then cosine decay to min_lr at lr_decay_iters (nanoGPT)."""
+    lr, min_lr = cfg["learning_rate"], cfg["min_lr"]
+    if it < cfg["warmup_iters"]:
+        return lr * (it + 1) / (cfg["warmup_iters"] + 1)
+    if it > cfg["lr_decay_iters"]:
+        return min_lr
+    ratio = (it - cfg["warmup_iters"]) / max(1, cfg["lr_decay_iters"] - cfg["warmup_iters"])
+    return min_lr + 0.5 * (1.0 + math.cos(math.pi * ratio)) * (lr - min_lr)
+
+
+def make_optimizer(model, cfg):
+    name, lr, wd, clip = cfg["optimizer"], cfg["learning_rate"], cfg["weight_decay"], cfg["grad_clip"] or None
+    lowmem_args = dict(clip_grad_norm=clip, stochastic_rounding=cfg["stochastic_rounding"], seed=cfg["seed"])
+    if name == "adamw":  # nanoGPT's groups: decay matrices/embeddings, not biases/norms
+        params = [p for p in model.parameters() if p.requires_grad]
+        groups = [{"params": [p for p in params if p.dim() >= 2], "weight_decay": wd},
+                  {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}]
+        return torch.optim.AdamW(groups, lr=lr, betas=(cfg["beta1"], cfg["beta2"]))
+    if name == "sgd":
+        return torch.optim.SGD(model.parameters(), lr=lr, weight_decay=wd)
+    if name == "adam_mini":  # 1-D tensors are not decayed (its partition decides)
+        return lowmem.AdamMini(model, lr=lr, betas=(cfg["beta1"], cfg["beta2"]), weight_decay=wd, **lowmem_args)
+    cls = lowmem.AdaLomo if name == "adalomo" else lowmem.LOMO
+    return cls(model, lr=lr, weight_decay=wd, **lowmem_args)
+
+
+def state_bytes(opt):
+    return sum(t.numel() * t.element_size() for s in opt.state.values() for t in s.values() if torch.is_tensor(t))
+
+
+def peak_memory_mb(dev):
+    if dev.type == "cuda":
+        return torch.cuda.max_memory_allocated(dev) / 2 ** 20
+    if dev.type == "mps":
+        return torch.mps.driver_allocated_memory() / 2 ** 20
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB (macOS: bytes)
+
+
+def setup_device(name):
+    """(device, rank, world); under torchrun also joins the process group."""
+    if name == "auto":
+        name = "cuda" if torch.cuda.is_available() else "mps" if torch.backends.mps.is_available() else "cpu"
+    dev, world = torch.device(name), int(os.environ.get("WORLD_SIZE", "1"))
+    if world == 1:
+        return dev, 0, 1
+    if dev.type == "cuda":
+        dev = torch.device(f"cuda:{int(os.environ['LOCAL_RANK'])}")
+        torch.cuda.set_device(dev)
+    dist.init_process_group("nccl" if dev.type == "cuda" else "gloo")
+    return dev, dist.get_rank(), world
+
+
+def load_checkpoint(cfg, arch_keys):
+    path = os.path.join(cfg["out_dir"], "ckpt.pt")
+    if not os.path.isfile(path):
+        raise SystemExit(f"init_from=resume: no checkpoint at {path}")
+    ckpt = torch.load(path, map_location="cpu", weights_only=False)
+    changed = [k for k in arch_keys if ckpt["config"][k] != cfg[k]]
+    if changed:
+        raise SystemExit(f"init_from=resume: {', '.join(changed)} differ from the checkpoint's config")
+    return ckpt
+
+
+def save_checkpoint(cfg, model, opt, it, best_val, data_gen):
+    ckpt = {"model": model.state_dict(), "optimizer": opt.state_dict(), "config": cfg, "iter_num": it,
+            "best_val_loss": best_val, "data_rng": data_gen.get_state(), "torch_rng": torch.get_rng_state()}
+    path = os.path.join(cfg["out_dir"], "ckpt.pt")
+    tmp = f"{path}.tmp{os.getpid()}"
+    torch.save(ckpt, tmp)
+    os.replace(tmp, path)  # atomic: a crash leaves the old checkpoint intact
+
+
+class Trainer:
+    """The training loop of both scripts: model(x, y) -> (logits, loss); `next_batch()` gives
+    (x, y) on the device; `evaluate()` the val loss. Knows the fused and classic drivers,
+    DDP, accumulation, the lr schedule, logging and checkpoints. `run()` returns a history."""
+
+    def __init__(self, model, cfg, dev, rank=0, world=1, ckpt=None, seed_offset=0):
+        self.model, self.cfg, self.dev, self.rank, self.world = model, cfg, dev, rank, world
+        model.to(device=dev, dtype=getattr(torch, cfg["dtype"]))
+        self.opt = make_optimizer(model, cfg)
+        self.data_gen = torch.Generator().manual_seed(cfg["seed"] + 1000 + rank + seed_offset)
+        self.start, self.best_val = 0, float("inf")
+        if ckpt:
+            self.opt.load_state_dict(ckpt["optimizer"])
+            self.data_gen.set_state(ckpt["data_rng"])
+            torch.set_rng_state(ckpt["torch_rng"])
+            self.start, self.best_val = ckpt["iter_num"], ckpt["best_val_loss"]
+        # Fused drivers are never DDP-wrapped: lowmem averages each gradient in its hook (REFERENCE 4).
+        self.ddp = world > 1 and not cfg["fused"]
+        self.train_model = nn.parallel.DistributedDataParallel(model) if self.ddp else model
+        if cfg["compile"]:
+            self.train_model = torch.compile(self.train_model)
+        self.autocast = torch.autocast(dev.type, dtype=torch.bfloat16) if cfg["amp"] else nullcontext()
+        self.log = print if rank == 0 else (lambda *a, **k: None)
+        if rank == 0:
+            os.makedirs(cfg["out_dir"], exist_ok=True)
+
+    def step(self, next_batch):
+        """One optimizer step; returns the last micro-batch loss (a tensor) and whether it was applied."""
+        accum = self.cfg["gradient_accumulation_steps"]
+        if self.cfg["fused"]:
+            with self.autocast:
+                loss = self.train_model(*next_batch())[1]
+            return loss, self.opt.fused_backward(loss)
+        for micro in range(accum):
+            sync = self.train_model.no_sync() if self.ddp and micro < accum - 1 else nullcontext()
+            with sync, self.autocast:
+                loss = self.train_model(*next_batch())[1]
+                (loss / accum).backward()
+        if self.cfg["grad_clip"] and not hasattr(self.opt, "fused_backward"):  # lowmem clips in step()
+            nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg["grad_clip"])
+        self.opt.step()
+        self.opt.zero_grad(set_to_none=True)
+        return loss, True
+
+    def run(self, next_batch, evaluate, tokens_per_iter):
+        cfg, history = self.cfg, {"train": [], "val": [], "skipped": 0}
+        it, t0, timed = self.start, time.time(), 0
+        while True:
+            if it % cfg["eval_interval"] == 0 or it == cfg["max_iters"]:
+                self._evaluate(it, evaluate, history)
+                t0, timed = time.time(), 0
+            if it >= cfg["max_iters"]:
+                break
+            lr = get_lr(it, cfg)
+            for group in self.opt.param_groups:
+                group["lr"] = lr
+            loss, applied = self.step(next_batch)
+            history["skipped"] += not applied
+            it, timed = it + 1, timed + 1
+            if it % cfg["log_interval"] == 0 or it == cfg["max_iters"]:
+                history["train"].append((it, loss.item()))  # the only per-interval host sync
+                dt = (time.time() - t0) / timed
+                self.log(f"iter {it} | loss {history['train'][-1][1]:.4f} | lr {lr:.2e} | {dt * 1000:.1f} ms/iter | "
+                         f"{tokens_per_iter / dt:,.0f} tok/s | peak {peak_memory_mb(self.dev):,.0f} MB | "
+                         f"opt state {state_bytes(self.opt) / 2 ** 20:.2f} MB" + (" | skipped (fp16 overflow)" if not applied else ""))
+                t0, timed = time.time(), 0
+        history.update(best_val=self.best_val, peak_mb=peak_memory_mb(self.dev), state_bytes=state_bytes(self.opt))
+        return history
+
+    def _evaluate(self, it, evaluate, history):
+        if self.rank != 0:
+            return
+        val = evaluate()
+        self.best_val = min(self.best_val, val)
+        history["val"].append((it, val))
+        self.log(f"iter {it}: val loss {val:.4f} (best {self.best_val:.4f})")
+        if it > self.start:
+            save_checkpoint(self.cfg, self.model, self.opt, it, self.best_val, self.data_gen)
+
+
+@torch.no_grad()
+def estimate_loss(model, batches, n):
+    """Mean loss over n batches from `batches()`, in eval mode."""
+    model.eval()
+    losses = [model(*batches())[1].item() for _ in range(n)]
+    model.train()
+    return sum(losses) / len(losses)
+
+
+def train(cfg):
+    """One GPT-2 training job; returns the Trainer's history."""
+    dev, rank, world = setup_device(cfg["device"])
+    if cfg["dataset"] == "stdlib" and rank == 0:
+        prepare_stdlib()  # once, cached under data/stdlib
+    if world > 1:
+        dist.barrier()
+    data = Data(STDLIB_DIR if cfg["dataset"] == "stdlib" else cfg["dataset"], cfg["block_size"])
+    torch.manual_seed(cfg["seed"])  # same init on every rank
+    ckpt = load_checkpoint(cfg, ("n_layer", "n_head", "n_embd", "block_size", "bias", "dataset")) \
+        if cfg["init_from"] == "resume" else None
+    model = build_model(cfg, data)
+    if ckpt:
+        model.load_state_dict(ckpt["model"])
+    trainer = Trainer(model, cfg, dev, rank, world, ckpt)
+    tokens_per_iter = cfg["batch_size"] * cfg["block_size"] * cfg["gradient_accumulation_steps"] * world
+    trainer.log(f"{model.num_params() / 1e6:.2f}M parameters | {cfg['optimizer']} "
+                f"({'fused' if cfg['fused'] else 'classic'}) lr {cfg['learning_rate']:g} | {cfg['dtype']} on {dev}"
+                f"{f' x{world}' if world > 1 else ''} | vocab {data.vocab_size} | {tokens_per_iter:,} tokens/iter")
+
+    def evaluate():  # the same eval_iters val batches every time
+        gen = torch.Generator().manual_seed(cfg["seed"] + 1)
+        return estimate_loss(model, lambda: data.batch("val", cfg["batch_size"], gen, dev), cfg["eval_iters"])
+
+    history = trainer.run(lambda: data.batch("train", cfg["batch_size"], trainer.data_gen, dev), evaluate,
+                          tokens_per_iter)
+    if rank == 0 and cfg["sample_tokens"]:
+        prompt = data.batch("val", 1, torch.Generator().manual_seed(0), dev)[0][:, :32]
+        out = model.eval().generate(prompt, cfg["sample_tokens"])[0].tolist()
+        trainer.log(f"greedy sample (prompt: 32 val tokens):\n{data.decode(out)}\n")
+    trainer.log(f"done: {cfg['max_iters']} iters | best val loss {history['best_val']:.4f} | peak memory "
+                f"{history['peak_mb']:,.0f} MB | optimizer state {history['state_bytes'] / 2 ** 20:.2f} MB")
+    if world > 1:
+        dist.destroy_process_group()
+    return history
+
+
+def build_model(cfg, data):
+    if cfg["init_from"] in ("scratch", "resume"):
+        return GPT(GPTConfig(cfg["block_size"], data.vocab_size, cfg["n_layer"], cfg["n_head"], cfg["n_embd"],
+                             cfg["dropout"], cfg["bias"], cfg["activation_checkpointing"]))
+    model = GPT.from_pretrained(cfg["init_from"], dropout=cfg["dropout"],
+                                activation_checkpointing=cfg["activation_checkpointing"])
+    if data.vocab_size > model.config.vocab_size or cfg["block_size"] > model.config.block_size:
+        raise SystemExit(f"init_from={cfg['init_from']}: the model (vocab {model.config.vocab_size}, context "
+                         f"{model.config.block_size}) is smaller than the data (vocab {data.vocab_size}) or block_size")
+    return model
+
+
+if __name__ == "__main__":
+    train(parse_config(sys.argv[1:]))
