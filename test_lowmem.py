@@ -2,6 +2,7 @@
 Adafactor, the official `lomo-optim` and `adam-mini` packages, and literal numbers."""
 import copy
 import io
+import json
 import os
 import socket
 
@@ -843,3 +844,232 @@ def test_train_gpt2_torchrun_two_processes(tmp_path, optimizer):
     assert "x2 |" in run.stdout and run.stdout.count("done: 10 iters") == 1  # rank 0 logs
     vals = [float(line.split("val loss ")[1].split()[0]) for line in run.stdout.splitlines() if "val loss" in line]
     assert vals[-1] < vals[0] - 0.5
+
+
+# ---------------------------------------------------------------------------- train_llama.py
+
+import train_llama  # noqa: E402
+
+
+ROPE_VARIANTS = {
+    "default": {},
+    "llama3": {"rope_scaling": {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
+                                "high_freq_factor": 4.0, "original_max_position_embeddings": 16},
+               "max_position_embeddings": 128, "rope_theta": 500000.0},
+    "linear": {"rope_scaling": {"rope_type": "linear", "factor": 2.0}},
+}
+
+
+def hf_llama_dir(path, rope="default", **kw):
+    transformers = pytest.importorskip("transformers")
+    torch.manual_seed(0)
+    args = dict(vocab_size=61, hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4,
+                num_key_value_heads=2, tie_word_embeddings=False)
+    args.update(ROPE_VARIANTS[rope])
+    args.update(kw)
+    hf = transformers.LlamaForCausalLM(transformers.LlamaConfig(**args)).eval()
+    hf.save_pretrained(path)
+    return hf
+
+
+def llama_logits_equal(ours, hf, seq=40):
+    idx = torch.randint(0, 61, (2, seq), generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        return (ours(idx)[0] - hf(idx).logits).abs().max().item()
+
+
+@pytest.mark.parametrize("rope", list(ROPE_VARIANTS))
+def test_llama_matches_transformers_both_directions(tmp_path, rope):
+    transformers = pytest.importorskip("transformers")
+    hf = hf_llama_dir(tmp_path / "hf", rope)
+    ours = train_llama.Llama.from_pretrained(str(tmp_path / "hf")).eval()
+    assert llama_logits_equal(ours, hf) < 1e-5
+    with torch.no_grad():  # change the weights, save ours, load with transformers
+        ours.model.layers[0].mlp.up_proj.weight.mul_(1.5)
+    ours.save_pretrained(str(tmp_path / "ours"))
+    back = transformers.LlamaForCausalLM.from_pretrained(str(tmp_path / "ours")).eval()
+    assert llama_logits_equal(ours, back) < 1e-5
+
+
+def test_llama_tied_head_and_bin_checkpoint(tmp_path):
+    transformers = pytest.importorskip("transformers")
+    hf = hf_llama_dir(tmp_path / "hf", tie_word_embeddings=True)
+    os.makedirs(tmp_path / "bin")  # the older format: pytorch_model.bin (tied head stored twice)
+    torch.save(hf.state_dict(), tmp_path / "bin" / "pytorch_model.bin")
+    (tmp_path / "bin" / "config.json").write_text((tmp_path / "hf" / "config.json").read_text())
+    for d in ("hf", "bin"):
+        ours = train_llama.Llama.from_pretrained(str(tmp_path / d)).eval()
+        assert ours.lm_head.weight is ours.model.embed_tokens.weight
+        assert llama_logits_equal(ours, hf) < 1e-5
+
+
+def test_llama_sharded_safetensors_load_and_save(tmp_path):
+    transformers = pytest.importorskip("transformers")
+    hf = hf_llama_dir(tmp_path / "hf")
+    hf.save_pretrained(tmp_path / "sharded", max_shard_size="20KB")
+    assert os.path.isfile(tmp_path / "sharded" / "model.safetensors.index.json")
+    ours = train_llama.Llama.from_pretrained(str(tmp_path / "sharded"), dtype=torch.bfloat16)
+    assert ours.lm_head.weight.dtype == torch.bfloat16
+    ours = train_llama.Llama.from_pretrained(str(tmp_path / "sharded")).eval()
+    assert llama_logits_equal(ours, hf) < 1e-5
+    ours.save_pretrained(str(tmp_path / "ours"), max_shard_bytes=30_000)
+    files = os.listdir(tmp_path / "ours")
+    assert "model.safetensors.index.json" in files and sum(f.endswith(".safetensors") for f in files) > 2
+    back = transformers.LlamaForCausalLM.from_pretrained(str(tmp_path / "ours")).eval()
+    assert llama_logits_equal(ours, back) < 1e-5
+
+
+def test_llama_partition_uses_hf_names_and_gqa():
+    model = train_llama.Llama(train_llama.LlamaConfig(vocab_size=40, hidden_size=32, num_attention_heads=4,
+                                                      num_key_value_heads=2))
+    blocks = {b.name: b for b in lowmem.partition(model)}
+    assert blocks["model.layers.0.self_attn.q_proj.weight"].n_v == 4
+    assert blocks["model.layers.0.self_attn.k_proj.weight"].n_v == 2
+    assert blocks["model.embed_tokens.weight"].kind == "token" and blocks["lm_head.weight"].kind == "token"
+
+
+def test_prompt_tokens_and_padding_carry_no_loss():
+    tok = train_llama.ByteTokenizer()
+    (ids, labels), = train_llama.tokenize_pairs([("Q: hi?\nA: ", "yes")], tok, 64)[0]
+    assert labels == [-100] * 11 + list(b"yes") + [tok.eos_id] and ids[0] == tok.bos_id
+    torch.manual_seed(0)
+    model = train_llama.Llama(train_llama.LlamaConfig(vocab_size=260, hidden_size=16, num_hidden_layers=1,
+                                                      num_attention_heads=2, num_key_value_heads=1))
+    idx, lab = train_llama.pad_batch([(ids, labels)], tok.pad_id, "cpu")
+    padded = train_llama.pad_batch([(ids, labels), (ids + [5] * 7, labels + [-100] * 7)], tok.pad_id, "cpu")
+    logits, loss = model(idx, lab)
+    manual = F.cross_entropy(logits[0, 10:-1], torch.tensor(labels[11:]))  # response positions only
+    assert abs(loss.item() - manual.item()) < 1e-6
+    assert abs(model(*padded)[1].item() - loss.item()) < 1e-5  # padding changes nothing
+    logits.retain_grad()
+    loss.backward()  # masked positions (BOS + prompt predictions, last token) get no gradient
+    assert logits.grad[0, :10].abs().max() == 0 and logits.grad[0, -1].abs().max() == 0
+    assert (logits.grad[0, 10:-1].abs().sum(-1) > 0).all()
+
+
+def test_truncation_is_counted_and_long_prompts_dropped():
+    tok = train_llama.ByteTokenizer()
+    ex, cut = train_llama.tokenize_pairs([("p" * 5, "r" * 50), ("p" * 100, "r"), ("p", "r")], tok, 20)
+    assert cut == 2 and len(ex) == 2 and all(len(i) <= 20 for i, _ in ex)
+
+
+@pytest.mark.parametrize("line, match", [
+    ("{not json", ":2: not valid JSON"),
+    ('{"prompt": "a"}', ":2: 'response' must be a string"),
+    ('{"text": "a"}', ":2: expected keys prompt/response"),
+    ('[1, 2]', ":2: expected a JSON object"),
+])
+def test_jsonl_errors_name_the_line(tmp_path, line, match):
+    path = tmp_path / "d.jsonl"
+    path.write_text('{"instruction": "say hi", "input": "", "output": "hi"}\n' + line + "\n")
+    with pytest.raises(ValueError, match=match):
+        train_llama.read_jsonl(str(path))
+
+
+def test_alpaca_format_and_mc_jsonl(tmp_path):
+    path = tmp_path / "a.jsonl"
+    path.write_text('{"instruction": "Add", "input": "1+1", "output": "2"}\n')
+    (prompt, response), = train_llama.read_jsonl(str(path))
+    assert "### Instruction:\nAdd" in prompt and "### Input:\n1+1" in prompt and response == "2"
+    path.write_text('{"prompt": "p", "choices": ["a", "b"], "label": 2}\n')
+    with pytest.raises(ValueError, match="'label' must be an index"):
+        train_llama.read_jsonl(str(path), "mc")
+
+
+class _Prefers(nn.Module):
+    """A 'model' whose next-token distribution strongly prefers one byte."""
+
+    def __init__(self, token):
+        super().__init__()
+        self.token = token
+
+    def forward(self, idx, labels=None):
+        logits = torch.zeros(*idx.shape, 260)
+        logits[..., self.token] = 10.0
+        return logits, None
+
+
+def test_mc_scoring_uses_mean_log_likelihood():
+    tok = train_llama.ByteTokenizer()
+    qs = [{"prompt": "Q ", "choices": ["aaaa", "b", "ab"], "label": 1}]
+    assert train_llama.mc_accuracy(_Prefers(ord("b")), qs, tok, "cpu") == 1.0
+    assert train_llama.mc_accuracy(_Prefers(ord("a")), qs, tok, "cpu") == 0.0
+
+
+def llama_args(tmp_path, **kw):
+    cfg = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+               max_length=96, pretrain_iters=0, max_iters=20, eval_interval=20, log_interval=1, warmup_iters=2,
+               batch_size=4, out_dir=str(tmp_path / "out"))
+    cfg.update(kw)
+    return [f"--{k}={v!r}" if isinstance(v, str) else f"--{k}={v}" for k, v in cfg.items()]
+
+
+LLAMA_RUNS = [("adalomo", True, 3e-2), ("lomo", True, 0.3), ("adam_mini", False, 3e-3), ("adam_mini", True, 3e-3),
+              ("adamw", False, 3e-3)]
+
+
+def qa_jsonl(tmp_path, n=60):
+    rows = [{"prompt": f"Q{i}: ", "response": f"answer {i % 7}"} for i in range(n)]
+    (tmp_path / "d.jsonl").write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+    return str(tmp_path / "d.jsonl")
+
+
+def parse_llama(args):
+    return train_gpt2.parse_config(args, train_llama.DEFAULTS, train_llama.OPTIONAL, train_llama.validate)
+
+
+@pytest.mark.parametrize("optimizer, fused, lr", LLAMA_RUNS)
+def test_llama_finetune_lowers_val_loss_and_saves_hf(tmp_path, optimizer, fused, lr):
+    h = train_llama.train(parse_llama(llama_args(tmp_path, optimizer=optimizer, fused=fused, learning_rate=lr,
+                                                 data=qa_jsonl(tmp_path))))
+    assert h["val"][-1][1] < h["val"][0][1] - 0.3
+    assert os.path.isfile(tmp_path / "out" / "hf" / "model.safetensors")
+
+
+def test_llama_offline_demo_pipeline_runs(tmp_path):
+    h = train_llama.train(parse_llama(llama_args(tmp_path, pretrain_iters=3, max_iters=2, eval_interval=2)))
+    assert set(h["mc"]["before fine-tuning"]) == {"seen", "held-out"} and len(h["val"]) == 2
+    assert train_llama.DEMO_LR["adalomo"] == parse_llama(["--optimizer=adalomo"])["learning_rate"]
+    assert parse_llama(["--init_from='some/dir'"])["learning_rate"] == 5e-4  # AdaLomo paper, real models
+
+
+def test_llama_resume_is_exact_and_jsonl_data(tmp_path):
+    parse = parse_llama
+    common = dict(data=qa_jsonl(tmp_path), lr_decay_iters=8, eval_interval=4, lr_schedule="linear",
+                  dtype="bfloat16")
+    whole = train_llama.train(parse(llama_args(tmp_path / "a", max_iters=8, **common)))
+    train_llama.train(parse(llama_args(tmp_path / "b", max_iters=4, **common)))
+    resumed = train_llama.train(parse(llama_args(tmp_path / "b", max_iters=8, init_from="resume", **common)))
+    assert resumed["train"] == whole["train"][4:] and resumed["val"][-1] == whole["val"][-1]
+
+
+# ---------------------------------------------------------------------------- bench.py
+
+
+def run_bench(*args):
+    import subprocess
+    import sys
+    root = os.path.dirname(os.path.abspath(lowmem.__file__))
+    run = subprocess.run([sys.executable, os.path.join(root, "bench.py"), *args, "--json"], capture_output=True,
+                         text=True, timeout=600, cwd=root)
+    assert run.returncode == 0, run.stderr[-3000:]
+    return json.loads(run.stdout)
+
+
+def test_bench_memory_quick_is_consistent():
+    rows = {r["name"]: r for r in run_bench("memory", "--quick", "--device", "cpu")}
+    adamw, lomo, mini, fused_mini = (rows[k] for k in ("AdamW", "LOMO fused", "Adam-mini classic", "Adam-mini fused"))
+    params = adamw["params"]
+    assert 0 <= adamw["state"] - 2 * params < 1024 and lomo["state"] == 0  # m and v (+ step counters); nothing
+    assert params < mini["state"] < 1.05 * params  # m plus one v per block
+    assert lomo["total"] < adamw["total"] and fused_mini["total"] < adamw["total"]
+    for r in rows.values():
+        assert abs(r["total"] - r["accounted"]) < 0.25 * r["accounted"], r  # measured vs accounting
+
+
+def test_bench_converge_quick_trains_every_listed_optimizer():
+    results = run_bench("converge", "--quick")
+    assert [r["optimizer"] for r in results] == ["adamw", "adam_mini", "lomo"]
+    for r in results:
+        assert len(r["seeds"]) == 2 and all(3.0 < v < 5.0 for v in r["seeds"])  # from ln(256) = 5.55
+    assert next(r for r in results if r["optimizer"] == "adamw")["vs_adamw"] == 1.0

@@ -52,7 +52,7 @@ activation_checkpointing = False
 optimizer = "adamw"  # adamw | adam_mini | adalomo | lomo | sgd
 fused = None  # update inside backward (lowmem only); None: True for lomo/adalomo, else False
 learning_rate = None  # None: DEFAULT_LR[optimizer]
-weight_decay = 0.1
+weight_decay = None  # None: DEFAULT_WD[optimizer]
 beta1 = 0.9
 beta2 = 0.99
 grad_clip = 1.0  # global norm, 0 = off; with a fused driver it costs a second backward (LOMO 3.3)
@@ -73,8 +73,11 @@ seed = 1337
 
 # Best lr of the sweep in `python bench.py converge` on the default model.
 DEFAULT_LR = {"adamw": 1e-2, "adam_mini": 1e-2, "adalomo": 0.1, "lomo": 0.1, "sgd": 0.1}
+# Decoupled decay as AdamW's p *= 1 - lr*wd: with SGD-scale lrs (0.1) the same 0.1 would shrink
+# every weight by 1% a step, so LOMO/AdaLomo/SGD default to none, as in the LOMO/AdaLomo papers.
+DEFAULT_WD = {"adamw": 0.1, "adam_mini": 0.1, "adalomo": 0.0, "lomo": 0.0, "sgd": 0.0}
 OPTIMIZERS = tuple(DEFAULT_LR)
-OPTIONAL = {"fused": bool, "learning_rate": float, "lr_decay_iters": int, "min_lr": float}
+OPTIONAL = {"fused": bool, "learning_rate": float, "lr_decay_iters": int, "min_lr": float, "weight_decay": float}
 CONFIG_KEYS = [k for k, v in list(globals().items()) if not k.startswith("_") and k.islower()
                and (isinstance(v, (int, float, bool, str)) or k in OPTIONAL)]
 DEFAULTS = {k: globals()[k] for k in CONFIG_KEYS}
@@ -420,6 +423,8 @@ def validate_training(cfg, optimizers):
             config_error(f"{key} must be >= 1, got {cfg[key]}")
     if cfg["learning_rate"] is None:
         cfg["learning_rate"] = optimizers[cfg["optimizer"]]
+    if cfg["weight_decay"] is None:
+        cfg["weight_decay"] = DEFAULT_WD[cfg["optimizer"]]
     cfg["lr_decay_iters"] = cfg["lr_decay_iters"] or cfg["max_iters"]
     cfg["min_lr"] = cfg["learning_rate"] / 10 if cfg["min_lr"] is None else cfg["min_lr"]
 
@@ -435,13 +440,15 @@ def validate_gpt2(cfg):
 # training (the loop is shared with train_llama.py)
 
 def get_lr(it, cfg):
-    """Linear warmup, then cosine decay to min_lr at lr_decay_iters (nanoGPT)."""
+    """Linear warmup, then cosine (or linear) decay to min_lr at lr_decay_iters (nanoGPT)."""
     lr, min_lr = cfg["learning_rate"], cfg["min_lr"]
     if it < cfg["warmup_iters"]:
         return lr * (it + 1) / (cfg["warmup_iters"] + 1)
     if it > cfg["lr_decay_iters"]:
         return min_lr
     ratio = (it - cfg["warmup_iters"]) / max(1, cfg["lr_decay_iters"] - cfg["warmup_iters"])
+    if cfg.get("lr_schedule") == "linear":  # train_llama.py's option
+        return lr - ratio * (lr - min_lr)
     return min_lr + 0.5 * (1.0 + math.cos(math.pi * ratio)) * (lr - min_lr)
 
 
