@@ -459,7 +459,7 @@ def main():
     ap.add_argument("--size", default="full", choices=["full", "activations"], help="memory: which model (SIZES)")
     ap.add_argument("--params", type=float, default=50e6)
     ap.add_argument("--repeats", type=int, default=7)
-    ap.add_argument("--iters", type=int, default=200, help="converge: iterations per run")
+    ap.add_argument("--iters", type=int, default=150, help="converge: iterations per run")
     ap.add_argument("--quick", action="store_true", help="a reduced run of about a minute")
     ap.add_argument("--json", action="store_true")
     args = ap.parse_args()
