@@ -186,7 +186,7 @@ def build(model_kind, size, device, dtype, seed=0):
     return model, batch_fn, batch * block
 
 
-def make_opt(name, model, fused, lr=1e-4):
+def make_opt(name, model, lr=1e-4):
     """The training scripts' optimizers (train_gpt2.make_optimizer), clipping off."""
     import train_gpt2
     cfg = dict(optimizer=name, learning_rate=lr, weight_decay=0.0, grad_clip=0, stochastic_rounding=False,
@@ -232,15 +232,15 @@ def memory_row(spec):
         base = _proc_kb("VmRSS") * 1024
         with open("/proc/self/clear_refs", "w") as f:
             f.write("5")  # reset VmHWM to the current RSS
-    opt = make_opt(spec["optimizer"], model, spec["fused"])
+    opt = make_opt(spec["optimizer"], model)
     if opt is None:
         for p in model.parameters():
             p.register_post_accumulate_grad_hook(lambda p: setattr(p, "grad", None))
     for _ in range(spec["steps"]):
         train_step(model, opt, batch_fn, spec["fused"])
     peak = torch.cuda.max_memory_allocated() if device == "cuda" else _proc_kb("VmHWM") * 1024
-    state = 0 if opt is None else sum(t.numel() * t.element_size() for s in opt.state.values()
-                                      for t in s.values() if torch.is_tensor(t))
+    import train_gpt2
+    state = 0 if opt is None else train_gpt2.state_bytes(opt)
     return dict(params=sum(sizes), grads=max(sizes) if spec["fused"] else sum(sizes), state=state,
                 measured=peak - base)
 
@@ -250,7 +250,7 @@ def _warm_up(spec, device, dtype):
     one-time costs (torch.optim's lazy imports, the C kernel library, OpenMP threads: ~80 MB
     on CPU) are not counted as training memory."""
     toy = nn.Sequential(nn.Embedding(8, 64), nn.Linear(64, 8)).to(device=device, dtype=dtype)
-    opt = make_opt(spec["optimizer"], toy, spec["fused"])
+    opt = make_opt(spec["optimizer"], toy)
     loss = toy(torch.arange(8, device=device)).float().square().mean()
     if opt is None:
         loss.backward()
@@ -336,7 +336,7 @@ def speed_rows(args):
     configs = []
     for label, name, fused in SPEED_ROWS:
         model = copy.deepcopy(base)
-        configs.append((label, model, make_opt(name, model, fused), fused, False))
+        configs.append((label, model, make_opt(name, model), fused, False))
     cuda = torch.Tensor.cuda
     if args.device == "cpu":  # the official AdaLomo allocates state with .cuda(): keep it on the CPU
         torch.Tensor.cuda = lambda self, *a, **k: self
