@@ -191,6 +191,8 @@ def make_opt(name, model, lr=1e-4):
     import train_gpt2
     cfg = dict(optimizer=name, learning_rate=lr, weight_decay=0.0, grad_clip=0, stochastic_rounding=False,
                seed=0, beta1=0.9, beta2=0.95)
+    if name == "adam_mini_bf16_state":  # m in bf16, as the official package keeps it for bf16 parameters
+        return lowmem.AdamMini(model, lr=lr, betas=(0.9, 0.95), state_dtype=torch.bfloat16)
     return None if name == "none" else train_gpt2.make_optimizer(model, cfg)
 
 
@@ -209,8 +211,8 @@ def train_step(model, opt, batch_fn, fused):
 # ---------------------------------------------------------------------------- memory
 
 MEMORY_ROWS = [("no optimizer (grads freed)", "none", True), ("SGD", "sgd", False), ("AdamW", "adamw", False),
-               ("Adam-mini classic", "adam_mini", False), ("Adam-mini fused", "adam_mini", True),
-               ("LOMO fused", "lomo", True), ("AdaLomo fused", "adalomo", True)]
+               ("Adam-mini classic", "adam_mini", False), ("Adam-mini classic, bf16 m", "adam_mini_bf16_state", False),
+               ("Adam-mini fused", "adam_mini", True), ("LOMO fused", "lomo", True), ("AdaLomo fused", "adalomo", True)]
 
 
 def _proc_kb(field):
@@ -266,7 +268,7 @@ def memory_rows(args):
     rows = []
     for dtype in [args.dtype]:
         for label, opt, fused in MEMORY_ROWS:
-            if args.quick and opt in ("sgd", "adalomo"):
+            if (args.quick and opt in ("sgd", "adalomo")) or (opt == "adam_mini_bf16_state" and dtype != "bfloat16"):
                 continue
             spec = dict(model=args.model, size=size, device=args.device, dtype=dtype, optimizer=opt, fused=fused,
                         steps=2 if args.quick else 3)

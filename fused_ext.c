@@ -12,6 +12,7 @@
    Without -fno-math-errno the sqrt loops do not vectorize (measured 6.7x slower).
    CUDA launchers take the stream as void* and return cudaGetLastError(). */
 #include <stdint.h>
+#include <stdlib.h>
 #include <math.h>
 
 #ifdef __CUDACC__
@@ -87,6 +88,7 @@ HD float prep(const void *g, int dt, int64_t i, prep_t q) {
    one_b2 = 1-b2) and the operations associate as in lowmem's PyTorch path, so both agree
    to the last bit or two. */
 typedef struct { float decay, step, one_b1, b2, one_b2, bc2_sqrt, eps; } adam_t;
+typedef struct { float beta2t, eps1, eps2, lr, weight_decay, clip_threshold; } adalomo_t;
 HD float adam_v(float v, float gsq, adam_t h) { return v * h.b2 + h.one_b2 * gsq; }
 HD float adam_m(float m, float g, adam_t h) {  /* torch.lerp_(m, g, 1-b1) */
     float d = g - m;
@@ -276,6 +278,52 @@ int lm_factored_apply(void *p, int pdt, const void *g, int gdt, int64_t batch, i
         }
     }
     (void)stream; return 0;
+}
+
+/* AdaLomo, the whole update of one tensor in one call: the three passes above plus the small
+   state math between them. On the CPU a call from Python costs more than the passes over a
+   small tensor, so doing it all here is what makes AdaLomo cheap on models with many small
+   tensors. (On the GPU lowmem.py launches the passes itself.) A batch x rows x cols tensor
+   keeps row/col statistics; a 0-d / 1-D one (col == NULL, rows = n, cols = 1) keeps a full v
+   in row. Returns 1, before anything is modified, if out of memory. */
+int lm_adalomo(void *p, int pdt, const void *g, int gdt, int64_t batch, int64_t rows, int64_t cols,
+               prep_t q, float *row, float *col, adalomo_t h, int sr, uint64_t seed, void *stream) {
+    int64_t n = batch * rows * cols;
+    float *r = (float *)malloc(sizeof(float) * batch * rows), *c = (float *)malloc(sizeof(float) * batch * cols);
+    if (!r || !c) { free(r); free(c); return 1; }
+    if (!col) {  /* V = b2t*V + (1-b2t)*(g^2 + eps1); r = rsqrt(V), c = 1 */
+        for (int64_t o = 0; o < n; o += CH) {
+            float gbuf[CH]; int64_t len = MIN(CH, n - o);
+            const float *d = grad_view(gbuf, g, gdt, o, len, q);
+            for (int64_t i = 0; i < len; i++) {
+                row[o + i] = h.beta2t * row[o + i] + (1.0f - h.beta2t) * (d[i] * d[i] + h.eps1);
+                r[o + i] = 1.0f / sqrtf(row[o + i]);
+            }
+        }
+        c[0] = 1.0f;
+    } else {
+        lm_rowcol_sumsq(g, gdt, batch, rows, cols, q, h.eps1, r, c, stream);  /* sums of g^2 + eps1 */
+        for (int64_t b = 0; b < batch; b++) {  /* R = b2t*R + (1-b2t)*mean_row(u); r = rsqrt(R / mean(R)) */
+            float *R = row + b * rows, *rb = r + b * rows;
+            double mean = 0.0;
+            for (int64_t i = 0; i < rows; i++) { R[i] = h.beta2t * R[i] + (1.0f - h.beta2t) * (rb[i] / cols); mean += R[i]; }
+            float m = (float)(mean / rows);
+            for (int64_t i = 0; i < rows; i++) rb[i] = 1.0f / sqrtf(R[i] / m);
+        }
+        for (int64_t j = 0; j < batch * cols; j++) {  /* C = b2t*C + (1-b2t)*mean_col(u); c = rsqrt(C) */
+            col[j] = h.beta2t * col[j] + (1.0f - h.beta2t) * (c[j] / rows);
+            c[j] = 1.0f / sqrtf(col[j]);
+        }
+    }
+    float usq = 0.0f, psq = 0.0f;
+    lm_factored_sumsq(g, gdt, batch, rows, cols, q, r, c, &usq, stream);
+    lm_sumsq(p, pdt, n, 1.0f, &psq, stream);
+    float lr_t = h.lr * fmaxf(sqrtf(psq / n), h.eps2);               /* scaled by RMS(p), before decay */
+    float clip_div = fmaxf(sqrtf(usq / n) / h.clip_threshold, 1.0f);  /* grouped update normalization */
+    float k[2] = {1.0f - lr_t * h.weight_decay, lr_t / clip_div};
+    lm_factored_apply(p, pdt, g, gdt, batch, rows, cols, q, r, c, k, sr, seed, stream);
+    free(r); free(c);
+    return 0;
 }
 
 #else

@@ -222,6 +222,7 @@ def _expand_blocks(v, blocks, shape):
 _CDEF = """
 typedef struct { float inv_scale, clip, coef; } prep_t;
 typedef struct { float decay, step, one_b1, b2, one_b2, bc2_sqrt, eps; } adam_t;
+typedef struct { float beta2t, eps1, eps2, lr, weight_decay, clip_threshold; } adalomo_t;
 int lm_sumsq(const void *x, int dt, int64_t n, float scale, float *out, void *stream);
 int lm_sgd(void *p, int pdt, const void *g, int gdt, int64_t n, prep_t q, float lr, float decay, int sr, uint64_t seed, void *stream);
 int lm_adam_elem(void *p, int pdt, const void *g, int gdt, float *m, float *v, int64_t n, prep_t q, adam_t h, int sr, uint64_t seed, void *stream);
@@ -229,6 +230,7 @@ int lm_adam_blocks(void *p, int pdt, const void *g, int gdt, float *m, float *v,
 int lm_rowcol_sumsq(const void *g, int gdt, int64_t batch, int64_t rows, int64_t cols, prep_t q, float add, float *rowsum, float *colsum, void *stream);
 int lm_factored_sumsq(const void *g, int gdt, int64_t batch, int64_t rows, int64_t cols, prep_t q, const float *r, const float *c, float *out, void *stream);
 int lm_factored_apply(void *p, int pdt, const void *g, int gdt, int64_t batch, int64_t rows, int64_t cols, prep_t q, const float *r, const float *c, const float *k, int sr, uint64_t seed, void *stream);
+int lm_adalomo(void *p, int pdt, const void *g, int gdt, int64_t batch, int64_t rows, int64_t cols, prep_t q, float *row, float *col, adalomo_t h, int sr, uint64_t seed, void *stream);
 """
 _DTYPE_CODE = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
 _SOURCE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "fused_ext.c")
@@ -302,11 +304,10 @@ def kernels(device=None):
     return "cuda" if device.type == "cuda" else "c"
 
 
-def _ptr(ffi, t, ctype="void *"):
-    return ffi.cast(ctype, t.data_ptr())
+_POINTER = {torch.float32: "float *", torch.int64: "int64_t *"}  # bf16/fp16 data: void *
 
 
-def _check_kernel_args(like, *tensors):
+def _check_kernel_args(like, tensors):
     """Refuse, before any memory is touched, what the kernels cannot handle."""
     for t in tensors:
         if not t.is_contiguous():
@@ -317,15 +318,25 @@ def _check_kernel_args(like, *tensors):
             raise ValueError(f"fused kernel: dtype {t.dtype} is not fp32, bf16 or fp16")
 
 
+def _c_arg(ffi, a):
+    """A tensor is passed as a pointer to its data, None as NULL, a _CStruct as its C struct,
+    a number as is."""
+    if a is None:
+        return ffi.NULL
+    if isinstance(a, torch.Tensor):
+        return ffi.cast(_POINTER.get(a.dtype, "void *"), a.data_ptr())
+    if isinstance(a, _CStruct):
+        return ffi.new(a.ctype + " *", a)[0]
+    return a
+
+
 def _call(like, name, *args):
-    """Call kernel `name` on the library for `like`'s device, on torch's current stream."""
+    """Call kernel `name` on the library for `like`'s device, on torch's current stream.
+    (Called once per tensor per step: kept lean, its overhead is what small tensors pay.)"""
     ffi, lib = _libs[like.device.type]
-    _check_kernel_args(like, *[a for a in args if torch.is_tensor(a)])
+    _check_kernel_args(like, [a for a in args if isinstance(a, torch.Tensor)])
     stream = torch.cuda.current_stream(like.device).cuda_stream if like.is_cuda else 0
-    conv = [_ptr(ffi, a, "float *" if a.dtype == torch.float32 else
-                 "int64_t *" if a.dtype == torch.int64 else "void *") if torch.is_tensor(a) else
-            ffi.new(a.ctype + " *", tuple(a))[0] if hasattr(a, "ctype") else a for a in args]
-    err = getattr(lib, name)(*conv, ffi.cast("void *", stream))
+    err = getattr(lib, name)(*[_c_arg(ffi, a) for a in args], ffi.cast("void *", stream))
     if err:
         raise RuntimeError(f"fused kernel {name} failed with error {err}")
 
@@ -414,7 +425,12 @@ def _stochastic_round_bf16(x, generator):
     return bits.view(torch.float32).to(torch.bfloat16)  # exact: the low 16 bits are zero
 
 
-class _Prep(tuple):
+class _CStruct(tuple):
+    """Scalars passed to a kernel as the C struct `ctype` (fused_ext.c), field by field."""
+    ctype = None
+
+
+class _Prep(_CStruct):
     """Gradient preparation, applied in this order: g*inv_scale, clamp(+-clip), *coef."""
     ctype = "prep_t"
 
@@ -422,7 +438,12 @@ class _Prep(tuple):
         return super().__new__(cls, (float(inv_scale), float(clip), float(coef)))
 
 
-class _Adam(tuple):
+class _AdaLomoArgs(_CStruct):
+    """(beta2_t, eps1, eps2, lr, weight_decay, clip_threshold): adalomo_t in fused_ext.c."""
+    ctype = "adalomo_t"
+
+
+class _Adam(_CStruct):
     """Adam hyper-parameters for one step of one tensor (matches adam_t in fused_ext.c)."""
     ctype = "adam_t"
 
@@ -741,15 +762,27 @@ class AdaLomo(_LowMemOptimizer):
         return w.sub_(update.mul_(lr_t))
 
     def _kernel_update(self, p, grad, prep, group, state, lr):
-        """Same math in three streaming passes: (1) row/col sums of g^2, (2) the update's
-        squared norm, (3) apply. Only tiny row/col vectors are touched by torch ops."""
+        """Same math in three streaming passes: (1) the second-moment statistics, (2) the
+        update's squared norm, (3) apply. Nothing waits for the device."""
         if not _kernel_ok(p, grad):
             return False
-        eps1, eps2 = group["eps"]
         beta2t = self._begin(grad, state, group)
-        n, f32 = p.numel(), dict(dtype=torch.float32, device=p.device)
-        if n == 0:
+        if p.numel() == 0:
             return True
+        if p.device.type == "cpu":  # one C call: on a CPU a call costs more than a small tensor's passes
+            factored = grad.dim() >= 2
+            rows, cols = grad.shape[-2:] if factored else (p.numel(), 1)
+            h = _AdaLomoArgs((beta2t, *group["eps"], lr, group["weight_decay"], group["clip_threshold"]))
+            _call(p, "lm_adalomo", p, _DTYPE_CODE[p.dtype], grad, _DTYPE_CODE[grad.dtype],
+                  p.numel() // (rows * cols), rows, cols, prep, state["row"] if factored else state["v"],
+                  state["col"] if factored else None, h, *self._sr_seed(p))
+        else:
+            self._launch_passes(p, grad, prep, group, state, lr, beta2t)
+        return True
+
+    def _launch_passes(self, p, grad, prep, group, state, lr, beta2t):
+        """GPU: one kernel per pass; only tiny row/col vectors are touched by torch ops."""
+        (eps1, eps2), n, f32 = group["eps"], p.numel(), dict(dtype=torch.float32, device=p.device)
         if grad.dim() >= 2:
             rows, cols = grad.shape[-2:]
             batch = n // (rows * cols)
@@ -774,7 +807,6 @@ class AdaLomo(_LowMemOptimizer):
         k = torch.cat([1 - lr_t * group["weight_decay"], lr_t / clip_div])
         _call(p, "lm_factored_apply", p, _DTYPE_CODE[p.dtype], grad, gdt, batch, rows, cols, prep,
               r, c, k, *self._sr_seed(p))
-        return True
 
 
 # ----------------------------------------------------------------------------------------

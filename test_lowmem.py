@@ -639,11 +639,11 @@ def test_kernel_argument_checks_refuse_bad_tensors():
     needs_kernels("cpu")
     p = torch.zeros(4, 4)
     with pytest.raises(ValueError, match="not contiguous"):
-        lowmem._check_kernel_args(p, p.t())
+        lowmem._check_kernel_args(p, [p.t()])
     with pytest.raises(ValueError, match="dtype torch.float64"):
-        lowmem._check_kernel_args(p, p.double())
+        lowmem._check_kernel_args(p, [p.double()])
     with pytest.raises(ValueError, match="on meta"):
-        lowmem._check_kernel_args(p, p.to("meta"))
+        lowmem._check_kernel_args(p, [p.to("meta")])
     # the optimizers route what the kernels cannot take (fp64, non-contiguous) to torch
     q = nn.Parameter(torch.ones(3, 3, dtype=torch.float64))
     q.grad = torch.ones(3, 3, dtype=torch.float64)
@@ -787,6 +787,10 @@ def test_config_overrides_file_and_rejections(tmp_path):
     cfg = train_gpt2.parse_config([str(conf), "--n_layer=5", "--optimizer=adalomo", "--dataset=data/x"])
     assert (cfg["n_layer"], cfg["learning_rate"], cfg["fused"], cfg["dataset"]) == (5, 2e-3, True, "data/x")
     assert train_gpt2.parse_config(["--learning_rate=1"])["learning_rate"] == 1.0  # int accepted for float
+    defaults = {name: train_gpt2.parse_config([f"--optimizer={name}"]) for name in train_gpt2.OPTIMIZERS}
+    assert {n: (c["weight_decay"], c["grad_clip"]) for n, c in defaults.items()} == {  # per-optimizer defaults
+        "adamw": (0.1, 1.0), "adam_mini": (0.1, 1.0), "adalomo": (0.0, 0.0), "lomo": (0.0, 1.0), "sgd": (0.0, 1.0)}
+    assert train_gpt2.parse_config(["--optimizer=adalomo", "--grad_clip=0.5"])["grad_clip"] == 0.5
     for args, match in [(["--n_layers=3"], "unknown key 'n_layers'"),
                         (["--n_layer=3.5"], "n_layer must be int"),
                         (["--compile=yes"], "compile must be bool"),
@@ -794,6 +798,7 @@ def test_config_overrides_file_and_rejections(tmp_path):
                         (["--optimizer=lomo", "--gradient_accumulation_steps=2"], "needs fused=False"),
                         (["--optimizer=adamw", "--fused=True"], "needs a lowmem optimizer"),
                         (["--dtype=float16"], "needs a fused lowmem driver"),
+                        (["--grad_clip=-1"], "grad_clip must be >= 0"),
                         (["n_layer=3"], "neither --key=value nor a config file")]:
         with pytest.raises(SystemExit, match=match):
             train_gpt2.parse_config(args)
@@ -1056,13 +1061,21 @@ def run_bench(*args):
     return json.loads(run.stdout)
 
 
-def test_bench_memory_quick_is_consistent():
-    rows = {r["name"]: r for r in run_bench("memory", "--quick", "--device", "cpu")}
+@pytest.mark.parametrize("model, dtype", [("gpt", "float32"), ("llama", "bfloat16")])
+def test_bench_memory_quick_is_consistent(model, dtype):
+    rows = {r["name"]: r for r in run_bench("memory", "--quick", "--device", "cpu", "--model", model, "--dtype", dtype)}
     adamw, lomo, mini, fused_mini = (rows[k] for k in ("AdamW", "LOMO fused", "Adam-mini classic", "Adam-mini fused"))
-    params = adamw["params"]
+    params = adamw["params"]  # bytes, in the parameter dtype
     assert 0 <= adamw["state"] - 2 * params < 1024 and lomo["state"] == 0  # m and v (+ step counters); nothing
-    assert params < mini["state"] < 1.05 * params  # m plus one v per block
-    assert lomo["total"] < adamw["total"] and fused_mini["total"] < adamw["total"]
+    m_bytes = params * (2 if dtype == "bfloat16" else 1)  # m is fp32 whatever the parameter dtype
+    assert m_bytes < mini["state"] < 1.05 * m_bytes  # m plus one v per block
+    if dtype == "bfloat16":  # the bf16-m row halves m; it only exists for bf16 runs
+        assert params < rows["Adam-mini classic, bf16 m"]["state"] < 1.05 * params
+    else:
+        assert "Adam-mini classic, bf16 m" not in rows
+    assert lomo["total"] < adamw["total"]
+    if dtype == "float32":  # (in bf16 Adam-mini's fp32 m is as large as torch AdamW's bf16 m and v)
+        assert fused_mini["total"] < adamw["total"]
     for r in rows.values():
         assert abs(r["total"] - r["accounted"]) < 0.25 * r["accounted"], r  # measured vs accounting
 
