@@ -702,7 +702,10 @@ def tiny_hf_gpt2(path, safe=True):
     torch.manual_seed(0)
     config = transformers.GPT2Config(vocab_size=97, n_positions=24, n_embd=32, n_layer=2, n_head=4)
     hf = transformers.GPT2LMHeadModel(config).eval()
-    hf.save_pretrained(path, safe_serialization=safe)
+    hf.save_pretrained(path)
+    if not safe:  # the older format (transformers >= 5 always writes safetensors)
+        os.remove(os.path.join(path, "model.safetensors"))
+        torch.save(hf.state_dict(), os.path.join(path, "pytorch_model.bin"))
     return hf
 
 
@@ -715,6 +718,26 @@ def test_gpt2_from_pretrained_matches_transformers_logits(tmp_path, safe):
         assert (ours(idx)[0] - hf(idx).logits).abs().max().item() < 1e-5
     assert ours.lm_head.weight is ours.transformer.wte.weight  # tied, as GPT-2
 
+
+
+def test_hf_checkpoint_errors_name_the_problem(tmp_path):
+    """The HF loader shared by both scripts: missing files, wrong shapes, missing weights."""
+    with pytest.raises(FileNotFoundError, match="config.json not found"):
+        train_gpt2.GPT.from_pretrained(str(tmp_path))
+    weights = tiny_hf_gpt2(tmp_path, safe=False).state_dict()
+    os.remove(tmp_path / "pytorch_model.bin")
+    with pytest.raises(FileNotFoundError, match="no model.safetensors, sharded safetensors or pytorch_model.bin"):
+        train_gpt2.GPT.from_pretrained(str(tmp_path))
+    bad = dict(weights, **{"transformer.wpe.weight": torch.zeros(5, 32)})
+    torch.save(bad, tmp_path / "pytorch_model.bin")
+    with pytest.raises(ValueError, match=r"transformer.wpe.weight has shape \(5, 32\), expected \(24, 32\)"):
+        train_gpt2.GPT.from_pretrained(str(tmp_path))
+    torch.save({k: v for k, v in weights.items() if k != "transformer.ln_f.bias"}, tmp_path / "pytorch_model.bin")
+    with pytest.raises(ValueError, match="weights missing from the checkpoint: .*transformer.ln_f.bias"):
+        train_gpt2.GPT.from_pretrained(str(tmp_path))
+    torch.save(dict(weights, extra=torch.zeros(1)), tmp_path / "pytorch_model.bin")
+    with pytest.raises(ValueError, match="unexpected weight 'transformer.extra' for GPT-2"):
+        train_gpt2.GPT.from_pretrained(str(tmp_path))
 
 def test_gpt2_partition_splits_fused_c_attn_into_heads():
     model = train_gpt2.GPT(train_gpt2.GPTConfig(block_size=8, vocab_size=50, n_layer=1, n_head=4, n_embd=32))

@@ -193,33 +193,22 @@ class GPT(nn.Module):
 
     @classmethod
     def from_pretrained(cls, path, **overrides):
-        """Load a Hugging Face GPT-2 directory from disk (config.json + model.safetensors or
-        pytorch_model.bin). HF's Conv1D stores weights as (in, out): they are transposed."""
-        cfg_path = os.path.join(path, "config.json")
-        if not os.path.isfile(cfg_path):
-            raise FileNotFoundError(f"init_from={path!r}: no config.json there (expected a Hugging Face GPT-2 directory)")
-        with open(cfg_path) as f:
+        """Load a Hugging Face GPT-2 directory from disk (config.json + weights, see hf_tensors).
+        HF's Conv1D stores weights as (in, out): they are transposed."""
+        with open(hf_file(path, "config.json")) as f:
             hf = json.load(f)
         config = GPTConfig(block_size=hf["n_positions"], vocab_size=hf["vocab_size"], n_layer=hf["n_layer"],
                            n_head=hf["n_head"], n_embd=hf["n_embd"], bias=True, **overrides)
         model = cls(config)
-        ours = model.state_dict()
-        loaded = set()
-        for key, tensor in _read_hf_weights(path).items():
+
+        def convert(key, tensor):
             key = key if key.startswith(("transformer.", "lm_head.")) else "transformer." + key
             if key.endswith((".attn.bias", ".attn.masked_bias")):
-                continue  # causal-mask buffers, not parameters
-            if key not in ours:
-                raise ValueError(f"{path}: unexpected weight {key!r} for GPT-2")
+                return None  # causal-mask buffers, not parameters
             if key.endswith(("c_attn.weight", "c_proj.weight", "c_fc.weight")):
                 tensor = tensor.t()
-            if tensor.shape != ours[key].shape:
-                raise ValueError(f"{path}: {key} has shape {tuple(tensor.shape)}, expected {tuple(ours[key].shape)}")
-            ours[key].copy_(tensor)
-            loaded.add(key)
-        missing = set(ours) - loaded - {"lm_head.weight"}  # lm_head is tied to wte
-        if missing:
-            raise ValueError(f"{path}: weights missing from the checkpoint: {sorted(missing)[:5]}")
+            return key, tensor
+        load_hf_weights(path, model.state_dict(), "GPT-2", convert, tied={"lm_head.weight"})
         return model
 
     @torch.no_grad()
@@ -231,14 +220,60 @@ class GPT(nn.Module):
         return idx
 
 
-def _read_hf_weights(path):
-    st, bin_ = os.path.join(path, "model.safetensors"), os.path.join(path, "pytorch_model.bin")
-    if os.path.isfile(st):
-        from safetensors.torch import load_file  # optional dependency, only for this path
-        return load_file(st)
-    if os.path.isfile(bin_):
-        return torch.load(bin_, map_location="cpu", weights_only=True)
-    raise FileNotFoundError(f"{path}: neither model.safetensors nor pytorch_model.bin found")
+# ----------------------------------------------------------------------------------------
+# Hugging Face checkpoint directories (read here and by train_llama.py)
+
+def hf_file(path, name):
+    full = os.path.join(path, name)
+    if not os.path.isfile(full):
+        raise FileNotFoundError(f"{path}: {name} not found (expected a Hugging Face checkpoint directory)")
+    return full
+
+
+def hf_tensors(path):
+    """Yield (name, tensor) over every weight file of a HF directory (model.safetensors, sharded
+    safetensors with its index, or pytorch_model*.bin), one file mapped at a time."""
+    for index, single in (("model.safetensors.index.json", "model.safetensors"),
+                          ("pytorch_model.bin.index.json", "pytorch_model.bin")):
+        if os.path.isfile(os.path.join(path, index)):
+            with open(os.path.join(path, index)) as f:
+                files = sorted(set(json.load(f)["weight_map"].values()))
+        elif os.path.isfile(os.path.join(path, single)):
+            files = [single]
+        else:
+            continue
+        for name in files:
+            full = hf_file(path, name)
+            if name.endswith(".safetensors"):
+                from safetensors import safe_open  # optional dependency: only for safetensors files
+                with safe_open(full, framework="pt") as f:
+                    for key in f.keys():
+                        yield key, f.get_tensor(key)
+            else:
+                yield from torch.load(full, map_location="cpu", weights_only=True, mmap=True).items()
+        return
+    raise FileNotFoundError(f"{path}: no model.safetensors, sharded safetensors or pytorch_model.bin")
+
+
+def load_hf_weights(path, params, arch, convert, tied=()):
+    """Copy the weights of HF directory `path` into `params` (a state_dict), one tensor at a
+    time. convert(name, tensor) gives our (name, tensor), or None for a buffer to skip; every
+    name in `params` but the `tied` ones must be loaded."""
+    loaded = set()
+    for name, tensor in hf_tensors(path):
+        converted = convert(name, tensor)
+        if converted is None:
+            continue
+        name, tensor = converted
+        if name not in params:
+            raise ValueError(f"{path}: unexpected weight {name!r} for {arch}")
+        if tuple(tensor.shape) != tuple(params[name].shape):
+            raise ValueError(f"{path}: {name} has shape {tuple(tensor.shape)}, expected {tuple(params[name].shape)}")
+        params[name].copy_(tensor)
+        loaded.add(name)
+    missing = set(params) - loaded - set(tied)
+    if missing:
+        raise ValueError(f"{path}: weights missing from the checkpoint: {sorted(missing)[:5]}")
 
 
 # ----------------------------------------------------------------------------------------

@@ -253,7 +253,7 @@ class Llama(nn.Module):
     def from_pretrained(cls, path, dtype=torch.float32, **overrides):
         """Read config.json and the weights (model.safetensors, sharded safetensors with its
         index, or pytorch_model*.bin) one tensor at a time into a model allocated once."""
-        with open(_need(path, "config.json")) as f:
+        with open(common.hf_file(path, "config.json")) as f:
             config = LlamaConfig.from_hf(json.load(f))
         for k, v in overrides.items():
             setattr(config, k, v)
@@ -262,19 +262,8 @@ class Llama(nn.Module):
         model = model.to(dtype).to_empty(device="cpu")  # allocated once, in the target dtype
         if config.tie_word_embeddings:  # to_empty gives each module its own tensor: tie again
             model.lm_head.weight = model.model.embed_tokens.weight
-        params, loaded = model.state_dict(), set()
-        for name, tensor in _hf_tensors(path):
-            if name not in params:
-                if name.endswith("rotary_emb.inv_freq"):
-                    continue
-                raise ValueError(f"{path}: unexpected weight {name!r} for LLaMA")
-            if tuple(tensor.shape) != tuple(params[name].shape):
-                raise ValueError(f"{path}: {name} has shape {tuple(tensor.shape)}, expected {tuple(params[name].shape)}")
-            params[name].copy_(tensor)
-            loaded.add(name)
-        missing = set(params) - loaded - ({"lm_head.weight"} if config.tie_word_embeddings else set())
-        if missing:
-            raise ValueError(f"{path}: weights missing from the checkpoint: {sorted(missing)[:5]}")
+        tied = {"lm_head.weight"} if config.tie_word_embeddings else set()
+        common.load_hf_weights(path, model.state_dict(), "LLaMA", _skip_rope_buffer, tied)
         return model
 
     def save_pretrained(self, path, max_shard_bytes=5 * 2 ** 30):
@@ -293,35 +282,9 @@ class Llama(nn.Module):
         os.replace(tmp, path)
 
 
-def _need(path, name):
-    full = os.path.join(path, name)
-    if not os.path.isfile(full):
-        raise FileNotFoundError(f"{path}: {name} not found (expected a Hugging Face LLaMA directory)")
-    return full
-
-
-def _hf_tensors(path):
-    """Yield (name, tensor) over every weight file of a HF directory, one file mapped at a time."""
-    for index, single in (("model.safetensors.index.json", "model.safetensors"),
-                          ("pytorch_model.bin.index.json", "pytorch_model.bin")):
-        if os.path.isfile(os.path.join(path, index)):
-            with open(os.path.join(path, index)) as f:
-                files = sorted(set(json.load(f)["weight_map"].values()))
-        elif os.path.isfile(os.path.join(path, single)):
-            files = [single]
-        else:
-            continue
-        for name in files:
-            full = _need(path, name)
-            if name.endswith(".safetensors"):
-                from safetensors import safe_open  # optional dependency: only for safetensors files
-                with safe_open(full, framework="pt") as f:
-                    for key in f.keys():
-                        yield key, f.get_tensor(key)
-            else:
-                yield from torch.load(full, map_location="cpu", weights_only=True, mmap=True).items()
-        return
-    raise FileNotFoundError(f"{path}: no model.safetensors, sharded safetensors or pytorch_model.bin")
+def _skip_rope_buffer(name, tensor):
+    """Older checkpoints store rotary_emb.inv_freq; it is recomputed here (Llama.rope)."""
+    return None if name.endswith("rotary_emb.inv_freq") else (name, tensor)
 
 
 def _write_weights(directory, weights, max_shard_bytes):
@@ -374,7 +337,7 @@ class HFTokenizer:
             from tokenizers import Tokenizer  # optional: only with a real checkpoint
         except ImportError:
             raise SystemExit("init_from: reading the checkpoint's tokenizer.json needs `pip install tokenizers`")
-        self.tok, self.dir = Tokenizer.from_file(_need(path, "tokenizer.json")), path
+        self.tok, self.dir = Tokenizer.from_file(common.hf_file(path, "tokenizer.json")), path
         self.bos_id, self.eos_id = config.bos_token_id, config.eos_token_id
         self.pad_id = self.eos_id if self.eos_id is not None else 0  # padding is masked anyway
 
@@ -574,7 +537,7 @@ def build(cfg):
                                   cfg["num_attention_heads"], cfg["num_key_value_heads"], max_position_embeddings=cfg["max_length"],
                                   activation_checkpointing=cfg["activation_checkpointing"]))
     else:
-        with open(_need(base, "config.json")) as f:
+        with open(common.hf_file(base, "config.json")) as f:
             tok = HFTokenizer(base, LlamaConfig.from_hf(json.load(f)))
         model = Llama.from_pretrained(base, dtype, activation_checkpointing=cfg["activation_checkpointing"])
     if ckpt:
