@@ -874,6 +874,31 @@ def test_train_gpt2_torchrun_two_processes(tmp_path, optimizer):
     assert vals[-1] < vals[0] - 0.5
 
 
+@pytest.mark.skipif(not os.path.isdir("/proc/self/task"), reason="counts threads through Linux /proc")
+def test_leave_process_group_ends_the_gloo_threads(tmp_path):
+    """CI saw a rank abort at exit ("terminate called without an active exception"): torch.optim's
+    first use imported torch._dynamo, which kept references to the group, so destroy_process_group
+    left gloo's threads running into interpreter shutdown. They must be gone once the rank leaves."""
+    import subprocess
+    import sys
+    script = tmp_path / "rank.py"
+    script.write_text(
+        "import os, sys, torch, torch.distributed as dist\n"
+        f"sys.path.insert(0, {os.path.dirname(train_gpt2.__file__)!r})\n"
+        "import train_gpt2\n"
+        "threads = lambda: len(os.listdir('/proc/self/task'))\n"
+        "dev, rank, world = train_gpt2.setup_device('cpu')\n"
+        "with_group = threads()\n"
+        "torch.optim.SGD(torch.nn.Linear(2, 2).parameters(), lr=0.1)\n"
+        "dist.all_reduce(torch.ones(3))\n"
+        "train_gpt2.leave_process_group(world)\n"
+        "assert threads() < with_group, (with_group, threads())\n")
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port", str(_free_port()),
+           str(script)]
+    run = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert run.returncode == 0, run.stderr[-3000:]
+
+
 # ---------------------------------------------------------------------------- train_llama.py
 
 import train_llama  # noqa: E402

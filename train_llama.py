@@ -615,8 +615,7 @@ def train(cfg):
         log(f"done: val loss {v0:.4f} -> {v1:.4f} | peak memory {history['peak_mb']:,.0f} MB | optimizer state "
             f"{history['state_bytes'] / 2 ** 20:.2f} MB | model saved to {save_dir}")
     history["mc"] = scores
-    if world > 1:
-        torch.distributed.destroy_process_group()
+    common.leave_process_group(world)
     return history
 
 
