@@ -719,7 +719,6 @@ def test_gpt2_from_pretrained_matches_transformers_logits(tmp_path, safe):
     assert ours.lm_head.weight is ours.transformer.wte.weight  # tied, as GPT-2
 
 
-
 def test_hf_checkpoint_errors_name_the_problem(tmp_path):
     """The HF loader shared by both scripts: missing files, wrong shapes, missing weights."""
     with pytest.raises(FileNotFoundError, match="config.json not found"):
@@ -738,6 +737,7 @@ def test_hf_checkpoint_errors_name_the_problem(tmp_path):
     torch.save(dict(weights, extra=torch.zeros(1)), tmp_path / "pytorch_model.bin")
     with pytest.raises(ValueError, match="unexpected weight 'transformer.extra' for GPT-2"):
         train_gpt2.GPT.from_pretrained(str(tmp_path))
+
 
 def test_gpt2_partition_splits_fused_c_attn_into_heads():
     model = train_gpt2.GPT(train_gpt2.GPTConfig(block_size=8, vocab_size=50, n_layer=1, n_head=4, n_embd=32))
@@ -859,16 +859,22 @@ def test_train_gpt2_resume_without_checkpoint_is_an_error(tmp_path):
         train_gpt2.train(train_gpt2.parse_config(gpt_args(tmp_path, init_from="resume")))
 
 
-@pytest.mark.parametrize("optimizer", ["adamw", "lomo"])
-def test_train_gpt2_torchrun_two_processes(tmp_path, optimizer):
+def torchrun_two_ranks(script, *args):
+    """Run `script` under torchrun with 2 CPU processes; asserts it succeeded, returns the run."""
     import subprocess
     import sys
-    train_gpt2.prepare_stdlib()  # done once here, not raced by the two ranks' first import
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port",
-           str(_free_port()), train_gpt2.__file__, "--device='cpu'"] + gpt_args(tmp_path, optimizer=optimizer, max_iters=10,
-                                                                              eval_interval=10)
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port", str(_free_port()),
+           str(script), *args]
     run = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert run.returncode == 0, run.stderr[-3000:]
+    return run
+
+
+@pytest.mark.parametrize("optimizer", ["adamw", "lomo"])
+def test_train_gpt2_torchrun_two_processes(tmp_path, optimizer):
+    train_gpt2.prepare_stdlib()  # done once here, not raced by the two ranks' first import
+    run = torchrun_two_ranks(train_gpt2.__file__, "--device='cpu'",
+                             *gpt_args(tmp_path, optimizer=optimizer, max_iters=10, eval_interval=10))
     assert "x2 |" in run.stdout and run.stdout.count("done: 10 iters") == 1  # rank 0 logs
     vals = [float(line.split("val loss ")[1].split()[0]) for line in run.stdout.splitlines() if "val loss" in line]
     assert vals[-1] < vals[0] - 0.5
@@ -879,8 +885,6 @@ def test_leave_process_group_ends_the_gloo_threads(tmp_path):
     """CI saw a rank abort at exit ("terminate called without an active exception"): torch.optim's
     first use imported torch._dynamo, which kept references to the group, so destroy_process_group
     left gloo's threads running into interpreter shutdown. They must be gone once the rank leaves."""
-    import subprocess
-    import sys
     script = tmp_path / "rank.py"
     script.write_text(
         "import os, sys, torch, torch.distributed as dist\n"
@@ -893,10 +897,7 @@ def test_leave_process_group_ends_the_gloo_threads(tmp_path):
         "dist.all_reduce(torch.ones(3))\n"
         "train_gpt2.leave_process_group(world)\n"
         "assert threads() < with_group, (with_group, threads())\n")
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port", str(_free_port()),
-           str(script)]
-    run = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
-    assert run.returncode == 0, run.stderr[-3000:]
+    torchrun_two_ranks(script)
 
 
 # ---------------------------------------------------------------------------- train_llama.py
