@@ -418,7 +418,7 @@ def converge_rows(args):
 def _converge_run(train_gpt2, base, name, lr, seed):
     import contextlib
     args = [f"--{k}={v}" for k, v in dict(base, optimizer=repr(name), learning_rate=lr, seed=1337 + seed,
-                                          sample_tokens=0, out_dir=repr(f"/tmp/lowmem-converge-{os.getpid()}"),
+                                          sample_tokens=0, out_dir=repr(f"/tmp/lowmem-converge-{os.getpid()}"), overwrite=True,
                                           device=repr("cpu")).items()]
     with contextlib.redirect_stdout(open(os.devnull, "w")):
         h = train_gpt2.train(train_gpt2.parse_config(args))
@@ -453,17 +453,18 @@ def main():
     if len(sys.argv) == 3 and sys.argv[1] == "_memory_row":  # the fresh process of one memory row
         print(json.dumps(memory_row(json.loads(sys.argv[2]))))
         return
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("command", choices=["memory", "speed", "converge", "kernels"])
-    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
-    ap.add_argument("--model", default="gpt", choices=["gpt", "llama"])
+    formatter = type("Formatter", (argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter), {})
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=formatter)
+    ap.add_argument("command", choices=["memory", "speed", "converge", "kernels"], help="which table to measure")
+    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="cpu or cuda")
+    ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"], help="parameter dtype")
+    ap.add_argument("--model", default="gpt", choices=["gpt", "llama"], help="memory: train_gpt2's or train_llama's model")
     ap.add_argument("--size", default="full", choices=["full", "activations"], help="memory: which model (SIZES)")
-    ap.add_argument("--params", type=float, default=50e6)
-    ap.add_argument("--repeats", type=int, default=7)
+    ap.add_argument("--params", type=float, default=50e6, help="kernels: parameters in the tensor set")
+    ap.add_argument("--repeats", type=int, default=7, help="kernels: timed steps (the median is shown)")
     ap.add_argument("--iters", type=int, default=150, help="converge: iterations per run")
     ap.add_argument("--quick", action="store_true", help="a reduced run of about a minute")
-    ap.add_argument("--json", action="store_true")
+    ap.add_argument("--json", action="store_true", help="print the rows as JSON instead of a table")
     args = ap.parse_args()
     if args.command == "memory":
         rows, size = memory_rows(args)

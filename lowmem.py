@@ -10,6 +10,10 @@ Every optimizer is a torch.optim.Optimizer with two drivers:
     classic:  loss.backward(); opt.step(); opt.zero_grad(set_to_none=True)
     fused:    opt.fused_backward(loss)    # update inside backward, no gradient memory
 
+and the fused driver inside loops you did not write (HF Trainer, Lightning, nanoGPT):
+construct with update_in_backward=True and every loss.backward() is the update; step()
+and zero_grad() are then no-ops the loop may keep calling.
+
 Math is done in fp32 and written back to the parameter dtype (optionally with stochastic
 rounding for bf16). The file reads top to bottom: the Adam-mini block partitioner, the
 shared driver, then one section per optimizer.
@@ -18,6 +22,7 @@ import hashlib
 import math
 import os
 import platform
+import re
 import shutil
 import subprocess
 import sys
@@ -232,6 +237,8 @@ int lm_factored_sumsq(const void *g, int gdt, int64_t batch, int64_t rows, int64
 int lm_factored_apply(void *p, int pdt, const void *g, int gdt, int64_t batch, int64_t rows, int64_t cols, prep_t q, const float *r, const float *c, const float *k, int sr, uint64_t seed, void *stream);
 int lm_adalomo(void *p, int pdt, const void *g, int gdt, int64_t batch, int64_t rows, int64_t cols, prep_t q, float *row, float *col, adalomo_t h, int sr, uint64_t seed, void *stream);
 """
+# lm_adalomo (a whole AdaLomo update in one call) is CPU-only: CUDA runs the passes one by one.
+_CUDA_KERNELS = sorted(set(re.findall(r"int (lm_\w+)\(", _CDEF)) - {"lm_adalomo"})
 _DTYPE_CODE = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
 _SOURCE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "fused_ext.c")
 _libs = {}  # "cpu" / "cuda" -> (ffi, lib) or None
@@ -245,13 +252,21 @@ def _cpu_id():
         return platform.processor()
 
 
+def _build_flags(cuda, gpu_archs=None):
+    """Compiler flags for fused_ext.c. gpu_archs (e.g. ("80", "90")) replaces -arch=native,
+    which needs a GPU: the tests compile the CUDA half that way on machines without one."""
+    if not cuda:
+        return ["-O3", "-march=native", "-fopenmp", "-fno-math-errno", "-fPIC", "-shared", "-std=c99"]
+    arch = [f"-gencode=arch=compute_{a},code=sm_{a}" for a in gpu_archs] if gpu_archs else ["-arch=native"]
+    return ["-O3", "--fmad=false", "-x", "cu", *arch, "-shared", "-Xcompiler", "-fPIC"]
+
+
 def _compile(cuda):
     """Build fused_ext.c into a cache keyed by source, flags and machine; None if impossible."""
     compiler = shutil.which("nvcc" if cuda else os.environ.get("CC", "cc"))
     if compiler is None or not os.path.exists(_SOURCE):
         return None, f"no {'nvcc' if cuda else 'C compiler'} or no fused_ext.c"
-    flags = (["-O3", "--fmad=false", "-x", "cu", "-arch=native", "-shared", "-Xcompiler", "-fPIC"] if cuda else
-             ["-O3", "-march=native", "-fopenmp", "-fno-math-errno", "-fPIC", "-shared", "-std=c99"])
+    flags = _build_flags(cuda)
     with open(_SOURCE, "rb") as f:  # -march=native: the key includes the CPU model and flags
         key = hashlib.sha256(f.read() + " ".join([compiler, *flags, platform.machine(), _cpu_id()]).encode())
     cache = os.environ.get("LOWMEM_CACHE", os.path.join(os.path.expanduser("~"), ".cache", "lowmem"))
@@ -462,12 +477,27 @@ def _torch_grad(grad, prep):
     return g * coef if coef != 1.0 else g
 
 
+def _check_update_in_backward(clip_grad_norm, loss_scale, fp16):
+    """What the caller's own loss.backward() cannot give the fused update, refused up front."""
+    if clip_grad_norm is not None:
+        raise ValueError(
+            "update_in_backward=True cannot clip by global norm: the norm must be known before the "
+            "first parameter is updated, and only fused_backward's two passes know it. Use "
+            "opt.fused_backward(loss) with clip_grad_norm=, or clip_grad_value= here (AdaLomo's "
+            "update normalization already bounds each step).")
+    if fp16 or loss_scale is not None:
+        raise ValueError(
+            "update_in_backward=True cannot scale the loss: the caller runs loss.backward() itself, "
+            "so neither fp16's dynamic loss scaler nor loss_scale= can act before it. Use bf16 or "
+            "fp32 parameters, or opt.fused_backward(loss), which scales and unscales for you.")
+
+
 class _LowMemOptimizer(torch.optim.Optimizer):
     """Shared driver. Subclasses implement `_update(p, g, group, state, lr)` on an fp32
     gradient g and return the new fp32 weights (or p itself when updated in place)."""
 
     def __init__(self, model_or_params, defaults, clip_grad_norm=None, clip_grad_value=None,
-                 loss_scale=None, stochastic_rounding=False, seed=0):
+                 loss_scale=None, stochastic_rounding=False, seed=0, update_in_backward=False):
         groups, self._names = _param_groups(model_or_params)
         _check_params(groups, self._names)
         _check_positive("lr", defaults["lr"], allow_none=False, allow_zero=True)
@@ -475,20 +505,25 @@ class _LowMemOptimizer(torch.optim.Optimizer):
         _check_positive("clip_grad_norm", clip_grad_norm)
         _check_positive("clip_grad_value", clip_grad_value)
         _check_positive("loss_scale", loss_scale)
+        params = [p for g in groups for p in g["params"]]
+        fp16 = any(p.dtype == torch.float16 for p in params)
+        if update_in_backward:
+            _check_update_in_backward(clip_grad_norm, loss_scale, fp16)
         super().__init__(groups, defaults)
         self.clip_grad_norm, self.clip_grad_value = clip_grad_norm, clip_grad_value
         self.stochastic_rounding, self.seed = stochastic_rounding, seed
-        params = [p for g in self.param_groups for p in g["params"]]
         for device_type in {p.device.type for p in params}:
             _load(device_type)  # build/choose kernels now: a bad LOWMEM_KERNELS fails here, not mid-backward
-        fp16 = any(p.dtype == torch.float16 for p in params)
         self.loss_scaler = DynamicLossScaler() if (loss_scale is None and fp16) else None
         self.static_loss_scale = loss_scale or 1.0
         self._group_of = {p: g for g in self.param_groups for p in g["params"]}
         self._generators, self._sr_calls = {}, 0
         self._mode, self._lr, self._clip_coef, self._sumsq, self._pending_norm = None, None, None, None, None
-        # The hook is registered once and does nothing unless fused_backward/grad_norm is
-        # running (the official code's hooks are permanent: any backward updated weights).
+        # The hook is registered once. Unless update_in_backward=True it does nothing outside
+        # fused_backward/grad_norm (the official code's hooks are permanent: any backward
+        # updated weights, so nobody could run a plain backward on the model).
+        self.update_in_backward = update_in_backward
+        self._in_caller_backward, self._unstepped_backward = False, False
         self._hooks = [p.register_post_accumulate_grad_hook(self._hook) for p in params if p.requires_grad]
 
     # -- per-parameter pipeline shared by both drivers --------------------------------
@@ -562,7 +597,8 @@ class _LowMemOptimizer(torch.optim.Optimizer):
         loss = None
         if closure is not None:
             with torch.enable_grad():
-                loss = closure()
+                loss = closure()  # update_in_backward: the closure's backward is the update
+        self._unstepped_backward = False
         params = [p for g in self.param_groups for p in g["params"] if p.grad is not None]
         clip_coef = None  # no all-reduce here: syncing .grad is DDP's job in this driver
         if self.clip_grad_norm is not None and params:
@@ -575,14 +611,34 @@ class _LowMemOptimizer(torch.optim.Optimizer):
 
     @torch.no_grad()
     def _hook(self, p):
-        if self._mode is None:  # a plain backward: let .grad accumulate as usual
-            return
+        if self._mode is None:  # the caller's own loss.backward()
+            if not self.update_in_backward:
+                return  # let .grad accumulate as usual
+            self._caller_backward_starts()
         grad, scale = self._reduce_across_ranks(p.grad, self.loss_scale)
         p.grad = None  # freed once applied: peak gradient memory is one tensor
         if self._mode == "norm":
             self._sumsq = self._sumsq + self._grad_sumsq(grad, scale)  # on device: no sync
         else:
             self._apply(p, grad, scale, self._lr, self._clip_coef)
+
+    def _caller_backward_starts(self):
+        """update_in_backward: the first hook of each backward of the caller's. A backward
+        whose predecessor was not followed by step() is gradient accumulation, which cannot
+        work when every backward applies its gradients: refused before its first update."""
+        if self._in_caller_backward:
+            return
+        if self._unstepped_backward:
+            raise RuntimeError(
+                "update_in_backward=True: a second backward() ran without optimizer.step() after "
+                "the first. Every backward already updates the weights, so gradients cannot be "
+                "accumulated over micro-batches (e.g. the HF Trainer's gradient_accumulation_steps "
+                "> 1): use 1 and a larger batch, or the classic driver (update_in_backward=False).")
+        self._in_caller_backward = True
+        torch.autograd.Variable._execution_engine.queue_callback(self._caller_backward_ends)
+
+    def _caller_backward_ends(self):
+        self._in_caller_backward, self._unstepped_backward = False, True
 
     def _backward(self, loss, mode, retain_graph=False):
         for p in self._group_of:
@@ -682,9 +738,10 @@ class LOMO(_LowMemOptimizer):
     """p <- p * (1 - lr*wd) - lr * g. No optimizer state. `step()` is plain SGD."""
 
     def __init__(self, model_or_params, lr=1e-3, weight_decay=0.0, clip_grad_norm=None,
-                 clip_grad_value=None, loss_scale=None, stochastic_rounding=False, seed=0):
+                 clip_grad_value=None, loss_scale=None, stochastic_rounding=False, seed=0,
+                 update_in_backward=False):
         super().__init__(model_or_params, dict(lr=lr, weight_decay=weight_decay), clip_grad_norm,
-                         clip_grad_value, loss_scale, stochastic_rounding, seed)
+                         clip_grad_value, loss_scale, stochastic_rounding, seed, update_in_backward)
 
     def _update(self, p, g, group, state, lr):
         w = p.float() if p.dtype != torch.float32 else p
@@ -716,9 +773,11 @@ class AdaLomo(_LowMemOptimizer):
     the parameter's RMS (grouped update normalization). The step counter starts at 1 at
     the first update of each tensor, so no NaN can come from step 0 (an official defect)."""
 
+    one_call_devices = ("cpu",)  # devices whose kernels do a whole update in one call (lm_adalomo)
+
     def __init__(self, model_or_params, lr=1e-3, eps=(1e-30, 1e-3), clip_threshold=1.0,
                  decay_rate=-0.8, weight_decay=0.0, clip_grad_norm=None, clip_grad_value=None,
-                 loss_scale=None, stochastic_rounding=False, seed=0):
+                 loss_scale=None, stochastic_rounding=False, seed=0, update_in_backward=False):
         if len(eps) != 2 or any(not isinstance(e, (int, float)) or e <= 0 for e in eps):
             raise ValueError(f"eps must be two positive numbers (eps1, eps2), got {eps!r}")
         _check_positive("clip_threshold", clip_threshold, allow_none=False)
@@ -727,7 +786,7 @@ class AdaLomo(_LowMemOptimizer):
         defaults = dict(lr=lr, eps=tuple(eps), clip_threshold=clip_threshold,
                         decay_rate=decay_rate, weight_decay=weight_decay)
         super().__init__(model_or_params, defaults, clip_grad_norm, clip_grad_value, loss_scale,
-                         stochastic_rounding, seed)
+                         stochastic_rounding, seed, update_in_backward)
 
     def _begin(self, g, state, group):
         """Create state on first use, advance the step; returns beta2_t."""
@@ -769,7 +828,7 @@ class AdaLomo(_LowMemOptimizer):
         beta2t = self._begin(grad, state, group)
         if p.numel() == 0:
             return True
-        if p.device.type == "cpu":  # one C call: on a CPU a call costs more than a small tensor's passes
+        if p.device.type in self.one_call_devices:  # one C call: on a CPU a call costs more than a small tensor's passes
             factored = grad.dim() >= 2
             rows, cols = grad.shape[-2:] if factored else (p.numel(), 1)
             h = _AdaLomoArgs((beta2t, *group["eps"], lr, group["weight_decay"], group["clip_threshold"]))
@@ -781,7 +840,8 @@ class AdaLomo(_LowMemOptimizer):
         return True
 
     def _launch_passes(self, p, grad, prep, group, state, lr, beta2t):
-        """GPU: one kernel per pass; only tiny row/col vectors are touched by torch ops."""
+        """GPU: one kernel per pass; only tiny row/col vectors are touched by torch ops. The CPU
+        build has the same kernels, so the tests run this path there too (one_call_devices=())."""
         (eps1, eps2), n, f32 = group["eps"], p.numel(), dict(dtype=torch.float32, device=p.device)
         if grad.dim() >= 2:
             rows, cols = grad.shape[-2:]
@@ -824,7 +884,7 @@ class AdamMini(_LowMemOptimizer):
     def __init__(self, model_or_named_params, lr=1e-3, betas=(0.9, 0.999), eps=1e-8,
                  weight_decay=0.0, n_heads=None, n_kv_heads=None, head_dim=None,
                  clip_grad_norm=None, clip_grad_value=None, loss_scale=None,
-                 stochastic_rounding=False, seed=0, state_dtype=torch.float32):
+                 stochastic_rounding=False, seed=0, state_dtype=torch.float32, update_in_backward=False):
         if len(betas) != 2 or any(not isinstance(b, (int, float)) or not 0.0 <= b < 1.0 for b in betas):
             raise ValueError(f"betas must be two numbers in [0, 1), got {betas!r}")
         _check_positive("eps", eps, allow_none=False)
@@ -838,7 +898,7 @@ class AdamMini(_LowMemOptimizer):
         self.state_dtype = state_dtype
         defaults = dict(lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay)
         super().__init__(named, defaults, clip_grad_norm, clip_grad_value, loss_scale,
-                         stochastic_rounding, seed)
+                         stochastic_rounding, seed, update_in_backward)
         self._blocks = {p: b for (_, p), b in zip(named, self.partition)}
         self._starts = {}
 

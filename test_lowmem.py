@@ -3,6 +3,7 @@ Adafactor, the official `lomo-optim` and `adam-mini` packages, and literal numbe
 import copy
 import io
 import json
+import math
 import os
 import socket
 
@@ -200,7 +201,8 @@ def make(name, model, **kw):
         return lowmem.LOMO(model, lr=0.05, **kw)
     if name == "adalomo":
         return lowmem.AdaLomo(model, lr=0.01, weight_decay=0.01, **kw)
-    return lowmem.AdamMini(model, lr=0.01, weight_decay=0.1, n_heads=1, **kw)
+    n_heads = None if hasattr(model, "config") else 1  # HF models: from the config
+    return lowmem.AdamMini(model, lr=0.01, weight_decay=0.1, n_heads=n_heads, **kw)
 
 
 OPTIMIZERS = ["lomo", "adalomo", "adam_mini"]
@@ -569,15 +571,24 @@ def step_both_paths(make_opt, shape, dtype, device, steps=3, **kw):
     return out["kernel"], out["torch"]
 
 
+def multi_pass(opt):
+    """AdaLomo through the multi-pass kernel path that CUDA takes (row/col sums, update norm,
+    apply), run with the CPU build of the same kernels: the GPU's Python runs in every CI."""
+    opt.one_call_devices = ()
+    return opt
+
+
 KERNEL_OPTS = {
     "lomo": lambda p, **kw: lowmem.LOMO([p], lr=0.05, weight_decay=0.1, **kw),
     "adalomo": lambda p, **kw: lowmem.AdaLomo([p], lr=0.05, weight_decay=0.1, **kw),
+    "adalomo_passes": lambda p, **kw: multi_pass(lowmem.AdaLomo([p], lr=0.05, weight_decay=0.1, **kw)),
     "adam_mini_rows": lambda p, **kw: lowmem.AdamMini([("mlp.w", p)], lr=0.01, weight_decay=0.1, **kw),
     "adam_mini_heads": lambda p, **kw: lowmem.AdamMini([("attn.q_proj.weight", p)], lr=0.01, head_dim=3, **kw),
     "adam_mini_elem": lambda p, **kw: lowmem.AdamMini([("fc.bias", p)], lr=0.01, **kw),
     "adam_mini_tensor": lambda p, **kw: lowmem.AdamMini([("ln.weight", p)], lr=0.01, **kw),
 }
 SHAPES = {"lomo": [(0,), (1,), (7,), (4097,), (33, 65)], "adalomo": [(1,), (7,), (4097,), (33, 65), (3, 7, 5), ()],
+          "adalomo_passes": [(1,), (7,), (4097,), (33, 65), (3, 7, 5), ()],
           "adam_mini_rows": [(1, 1), (7, 9), (33, 65)], "adam_mini_heads": [(9, 4), (48, 17)],
           "adam_mini_elem": [(0,), (1,), (7,), (4097,)], "adam_mini_tensor": [(1,), (7,), (4097,)]}
 
@@ -635,6 +646,21 @@ def test_full_optimizers_same_trajectory_with_c_and_torch_kernels(name):
     assert max_diff(model, ref) < 1e-6
 
 
+def test_cuda_half_compiles_for_sm80_and_sm90_and_exports_every_kernel(tmp_path):
+    """CI has no GPU but may have nvcc: a CUDA compile error must fail here, not on a user's GPU."""
+    import re
+    import shutil
+    import subprocess
+    nvcc = shutil.which("nvcc")
+    if nvcc is None:
+        pytest.skip("no nvcc on this machine")
+    lib = tmp_path / "fused_ext_cuda.so"
+    build = subprocess.run([nvcc, *lowmem._build_flags(cuda=True, gpu_archs=("80", "90")), lowmem._SOURCE,
+                            "-o", str(lib)], capture_output=True, text=True, timeout=600)
+    assert build.returncode == 0, build.stderr[-3000:]
+    symbols = subprocess.run(["nm", "-D", "--defined-only", str(lib)], capture_output=True, text=True).stdout
+    assert sorted(set(re.findall(r" T (lm_\w+)", symbols))) == lowmem._CUDA_KERNELS
+
 def test_kernel_argument_checks_refuse_bad_tensors():
     needs_kernels("cpu")
     p = torch.zeros(4, 4)
@@ -681,6 +707,145 @@ def test_concurrent_builds_do_not_corrupt_the_cache(tmp_path):
                               cwd=os.path.dirname(os.path.abspath(lowmem.__file__))) for _ in range(3)]
     assert [p.communicate()[0].strip() for p in procs] == ["c"] * 3
     assert len(list(tmp_path.glob("*.so"))) == 1
+
+
+# ---------------------------------------------------------------------------- update_in_backward
+
+
+def caller_loop(model, opt, data):
+    """A loop lowmem did not write: backward, step, zero_grad."""
+    for idx in data:
+        lm_loss(model, idx).backward()
+        opt.step()
+        opt.zero_grad()
+
+
+@pytest.mark.parametrize("name", OPTIMIZERS)
+def test_update_in_backward_equals_fused_backward(name):
+    model = TinyNet()
+    ref = copy.deepcopy(model)
+    opt = make(name, model, update_in_backward=True, clip_grad_value=0.05)
+    sched = torch.optim.lr_scheduler.StepLR(opt, step_size=3, gamma=0.5)
+    ref_opt = make(name, ref, clip_grad_value=0.05)
+    ref_sched = torch.optim.lr_scheduler.StepLR(ref_opt, step_size=3, gamma=0.5)
+    for idx in batches(8):
+        caller_loop(model, opt, [idx])
+        sched.step()
+        ref_opt.fused_backward(lm_loss(ref, idx))
+        ref_sched.step()
+    assert max_diff(model, ref) == 0 and all(p.grad is None for p in model.parameters())
+
+
+def test_update_in_backward_step_runs_the_closure():
+    """Lightning's automatic optimization passes forward+backward to step() as a closure."""
+    model, idx = TinyNet(), batches(1)[0]
+    ref = copy.deepcopy(model)
+    opt = lowmem.AdaLomo(model, lr=0.01, update_in_backward=True)
+
+    def closure():
+        loss = lm_loss(model, idx)
+        loss.backward()
+        return loss
+    loss = opt.step(closure)
+    lowmem.AdaLomo(ref, lr=0.01).fused_backward(lm_loss(ref, idx))
+    assert loss is not None and max_diff(model, ref) == 0
+
+
+@pytest.mark.parametrize("kw, match", [
+    (dict(clip_grad_norm=1.0), "cannot clip by global norm.*fused_backward"),
+    (dict(loss_scale=1024.0), "cannot scale the loss"),
+])
+@pytest.mark.parametrize("name", OPTIMIZERS)
+def test_update_in_backward_refuses_what_it_cannot_do(name, kw, match):
+    with pytest.raises(ValueError, match=match):
+        make(name, TinyNet(), update_in_backward=True, **kw)
+    with pytest.raises(ValueError, match="cannot scale the loss.*bf16"):
+        make(name, TinyNet().half(), update_in_backward=True)
+
+
+def test_update_in_backward_refuses_accumulation_before_any_update():
+    model = TinyNet()
+    opt = lowmem.LOMO(model, lr=0.1, update_in_backward=True)
+    first, second = batches(2)
+    lm_loss(model, first).backward()  # an update
+    before = copy.deepcopy(model)
+    with pytest.raises(RuntimeError, match="second backward.*without optimizer.step.*gradient_accumulation_steps"):
+        lm_loss(model, second).backward()
+    assert max_diff(model, before) == 0  # refused at its first hook, before any weight changed
+    opt.step()
+    lm_loss(model, second).backward()  # after step() the next backward is a step again
+    assert max_diff(model, before) > 0
+
+
+# ---------------------------------------------------------------------------- the HF Trainer
+
+
+class Recorded(torch.utils.data.Dataset):
+    def __init__(self, n, vocab=23, seq=12):
+        g = torch.Generator().manual_seed(7)
+        self.ids = [torch.randint(0, vocab, (seq,), generator=g) for _ in range(n)]
+
+    def __len__(self):
+        return len(self.ids)
+
+    def __getitem__(self, i):
+        return {"input_ids": self.ids[i], "labels": self.ids[i]}
+
+
+def hf_trainer_run(tmp_path, model, opt, steps=4, **args):
+    """Train with transformers.Trainer; returns the (args, kwargs) of every forward it made."""
+    transformers = pytest.importorskip("transformers")
+    pytest.importorskip("accelerate")
+    calls = []
+    handle = model.register_forward_pre_hook(lambda m, a, kw: calls.append((a, dict(kw))), with_kwargs=True)
+    targs = transformers.TrainingArguments(
+        output_dir=str(tmp_path), max_steps=steps, per_device_train_batch_size=4, use_cpu=True, report_to=[],
+        save_strategy="no", logging_strategy="no", disable_tqdm=True, dataloader_num_workers=0, **args)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda step: 1.0)
+    transformers.Trainer(model=model, args=targs, train_dataset=Recorded(16), optimizers=(opt, sched)).train()
+    handle.remove()
+    return calls
+
+
+def count_live_grads(model):
+    """Registered before the optimizer's hooks, so it sees each gradient before it is freed."""
+    params, seen = list(model.parameters()), []
+    for p in params:
+        p.register_post_accumulate_grad_hook(lambda p: seen.append(sum(q.grad is not None for q in params)))
+    return seen
+
+
+@pytest.mark.parametrize("name", OPTIMIZERS)
+def test_hf_trainer_update_in_backward_equals_fused_backward(tmp_path, name):
+    model = tiny_llama()
+    ref = copy.deepcopy(model)
+    live = count_live_grads(model)
+    calls = hf_trainer_run(tmp_path, model, make(name, model, update_in_backward=True), max_grad_norm=0.0)
+    ref_opt = make(name, ref)
+    for args, kwargs in calls:  # the Trainer's own batches and loss arguments, replayed
+        ref_opt.fused_backward(ref(*args, **kwargs).loss)
+    assert len(calls) == 4 and max_diff(model, ref) < 1e-5
+    assert all(p.grad is None for p in model.parameters())
+    assert live and max(live) == 1  # peak gradient memory: one tensor
+
+
+def test_hf_trainer_classic_adam_mini_equals_own_loop(tmp_path):
+    model = tiny_llama()
+    ref = copy.deepcopy(model)
+    calls = hf_trainer_run(tmp_path, model, lowmem.AdamMini(model, lr=0.01, weight_decay=0.1), max_grad_norm=0.0)
+    ref_opt = lowmem.AdamMini(ref, lr=0.01, weight_decay=0.1)
+    for args, kwargs in calls:
+        ref(*args, **kwargs).loss.backward()
+        ref_opt.step()
+        ref_opt.zero_grad()
+    assert len(calls) == 4 and max_diff(model, ref) < 1e-5
+
+
+def test_hf_trainer_gradient_accumulation_is_refused(tmp_path):
+    model = tiny_llama()
+    opt = lowmem.AdaLomo(model, lr=0.01, update_in_backward=True)
+    with pytest.raises(RuntimeError, match="second backward.*gradient_accumulation_steps"):
+        hf_trainer_run(tmp_path, model, opt, max_grad_norm=0.0, gradient_accumulation_steps=2)
 
 
 # ---------------------------------------------------------------------------- train_gpt2.py
@@ -854,8 +1019,26 @@ def test_train_gpt2_resume_is_exact(tmp_path, optimizer):
     assert resumed["train"] == whole["train"][4:] and resumed["val"][-1] == whole["val"][-1]
 
 
+def test_train_gpt2_compiled_forward_with_in_backward_updates_equals_eager(tmp_path):
+    """compile=True with a fused driver: lowmem's hooks fire on the compiled graph's gradients."""
+    runs = [train_gpt2.train(train_gpt2.parse_config(gpt_args(tmp_path / str(c), optimizer="adalomo", n_layer=1,
+                                                              max_iters=6, eval_interval=6, compile=c)))
+            for c in (False, True)]
+    (eager, compiled) = [[loss for _, loss in h["train"]] for h in runs]
+    assert compiled == pytest.approx(eager, rel=1e-4, abs=1e-4)
+
+
+@pytest.mark.parametrize("optimizer, compile", [("adamw", True), ("adam_mini", False)])
+def test_train_gpt2_amp_bf16_autocast_trains(tmp_path, optimizer, compile):
+    """amp=True (bf16 autocast, fp32 parameters) with a classic and compiled, and a fused driver."""
+    fused = optimizer == "adam_mini"
+    h = train_gpt2.train(train_gpt2.parse_config(gpt_args(tmp_path, optimizer=optimizer, fused=fused, amp=True,
+                                                          compile=compile, n_layer=1, max_iters=10, eval_interval=10)))
+    losses = [loss for _, loss in h["train"]]
+    assert all(math.isfinite(x) for x in losses) and h["val"][-1][1] < h["val"][0][1] - 0.1, h["val"]
+
 def test_train_gpt2_resume_without_checkpoint_is_an_error(tmp_path):
-    with pytest.raises(SystemExit, match="no checkpoint"):
+    with pytest.raises(train_gpt2.MissingInput, match="no checkpoint"):
         train_gpt2.train(train_gpt2.parse_config(gpt_args(tmp_path, init_from="resume")))
 
 
@@ -1135,3 +1318,170 @@ def test_bench_converge_quick_trains_every_listed_optimizer():
     for r in results:
         assert len(r["seeds"]) == 2 and all(3.0 < v < 5.0 for v in r["seeds"])  # from ln(256) = 5.55
     assert next(r for r in results if r["optimizer"] == "adamw")["vs_adamw"] == 1.0
+
+
+# ---------------------------------------------------------------------------- a newcomer's first hour
+
+ROOT = os.path.dirname(os.path.abspath(lowmem.__file__))
+
+
+def script_cli(name, *args):
+    import subprocess
+    import sys
+    return subprocess.run([sys.executable, os.path.join(ROOT, name), *args], capture_output=True, text=True,
+                          timeout=120, cwd=ROOT)
+
+
+def test_help_prints_every_key_with_its_default_and_exits_0():
+    for script, defaults in (("train_gpt2.py", train_gpt2.DEFAULTS), ("train_llama.py", train_llama.DEFAULTS)):
+        for flag in ("--help", "-h"):
+            run = script_cli(script, flag)
+            assert run.returncode == 0 and not run.stderr, run.stderr
+            for key, value in defaults.items():
+                assert f"--{key}={value!r}" in run.stdout, (script, key)
+        assert "--optimizer='adamw'" not in run.stdout or script == "train_gpt2.py"
+    lines = script_cli("train_gpt2.py", "-h").stdout.splitlines()
+    assert any(line.startswith("  --learning_rate=None") and "adalomo 0.05" in line for line in lines)
+    run = script_cli("bench.py", "--help")
+    text = " ".join(run.stdout.split())  # argparse wraps lines
+    assert run.returncode == 0 and "(default: 50000000.0)" in text and "iterations per run (default: 150)" in text
+
+
+def test_cli_user_error_is_one_line_without_traceback(tmp_path):
+    run = script_cli("train_gpt2.py", f"--dataset={str(tmp_path / 'nope')!r}")
+    assert run.returncode != 0 and "Traceback" not in run.stderr
+    assert run.stderr.strip().splitlines()[-1].startswith("error: dataset=") and "is not a directory" in run.stderr
+
+
+def files_of(path):
+    """Every file under path with its bytes: 'no file changed' is this, equal before and after."""
+    return {os.path.relpath(os.path.join(d, f), path): open(os.path.join(d, f), "rb").read()
+            for d, _, names in os.walk(path) for f in names}
+
+
+def cli_error(script, argv):
+    """The one-line error with which a script's command line exits (run in-process)."""
+    with pytest.raises(SystemExit) as stop:
+        if script == "llama":
+            train_gpt2.main(train_llama.train, train_llama.__file__, train_llama.DEFAULTS, train_llama.OPTIONAL,
+                            train_llama.validate, argv=argv)
+        else:
+            train_gpt2.main(train_gpt2.train, train_gpt2.__file__, argv=argv)
+    message = stop.value.code
+    assert isinstance(message, str) and "\n" not in message  # a non-zero exit with one line
+    return message
+
+
+def bad_jsonl(tmp_path):
+    (tmp_path / "bad.jsonl").write_text('{"prompt": "a", "response": "b"}\n{"prompt": "a", \n')
+    return str(tmp_path / "bad.jsonl")
+
+
+@pytest.mark.parametrize("script, args, match", [
+    ("gpt2", lambda d: ["--device='cuda'"], "device='cuda', but this torch .* sees no CUDA GPU: use --device=cpu"),
+    ("gpt2", lambda d: ["--learning_rate=-1"], "learning_rate must be >= 0, got -1.0"),
+    ("gpt2", lambda d: ["--beta2=1.5"], r"beta2 must be in \[0, 1\), got 1.5"),
+    ("gpt2", lambda d: [f"--dataset={str(d / 'nope')!r}"], "error: dataset=.*nope' is not a directory"),
+    ("gpt2", lambda d: [f"--init_from={str(d)!r}"], "error: .*config.json not found"),
+    ("llama", lambda d: [f"--init_from={str(d)!r}"], "error: .*config.json not found"),
+    ("llama", lambda d: [f"--data={bad_jsonl(d)!r}"], r"error: .*bad.jsonl:2: not valid JSON"),
+])
+def test_user_mistakes_are_one_line_errors_that_change_nothing(tmp_path, script, args, match):
+    if "cuda" in match and torch.cuda.is_available():
+        pytest.skip("this machine has CUDA")
+    argv = args(tmp_path) + [f"--out_dir={str(tmp_path / 'out')!r}"]
+    before = files_of(tmp_path)
+    assert __import__("re").search(match, cli_error(script, argv))
+    assert files_of(tmp_path) == before
+
+
+def tiny_run(tmp_path, **kw):
+    return train_gpt2.train(train_gpt2.parse_config(gpt_args(tmp_path, max_iters=4, eval_interval=4, **kw)))
+
+
+def damage(data, how):
+    if how == "empty":
+        return b""
+    if how == "truncated":
+        return data[:len(data) // 2]
+    middle = len(data) // 2  # 400 bytes flipped in the middle: torch.load alone reads this without a word
+    return data[:middle] + bytes(b ^ 0x5A for b in data[middle:middle + 400]) + data[middle + 400:]
+
+
+@pytest.mark.parametrize("how", ["empty", "truncated", "flipped"])
+def test_damaged_checkpoint_is_refused_by_name_and_never_overwritten(tmp_path, how):
+    tiny_run(tmp_path)
+    path = tmp_path / "out" / "ckpt.pt"
+    path.write_bytes(damage(path.read_bytes(), how))
+    before = files_of(tmp_path)
+    argv = gpt_args(tmp_path, max_iters=8, eval_interval=4)
+    assert "ckpt.pt is damaged" in cli_error("gpt2", argv + ["--init_from='resume'"])
+    message = cli_error("gpt2", argv)  # a new run into that out_dir
+    assert "ckpt.pt is damaged" in message and "--overwrite=True" in message
+    assert files_of(tmp_path) == before
+
+
+def test_new_run_does_not_clobber_another_runs_checkpoint(tmp_path):
+    assert train_gpt2.parse_config(["--optimizer=adalomo"])["out_dir"] == "out-gpt2-adalomo"
+    first = tiny_run(tmp_path)
+    before = files_of(tmp_path)
+    message = cli_error("gpt2", gpt_args(tmp_path, max_iters=4, eval_interval=4, optimizer="adalomo"))
+    assert "holds the checkpoint of another run (iter 4; optimizer='adamw' there, 'adalomo' here" in message
+    assert "--overwrite=True" in message and files_of(tmp_path) == before
+    assert tiny_run(tmp_path)["val"] == first["val"]  # the same configuration may retrain: nothing is lost
+    tiny_run(tmp_path, optimizer="adalomo", overwrite=True)
+    assert train_gpt2.read_checkpoint(tmp_path / "out" / "ckpt.pt")["config"]["optimizer"] == "adalomo"
+
+
+def test_resume_with_another_optimizer_names_the_checkpoints(tmp_path):
+    tiny_run(tmp_path)
+    before = files_of(tmp_path)
+    message = cli_error("gpt2", gpt_args(tmp_path, max_iters=8, init_from="resume", optimizer="adalomo"))
+    assert "was written with other settings (optimizer='adamw' there, 'adalomo' here)" in message
+    assert files_of(tmp_path) == before
+
+
+def test_sample_is_seeded_top_k_and_greedy_at_temperature_0():
+    torch.manual_seed(0)
+    model = train_gpt2.GPT(train_gpt2.GPTConfig(block_size=8, vocab_size=30, n_layer=1, n_head=2, n_embd=16)).eval()
+    prompt = torch.tensor([[1, 2, 3]])
+    draw = lambda seed, **kw: model.generate(prompt, 20, generator=torch.Generator().manual_seed(seed), **kw)
+    assert torch.equal(draw(1, temperature=0.8, top_k=5), draw(1, temperature=0.8, top_k=5))
+    assert not torch.equal(draw(1, temperature=1.0), draw(2, temperature=1.0))
+    greedy = prompt
+    for _ in range(20):
+        greedy = torch.cat([greedy, model(greedy[:, -8:])[0][:, -1].argmax(-1, keepdim=True)], 1)
+    assert torch.equal(draw(1, temperature=0), greedy)
+    logits = model(prompt)[0][0, -1]
+    allowed = set(torch.topk(logits, 1).indices.tolist())
+    assert model.generate(prompt, 1, temperature=5.0, top_k=1)[0, -1].item() in allowed
+
+# ---------------------------------------------------------------------------- pip install .
+
+
+def test_wheel_ships_the_kernel_source_beside_the_module(tmp_path):
+    """`pip install .` (offline: no build isolation) puts lowmem.py and fused_ext.c side by
+    side in site-packages, and the installed module finds and compiles its C source."""
+    import shutil
+    import subprocess
+    import sys
+    import zipfile
+    pytest.importorskip("setuptools.command.bdist_wheel", reason="needs setuptools >= 70.1 to build a wheel")
+    root, src = os.path.dirname(os.path.abspath(lowmem.__file__)), tmp_path / "src"
+    src.mkdir()
+    for name in ("pyproject.toml", "setup.py", "lowmem.py", "fused_ext.c", "README.md"):
+        shutil.copy(os.path.join(root, name), src)
+    pip = [sys.executable, "-m", "pip", "-q", "--disable-pip-version-check"]
+    subprocess.run([*pip, "wheel", "--no-build-isolation", "--no-deps", "-w", str(tmp_path / "dist"), str(src)],
+                   check=True, capture_output=True)
+    (wheel,) = (tmp_path / "dist").glob("lowmem-*.whl")
+    assert {"lowmem.py", "fused_ext.c"} <= set(zipfile.ZipFile(wheel).namelist())
+    subprocess.run([*pip, "install", "--no-deps", "--no-index", "--target", str(tmp_path / "site"), str(wheel)],
+                   check=True, capture_output=True)
+    probe = ("import lowmem, os; print(os.path.dirname(lowmem.__file__), os.path.isfile(lowmem._SOURCE), "
+             "lowmem.kernels('cpu'))")
+    env = dict(os.environ, PYTHONPATH=str(tmp_path / "site"), LOWMEM_CACHE=str(tmp_path / "cache"))
+    out = subprocess.run([sys.executable, "-c", probe], cwd=tmp_path, env=env, capture_output=True, text=True,
+                         check=True).stdout.split()
+    assert out[:2] == [str(tmp_path / "site"), "True"]
+    assert out[2] == lowmem.kernels("cpu")  # "c" wherever this process has the C kernels

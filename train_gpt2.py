@@ -20,6 +20,7 @@ import resource
 import sys
 import sysconfig
 import time
+import zipfile
 import zlib
 from contextlib import nullcontext
 from dataclasses import dataclass
@@ -34,42 +35,45 @@ import lowmem
 
 # ----------------------------------------------------------------------------------------
 # config: plain globals, overridden by a config file and --key=value (see parse_config)
-out_dir = "out-gpt2"
+out_dir = None  # None: out-gpt2-{optimizer}, so runs with different optimizers keep their checkpoints
 init_from = "scratch"  # scratch | resume | a Hugging Face GPT-2 directory (config.json + weights)
+overwrite = False  # let a new run replace a checkpoint that another configuration wrote to out_dir
 dataset = "stdlib"  # stdlib (built offline from Python's own docs) | a dir with nanoGPT train.bin/val.bin
-eval_interval = 250
-eval_iters = 20
-log_interval = 25
-sample_tokens = 200  # greedy sample printed at the end (0: none)
+eval_interval = 250  # iterations between val-loss evaluations (each also saves out_dir/ckpt.pt)
+eval_iters = 20  # val batches per evaluation (the same batches every time)
+log_interval = 25  # iterations between progress lines
+sample_tokens = 200  # tokens sampled from the model at the end (0: none)
+temperature = 0.8  # sampling temperature (0: greedy, which repeats itself on a model this small)
+top_k = 200  # sample among the k most likely tokens (nanoGPT's sample.py defaults)
 # model
-n_layer = 4
-n_head = 4
-n_embd = 128
-block_size = 128
-dropout = 0.0
-bias = True
-activation_checkpointing = False
+n_layer = 4  # transformer blocks
+n_head = 4  # attention heads per block
+n_embd = 128  # model width
+block_size = 128  # context length in tokens
+dropout = 0.0  # 0 for pre-training, as nanoGPT; try 0.1 when fine-tuning
+bias = True  # biases in Linear and LayerNorm layers (GPT-2 has them)
+activation_checkpointing = False  # recompute each block in backward: less activation memory, more compute
 # optimizer
 optimizer = "adamw"  # adamw | adam_mini | adalomo | lomo | sgd
 fused = None  # update inside backward (lowmem only); None: True for lomo/adalomo, else False
-learning_rate = None  # None: DEFAULT_LR[optimizer]
-weight_decay = None  # None: DEFAULT_WD[optimizer]
-beta1 = 0.9
-beta2 = 0.99
-grad_clip = None  # global norm, 0 = off; None: DEFAULT_CLIP[optimizer]
+learning_rate = None  # None: DEFAULT_LR[optimizer] (adamw 1e-2, adam_mini 1e-2, adalomo 0.05, lomo 0.1, sgd 0.1)
+weight_decay = None  # None: DEFAULT_WD[optimizer] (0.1 for adamw, adam_mini; 0 for the others)
+beta1 = 0.9  # adamw, adam_mini
+beta2 = 0.99  # adamw, adam_mini (0.99: a small model with few tokens per step, as nanoGPT's char runs)
+grad_clip = None  # global norm, 0 = off; None: DEFAULT_CLIP[optimizer] (1.0; 0 for adalomo)
 stochastic_rounding = True  # bf16 parameters, lowmem optimizers
-batch_size = 12
+batch_size = 12  # sequences per micro-batch
 gradient_accumulation_steps = 1  # classic driver only: a fused backward is a whole step
-max_iters = 1500
-warmup_iters = 100
+max_iters = 1500  # optimizer steps
+warmup_iters = 100  # linear lr warmup, then cosine decay
 lr_decay_iters = None  # None: max_iters
 min_lr = None  # None: learning_rate / 10
 # system
 device = "auto"  # auto | cpu | cuda | cuda:N | mps
 dtype = "float32"  # parameter dtype: float32 | bfloat16 | float16 (fp16 needs a fused driver)
 amp = False  # bf16 autocast of forward/backward with fp32 parameters (CUDA; nanoGPT's default)
-compile = False
-seed = 1337
+compile = False  # torch.compile the model (needs a C++ compiler on the CPU; slow to start)
+seed = 1337  # model init, data order and the sample
 # ----------------------------------------------------------------------------------------
 
 # Tuned on the default model: the lr sweeps of `python bench.py converge` and, for AdaLomo,
@@ -82,7 +86,7 @@ DEFAULT_WD = {"adamw": 0.1, "adam_mini": 0.1, "adalomo": 0.0, "lomo": 0.0, "sgd"
 # grouped update normalization replaces it (AdaLomo paper 3.2; its official code clips nothing).
 DEFAULT_CLIP = {"adamw": 1.0, "adam_mini": 1.0, "adalomo": 0.0, "lomo": 1.0, "sgd": 1.0}
 OPTIMIZERS = tuple(DEFAULT_LR)
-OPTIONAL = {"fused": bool, "learning_rate": float, "lr_decay_iters": int, "min_lr": float, "weight_decay": float,
+OPTIONAL = {"out_dir": str, "fused": bool, "learning_rate": float, "lr_decay_iters": int, "min_lr": float, "weight_decay": float,
             "grad_clip": float}
 CONFIG_KEYS = [k for k, v in list(globals().items()) if not k.startswith("_") and k.islower()
                and (isinstance(v, (int, float, bool, str)) or k in OPTIONAL)]
@@ -213,11 +217,21 @@ class GPT(nn.Module):
         return model
 
     @torch.no_grad()
-    def generate(self, idx, max_new_tokens):
-        """Greedy decoding (argmax), cropped to the last block_size tokens."""
+    def generate(self, idx, max_new_tokens, temperature=1.0, top_k=None, generator=None):
+        """Sample max_new_tokens tokens (nanoGPT's sample.py): logits / temperature, keep the top_k,
+        draw with `generator` (seeded: the same sample every run). temperature=0 is greedy."""
         for _ in range(max_new_tokens):
-            logits, _ = self(idx[:, -self.config.block_size:])
-            idx = torch.cat([idx, logits[:, -1].argmax(-1, keepdim=True)], dim=1)
+            logits = self(idx[:, -self.config.block_size:])[0][:, -1].float()
+            if temperature == 0:
+                next_id = logits.argmax(-1, keepdim=True)
+            else:
+                logits = logits / temperature
+                if top_k:
+                    kth = torch.topk(logits, min(top_k, logits.size(-1))).values[:, -1:]
+                    logits = logits.masked_fill(logits < kth, float("-inf"))
+                probs = F.softmax(logits, dim=-1)
+                next_id = torch.multinomial(probs.cpu(), 1, generator=generator).to(idx.device)
+            idx = torch.cat([idx, next_id], dim=1)
         return idx
 
 
@@ -227,7 +241,7 @@ class GPT(nn.Module):
 def hf_file(path, name):
     full = os.path.join(path, name)
     if not os.path.isfile(full):
-        raise FileNotFoundError(f"{path}: {name} not found (expected a Hugging Face checkpoint directory)")
+        raise MissingInput(f"{path}: {name} not found (expected a Hugging Face checkpoint directory)")
     return full
 
 
@@ -253,7 +267,7 @@ def hf_tensors(path):
             else:
                 yield from torch.load(full, map_location="cpu", weights_only=True, mmap=True).items()
         return
-    raise FileNotFoundError(f"{path}: no model.safetensors, sharded safetensors or pytorch_model.bin")
+    raise MissingInput(f"{path}: no model.safetensors, sharded safetensors or pytorch_model.bin")
 
 
 def load_hf_weights(path, params, arch, convert, tied=()):
@@ -267,14 +281,14 @@ def load_hf_weights(path, params, arch, convert, tied=()):
             continue
         name, tensor = converted
         if name not in params:
-            raise ValueError(f"{path}: unexpected weight {name!r} for {arch}")
+            raise InputError(f"{path}: unexpected weight {name!r} for {arch}")
         if tuple(tensor.shape) != tuple(params[name].shape):
-            raise ValueError(f"{path}: {name} has shape {tuple(tensor.shape)}, expected {tuple(params[name].shape)}")
+            raise InputError(f"{path}: {name} has shape {tuple(tensor.shape)}, expected {tuple(params[name].shape)}")
         params[name].copy_(tensor)
         loaded.add(name)
     missing = set(params) - loaded - set(tied)
     if missing:
-        raise ValueError(f"{path}: weights missing from the checkpoint: {sorted(missing)[:5]}")
+        raise InputError(f"{path}: weights missing from the checkpoint: {sorted(missing)[:5]}")
 
 
 # ----------------------------------------------------------------------------------------
@@ -335,7 +349,7 @@ class Data:
 
     def __init__(self, directory, block_size):
         if not os.path.isdir(directory):
-            raise FileNotFoundError(f"dataset={directory!r} is not a directory (expected train.bin and val.bin "
+            raise MissingInput(f"dataset={directory!r} is not a directory (expected train.bin and val.bin "
                                     "as written by nanoGPT's prepare.py, or dataset=stdlib)")
         self.dir, self.block_size = directory, block_size
         self.vocab_size, self.tokenizer = self._read_meta()
@@ -343,15 +357,15 @@ class Data:
         for split in ("train", "val"):
             path = os.path.join(directory, f"{split}.bin")
             if not os.path.isfile(path):
-                raise FileNotFoundError(f"dataset {directory!r}: {split}.bin is missing")
+                raise MissingInput(f"dataset {directory!r}: {split}.bin is missing")
             size = os.path.getsize(path)
             if size % 2:
-                raise ValueError(f"dataset {path}: {size} bytes is not a whole number of uint16 tokens (corrupt?)")
+                raise InputError(f"dataset {path}: {size} bytes is not a whole number of uint16 tokens (corrupt?)")
             if size // 2 < block_size + 2:
-                raise ValueError(f"dataset {path}: {size // 2} tokens, fewer than block_size + 2 = {block_size + 2}")
+                raise InputError(f"dataset {path}: {size // 2} tokens, fewer than block_size + 2 = {block_size + 2}")
             head = np.memmap(path, dtype=np.uint16, mode="r")[:1 << 24]
             if int(head.max()) >= self.vocab_size:
-                raise ValueError(f"dataset {path}: token id {int(head.max())} >= vocab_size {self.vocab_size} (corrupt, "
+                raise InputError(f"dataset {path}: token id {int(head.max())} >= vocab_size {self.vocab_size} (corrupt, "
                                  "or a meta.json/meta.pkl with the wrong vocab_size)")
             self.paths[split] = path
 
@@ -373,7 +387,7 @@ class Data:
         ix = torch.randint(len(data) - self.block_size - 1, (batch_size,), generator=generator).tolist()
         xy = torch.from_numpy(np.stack([data[i:i + self.block_size + 1] for i in ix]).astype(np.int64))
         if int(xy.max()) >= self.vocab_size:
-            raise ValueError(f"dataset {self.paths[split]}: token id {int(xy.max())} >= vocab_size {self.vocab_size}")
+            raise InputError(f"dataset {self.paths[split]}: token id {int(xy.max())} >= vocab_size {self.vocab_size}")
         if str(device).startswith("cuda"):
             xy = xy.pin_memory().to(device, non_blocking=True)
         else:
@@ -395,10 +409,30 @@ class Data:
 # ----------------------------------------------------------------------------------------
 # config parsing: strict (unknown keys and wrong types are errors, before anything runs)
 
-def parse_config(argv, defaults=None, optional=None, validate=None):
+class InputError(ValueError):
+    """A problem with what the user gave (data, checkpoint, config.json): the scripts report it
+    as one line, without a traceback (tracebacks are for bugs)."""
+
+
+class MissingInput(InputError, FileNotFoundError):
+    """A file or directory the user named does not exist."""
+
+
+def main(train_fn, script, defaults=None, optional=None, validate=None, argv=None):
+    """Command line entry of both scripts: parse the config, train; bad input is one line."""
+    try:
+        train_fn(parse_config(sys.argv[1:] if argv is None else argv, defaults, optional, validate, script))
+    except InputError as e:
+        raise SystemExit(f"error: {e}") from None
+
+
+def parse_config(argv, defaults=None, optional=None, validate=None, script=__file__):
     """Defaults <- config files (Python assignments, nanoGPT style) <- --key=value, in order.
-    train_llama.py calls this with its own defaults and validator."""
+    train_llama.py calls this with its own defaults and validator. -h/--help prints the keys."""
     defaults, optional = defaults or DEFAULTS, OPTIONAL if optional is None else optional
+    if "-h" in argv or "--help" in argv:
+        print(config_help(script, defaults))
+        raise SystemExit(0)
     cfg = dict(defaults)
     for arg in argv:
         if arg.startswith("--"):
@@ -417,6 +451,24 @@ def parse_config(argv, defaults=None, optional=None, validate=None):
                     _set(cfg, defaults, optional, key, value, arg)
     (validate or validate_gpt2)(cfg)
     return cfg
+
+
+def config_help(script, defaults):
+    """The script's docstring, then every config key with its default and its comment, read
+    from the config block at the top of `script` (the block is the documentation)."""
+    with open(script) as f:
+        source = f.read()
+    doc = ast.get_docstring(ast.parse(source)) or ""
+    lines = [doc, "", "Config keys (--key=value, or a config file of such assignments as Python):"]
+    block = source.split("# config:", 1)[1].split("\n# ---", 1)[0].splitlines()[1:]
+    for line in block:
+        key, sep, rest = line.partition(" = ")
+        if sep and key in defaults:
+            comment = rest.split("  # ", 1)[1] if "  # " in rest else ""
+            lines.append((f"  --{key}={defaults[key]!r}".ljust(40) + f" {comment}").rstrip())
+        elif line.startswith("# "):
+            lines.append(f" {line[2:]}:")
+    return "\n".join(lines)
 
 
 def _literal(text):
@@ -442,10 +494,12 @@ def config_error(msg):
     raise SystemExit(f"config: {msg}")
 
 
-def validate_training(cfg, optimizers):
-    """Checks shared by train_gpt2.py and train_llama.py; fills the None defaults."""
+def validate_training(cfg, optimizers, script, default_lr=None):
+    """Checks shared by train_gpt2.py and train_llama.py ('gpt2', 'llama'); fills the None defaults.
+    `optimizers` maps each name to its default lr, unless default_lr(cfg) gives that table."""
     if cfg["optimizer"] not in optimizers:
         config_error(f"optimizer must be one of {', '.join(optimizers)}, got {cfg['optimizer']!r}")
+    cfg["out_dir"] = cfg["out_dir"] or f"out-{script}-{cfg['optimizer']}"
     if cfg["fused"] is None:
         cfg["fused"] = cfg["optimizer"] in ("lomo", "adalomo")
     if cfg["fused"] and cfg["optimizer"] in ("adamw", "sgd"):
@@ -463,22 +517,53 @@ def validate_training(cfg, optimizers):
         if cfg[key] < 1:
             config_error(f"{key} must be >= 1, got {cfg[key]}")
     if cfg["learning_rate"] is None:
-        cfg["learning_rate"] = optimizers[cfg["optimizer"]]
+        cfg["learning_rate"] = (default_lr(cfg) if default_lr else optimizers)[cfg["optimizer"]]
     if cfg["weight_decay"] is None:
         cfg["weight_decay"] = DEFAULT_WD[cfg["optimizer"]]
     if cfg["grad_clip"] is None:
         cfg["grad_clip"] = DEFAULT_CLIP[cfg["optimizer"]]
-    if cfg["grad_clip"] < 0:
-        config_error(f"grad_clip must be >= 0 (0 = off), got {cfg['grad_clip']}")
     cfg["lr_decay_iters"] = cfg["lr_decay_iters"] or cfg["max_iters"]
     cfg["min_lr"] = cfg["learning_rate"] / 10 if cfg["min_lr"] is None else cfg["min_lr"]
+    for key in ("learning_rate", "min_lr", "weight_decay", "grad_clip", "warmup_iters"):
+        if cfg[key] < 0:
+            config_error(f"{key} must be >= 0, got {cfg[key]}")
+    for key in ("beta1", "beta2"):
+        if not 0 <= cfg[key] < 1:
+            config_error(f"{key} must be in [0, 1), got {cfg[key]}")
+    check_device(cfg["device"])
+
+
+def check_device(name):
+    """A device this machine has, or a config error now (not torch's assertion mid-run)."""
+    if name == "auto":
+        return
+    try:
+        dev = torch.device(name)
+    except RuntimeError:
+        config_error(f"device must be auto, cpu, cuda, cuda:N or mps, got {name!r}")
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        config_error(f"device={name!r}, but this torch ({torch.__version__}) sees no CUDA GPU: use --device=cpu, "
+                     "or a CUDA build of torch on a machine with an NVIDIA GPU")
+    if dev.type == "cuda" and (dev.index or 0) >= torch.cuda.device_count():
+        config_error(f"device={name!r}, but this machine has {torch.cuda.device_count()} CUDA device(s)")
+    if dev.type == "mps" and not torch.backends.mps.is_available():
+        config_error(f"device={name!r}, but MPS is not available on this machine: use --device=cpu")
+    if dev.type not in ("cpu", "cuda", "mps"):
+        config_error(f"device must be auto, cpu, cuda, cuda:N or mps, got {name!r}")
 
 
 def validate_gpt2(cfg):
-    validate_training(cfg, DEFAULT_LR)
+    validate_training(cfg, DEFAULT_LR, "gpt2")
     for key in ("block_size", "n_layer", "n_head", "n_embd"):
         if cfg[key] < 1:
             config_error(f"{key} must be >= 1, got {cfg[key]}")
+    for key in ("sample_tokens", "temperature", "top_k"):
+        if cfg[key] < 0:
+            config_error(f"{key} must be >= 0, got {cfg[key]}")
+    if not 0 <= cfg["dropout"] < 1:
+        config_error(f"dropout must be in [0, 1), got {cfg['dropout']}")
+    if cfg["n_embd"] % cfg["n_head"]:
+        config_error(f"n_embd ({cfg['n_embd']}) must be a multiple of n_head ({cfg['n_head']})")
 
 
 # ----------------------------------------------------------------------------------------
@@ -553,15 +638,63 @@ def leave_process_group(world):
         dist.destroy_process_group()
 
 
+def read_checkpoint(path, mmap=False):
+    """torch.load of a checkpoint after checking it: torch.load reads a file with flipped bytes
+    without a word, so every record's CRC-32 (torch.save writes a zip archive) is checked first.
+    A damaged file is refused by name and left as it is."""
+    try:
+        with zipfile.ZipFile(path) as archive:
+            bad = archive.testzip()  # reads every record and compares its CRC-32
+    except Exception as e:  # empty, truncated, not a zip: whatever cannot be read is damage
+        raise InputError(f"{path} is damaged or not a checkpoint ({type(e).__name__}: {e}); it was left as it is") from None
+    if bad is not None:
+        raise InputError(f"{path} is damaged (record {bad!r} fails its CRC-32 check); it was left as it is")
+    try:
+        return torch.load(path, map_location="cpu", weights_only=False, mmap=mmap)
+    except Exception as e:
+        raise InputError(f"{path} is not a checkpoint of these scripts ({type(e).__name__}: {e})") from None
+
+
+def _run_keys(config):
+    """The config keys that define a run (not how it is launched, resumed or logged)."""
+    ignore = {"init_from", "overwrite", "device", "compile", "log_interval", "sample_tokens", "init_from_base"}
+    return {k: v for k, v in config.items() if k not in ignore}
+
+
 def load_checkpoint(cfg, arch_keys):
     path = os.path.join(cfg["out_dir"], "ckpt.pt")
     if not os.path.isfile(path):
-        raise SystemExit(f"init_from=resume: no checkpoint at {path}")
-    ckpt = torch.load(path, map_location="cpu", weights_only=False)
-    changed = [k for k in arch_keys if ckpt["config"][k] != cfg[k]]
+        raise MissingInput(f"init_from=resume: no checkpoint at {path}")
+    try:
+        ckpt = read_checkpoint(path)
+    except InputError as e:
+        raise InputError(f"init_from=resume: {e}. Resume from a copy, or start a new run in another out_dir") from None
+    changed = [f"{k}={ckpt['config'][k]!r} there, {cfg[k]!r} here" for k in ("optimizer", *arch_keys)
+               if ckpt["config"][k] != cfg[k]]
     if changed:
-        raise SystemExit(f"init_from=resume: {', '.join(changed)} differ from the checkpoint's config")
+        raise InputError(f"init_from=resume: {path} was written with other settings ({'; '.join(changed)}); "
+                         "resume with the checkpoint's values, or start a new run in another out_dir")
     return ckpt
+
+
+def check_out_dir(cfg):
+    """A new run must not replace a checkpoint that a different configuration wrote to out_dir.
+    (The same configuration retrains to the same result, so it may: nothing is lost.)"""
+    path = os.path.join(cfg["out_dir"], "ckpt.pt")
+    if cfg["init_from"] == "resume" or cfg["overwrite"] or not os.path.isfile(path):
+        return
+    hint = "choose another --out_dir, or pass --overwrite=True to replace it"
+    try:
+        ckpt = read_checkpoint(path, mmap=True)
+    except InputError as e:
+        raise InputError(f"out_dir {cfg['out_dir']!r}: {e}. Resume from a copy, {hint}") from None
+    old, new = _run_keys(ckpt["config"]), _run_keys(cfg)
+    changed = [f"{k}={old.get(k)!r} there, {new.get(k)!r} here" for k in [*new, *(set(old) - set(new))]
+               if old.get(k) != new.get(k)]
+    if changed:
+        raise InputError(f"out_dir {cfg['out_dir']!r} holds the checkpoint of another run (iter {ckpt['iter_num']}; "
+                         f"{'; '.join(changed[:4])}{'; ...' if len(changed) > 4 else ''}). Resume it with "
+                         f"--init_from=resume, {hint}")
 
 
 def save_checkpoint(cfg, model, opt, it, best_val, data_gen):
@@ -569,7 +702,16 @@ def save_checkpoint(cfg, model, opt, it, best_val, data_gen):
             "best_val_loss": best_val, "data_rng": data_gen.get_state(), "torch_rng": torch.get_rng_state()}
     path = os.path.join(cfg["out_dir"], "ckpt.pt")
     tmp = f"{path}.tmp{os.getpid()}"
-    torch.save(ckpt, tmp)
+    # read_checkpoint checks the CRC-32s: never save without them, whatever the global setting
+    settings = getattr(getattr(torch.utils, "serialization", None), "config", None)  # torch >= 2.6
+    crc = settings.save.compute_crc32 if settings else True
+    try:
+        if settings:
+            settings.save.compute_crc32 = True
+        torch.save(ckpt, tmp)
+    finally:
+        if settings:
+            settings.save.compute_crc32 = crc
     os.replace(tmp, path)  # atomic: a crash leaves the old checkpoint intact
 
 
@@ -596,6 +738,7 @@ class Trainer:
             self.train_model = torch.compile(self.train_model)
         self.autocast = torch.autocast(dev.type, dtype=torch.bfloat16) if cfg["amp"] else nullcontext()
         self.log = print if rank == 0 else (lambda *a, **k: None)
+        check_out_dir(cfg)  # on every rank, so that all of them stop
         if rank == 0:
             os.makedirs(cfg["out_dir"], exist_ok=True)
 
@@ -690,8 +833,10 @@ def train(cfg):
                           tokens_per_iter)
     if rank == 0 and cfg["sample_tokens"]:
         prompt = data.batch("val", 1, torch.Generator().manual_seed(0), dev)[0][:, :32]
-        out = model.eval().generate(prompt, cfg["sample_tokens"])[0].tolist()
-        trainer.log(f"greedy sample (prompt: 32 val tokens):\n{data.decode(out)}\n")
+        out = model.eval().generate(prompt, cfg["sample_tokens"], cfg["temperature"], cfg["top_k"],
+                                    torch.Generator().manual_seed(cfg["seed"]))[0].tolist()
+        trainer.log(f"sample (temperature {cfg['temperature']:g}, top_k {cfg['top_k']}; prompt: 32 val tokens):"
+                    f"\n{data.decode(out)}\n")
     trainer.log(f"done: {cfg['max_iters']} iters | best val loss {history['best_val']:.4f} | peak memory "
                 f"{history['peak_mb']:,.0f} MB | optimizer state {history['state_bytes'] / 2 ** 20:.2f} MB")
     leave_process_group(world)
@@ -711,4 +856,4 @@ def build_model(cfg, data):
 
 
 if __name__ == "__main__":
-    train(parse_config(sys.argv[1:]))
+    main(train, __file__)

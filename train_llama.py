@@ -28,8 +28,9 @@ import train_gpt2 as common
 
 # ----------------------------------------------------------------------------------------
 # config: plain globals, overridden by a config file and --key=value
-out_dir = "out-llama"
+out_dir = None  # None: out-llama-{optimizer}
 init_from = "scratch"  # scratch (offline demo) | resume | a Hugging Face LLaMA directory
+overwrite = False  # let a new run replace a checkpoint that another configuration wrote to out_dir
 data = "stdlib"  # stdlib (Q&A pairs from the standard library's docstrings) | a JSONL file
 val_data = ""  # JSONL for the val loss; '' holds out every 10th example of data
 mc_eval = ""  # JSONL {"prompt", "choices", "label"} scored by mean log-likelihood (LOMO paper)
@@ -37,36 +38,36 @@ save_dir = ""  # where the fine-tuned model is written as a HF directory ('' : o
 max_length = 192  # tokens per example; longer ones are truncated (and counted)
 pretrain_iters = 400  # scratch only: byte-level LM pre-training before fine-tuning
 # model, scratch only (a real checkpoint brings its own config.json)
-hidden_size = 128
-intermediate_size = 352
-num_hidden_layers = 4
-num_attention_heads = 4
-num_key_value_heads = 2
-activation_checkpointing = False
+hidden_size = 128  # model width
+intermediate_size = 352  # SwiGLU MLP width
+num_hidden_layers = 4  # decoder layers
+num_attention_heads = 4  # query heads
+num_key_value_heads = 2  # key/value heads (grouped-query attention)
+activation_checkpointing = False  # recompute each layer in backward: less activation memory, more compute
 # optimizer
 optimizer = "adalomo"  # adalomo | lomo | adam_mini | adamw
 fused = None  # None: True for lomo/adalomo
 learning_rate = None  # None: DEFAULT_LR (5e-4 for adalomo, as the AdaLomo paper); DEMO_LR for scratch
-weight_decay = 0.0
-beta1 = 0.9
-beta2 = 0.95
+weight_decay = 0.0  # decoupled, p *= 1 - lr*wd (Adam-mini skips 1-D tensors)
+beta1 = 0.9  # adam_mini, adamw
+beta2 = 0.95  # adam_mini, adamw
 grad_clip = None  # None: 1.0, except 0 (off) for adalomo (train_gpt2.DEFAULT_CLIP)
-stochastic_rounding = True
-batch_size = 8
-gradient_accumulation_steps = 1
-max_iters = 200
-warmup_iters = 10
-lr_decay_iters = None
-min_lr = None
+stochastic_rounding = True  # bf16 parameters, lowmem optimizers
+batch_size = 8  # examples per micro-batch
+gradient_accumulation_steps = 1  # classic driver only: a fused backward is a whole step
+max_iters = 200  # fine-tuning steps
+warmup_iters = 10  # linear lr warmup, then lr_schedule decay
+lr_decay_iters = None  # None: max_iters
+min_lr = None  # None: learning_rate / 10
 lr_schedule = "cosine"  # cosine | linear
-eval_interval = 100
+eval_interval = 100  # iterations between val-loss evaluations (each also saves out_dir/ckpt.pt)
 eval_iters = 10  # pre-training val batches (fine-tuning val loss is over the whole val set)
-log_interval = 20
-device = "auto"
+log_interval = 20  # iterations between progress lines
+device = "auto"  # auto | cpu | cuda | cuda:N | mps
 dtype = "float32"  # parameters; bfloat16 is the memory-saving setting for real models
-amp = False
-compile = False
-seed = 1337
+amp = False  # bf16 autocast of forward/backward with fp32 parameters (CUDA)
+compile = False  # torch.compile the model (slow to start)
+seed = 1337  # model init and data order
 # ----------------------------------------------------------------------------------------
 
 DEFAULT_LR = {"adalomo": 5e-4, "lomo": 1e-2, "adam_mini": 1e-5, "adamw": 1e-5}  # real checkpoints
@@ -142,7 +143,7 @@ def rope_inv_freq(config):
         medium = (wavelen >= old_len / high) & (wavelen <= old_len / low)
         return torch.where(medium, blended, scaled)
     if kind != "default":
-        raise ValueError(f"rope_scaling type {kind!r} is not supported (default, linear, llama3 are)")
+        raise common.InputError(f"rope_scaling type {kind!r} is not supported (default, linear, llama3 are)")
     return inv_freq
 
 
@@ -354,7 +355,7 @@ class HFTokenizer:
 def read_jsonl(path, kind="sft"):
     """Examples as (prompt, response) pairs (kind='sft') or MC dicts; errors name the line."""
     if not os.path.isfile(path):
-        raise FileNotFoundError(f"{path}: no such JSONL file")
+        raise common.MissingInput(f"{path}: no such JSONL file")
     out = []
     with open(path, encoding="utf-8") as f:
         for n, line in enumerate(f, 1):
@@ -363,33 +364,33 @@ def read_jsonl(path, kind="sft"):
             try:
                 ex = json.loads(line)
             except json.JSONDecodeError as e:
-                raise ValueError(f"{path}:{n}: not valid JSON ({e.msg})") from None
+                raise common.InputError(f"{path}:{n}: not valid JSON ({e.msg})") from None
             out.append(_parse_example(ex, kind, f"{path}:{n}"))
     if not out:
-        raise ValueError(f"{path}: no examples")
+        raise common.InputError(f"{path}: no examples")
     return out
 
 
 def _parse_example(ex, kind, where):
     def text(key):
         if not isinstance(ex.get(key), str):
-            raise ValueError(f"{where}: {key!r} must be a string")
+            raise common.InputError(f"{where}: {key!r} must be a string")
         return ex[key]
     if not isinstance(ex, dict):
-        raise ValueError(f"{where}: expected a JSON object")
+        raise common.InputError(f"{where}: expected a JSON object")
     if kind == "mc":
         choices, label = ex.get("choices"), ex.get("label")
         if not (isinstance(choices, list) and len(choices) >= 2 and all(isinstance(c, str) for c in choices)):
-            raise ValueError(f"{where}: 'choices' must be a list of at least two strings")
+            raise common.InputError(f"{where}: 'choices' must be a list of at least two strings")
         if not (isinstance(label, int) and 0 <= label < len(choices)):
-            raise ValueError(f"{where}: 'label' must be an index into choices")
+            raise common.InputError(f"{where}: 'label' must be an index into choices")
         return {"prompt": text("prompt"), "choices": choices, "label": label}
     if "prompt" in ex:
         return text("prompt"), text("response")
     if "instruction" in ex:  # Alpaca's template
         extra = f"\n\n### Input:\n{text('input')}" if ex.get("input") else ""
         return f"### Instruction:\n{text('instruction')}{extra}\n\n### Response:\n", text("output")
-    raise ValueError(f"{where}: expected keys prompt/response or instruction/input/output")
+    raise common.InputError(f"{where}: expected keys prompt/response or instruction/input/output")
 
 
 def tokenize_pairs(pairs, tok, max_length):
@@ -482,7 +483,8 @@ def mc_from_pairs(pairs, n_choices=4):
 # training
 
 def validate(cfg):
-    common.validate_training(cfg, DEMO_LR if _base_model(cfg) == "scratch" else DEFAULT_LR)
+    common.validate_training(cfg, DEFAULT_LR, "llama",
+                            lambda cfg: DEMO_LR if _base_model(cfg) == "scratch" else DEFAULT_LR)
     if cfg["lr_schedule"] not in ("cosine", "linear"):
         common.config_error(f"lr_schedule must be cosine or linear, got {cfg['lr_schedule']!r}")
     if cfg["max_length"] < 8:
@@ -518,7 +520,7 @@ def _base_model(cfg):
     path = os.path.join(cfg["out_dir"], "ckpt.pt")
     if cfg["init_from"] != "resume" or not os.path.isfile(path):
         return cfg["init_from"]
-    return torch.load(path, map_location="cpu", mmap=True, weights_only=False)["config"]["init_from_base"]
+    return common.read_checkpoint(path, mmap=True)["config"]["init_from_base"]
 
 
 ARCH_KEYS = ("data", "max_length", "hidden_size", "intermediate_size", "num_hidden_layers",
@@ -563,7 +565,8 @@ def pretrain(model, cfg, dev, rank, world):
         return full, full  # Llama shifts labels itself
 
     gen = torch.Generator().manual_seed(cfg["seed"] + 1)
-    trainer.log(f"pre-training {model_size(model)} on Python's docs (bytes) for {cfg['pretrain_iters']} iters")
+    trainer.log(f"pre-training {model_size(model)} on Python's docs (bytes) for {cfg['pretrain_iters']} iters "
+                f"at lr {pcfg['learning_rate']:g} (train_gpt2.DEFAULT_LR['{cfg['optimizer']}'])")
     trainer.run(lambda: windows(trainer.data_gen), lambda: common.estimate_loss(model, lambda: windows(gen), cfg["eval_iters"]),
                 cfg["batch_size"] * cfg["max_length"] * world)
 
@@ -580,7 +583,7 @@ def train(cfg):
     train_set, val_set, cut, mc = load_data(cfg, tok)
     log(f"{model_size(model)} | {len(train_set)} train / {len(val_set)} val examples ({cut} truncated to "
         f"max_length {cfg['max_length']}) | {cfg['optimizer']} ({'fused' if cfg['fused'] else 'classic'}) "
-        f"lr {cfg['learning_rate']:g} | {cfg['dtype']} on {dev}{f' x{world}' if world > 1 else ''}")
+        f"fine-tuning lr {cfg['learning_rate']:g} | {cfg['dtype']} on {dev}{f' x{world}' if world > 1 else ''}")
     if cfg["init_from_base"] == "scratch" and not ckpt:
         log("SMOKE RUN of the pipeline on a tiny model and stdlib text, not a useful model. "
             "Fine-tune a real checkpoint with --init_from=DIR --data=FILE.jsonl")
@@ -620,4 +623,4 @@ def train(cfg):
 
 
 if __name__ == "__main__":
-    train(common.parse_config(sys.argv[1:], DEFAULTS, OPTIONAL, validate))
+    common.main(train, __file__, DEFAULTS, OPTIONAL, validate)
