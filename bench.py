@@ -4,6 +4,7 @@
     python bench.py speed    [--device cpu|cuda] [--quick] [--json]
     python bench.py converge [--quick] [--json]
     python bench.py kernels  [--device cpu|cuda] [--dtype float32|bfloat16] [--params 50e6] [--json]
+    python bench.py gpu      [--report gpu_report.md]    # on a GPU machine: every GPU check, one report
 
 memory: peak memory of a few training steps per optimizer, each in a fresh process (CPU: peak
 RSS minus the RSS after the model is built, glibc told to return freed blocks; CUDA:
@@ -18,12 +19,16 @@ ratios to torch's fused AdamW, to the official packages' step, and to a plain co
 in the same run. The step is memory-bound, so GB/s against the copy is the figure of merit.
 """
 import argparse
+import contextlib
 import copy
+import io
 import json
 import os
+import shutil
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 
 import torch
@@ -42,10 +47,11 @@ BYTES = {
 
 
 def timed(fn, device, repeats):
-    """Median wall time (ms) of fn() after one warm-up call."""
-    fn()
+    """Median wall time (ms) of fn() after one warm-up call (repeats=0: one call, timed)."""
+    if repeats:
+        fn()
     times = []
-    for _ in range(repeats):
+    for _ in range(max(repeats, 1)):
         if device == "cuda":
             torch.cuda.synchronize()
         t0 = time.perf_counter()
@@ -160,24 +166,37 @@ SIZES = {  # (layers, width, context, batch); each memory row runs well under a 
     "gpt": {"full": (8, 1024, 64, 2), "activations": (8, 512, 256, 8), "quick": (2, 128, 64, 4),
             "speed": (12, 128, 128, 8), "gpu": (12, 768, 1024, 8)},
     "llama": {"full": (8, 1024, 64, 2), "activations": (8, 512, 256, 8), "quick": (2, 128, 64, 4),
-              "speed": (12, 128, 128, 8), "gpu": (16, 2048, 1024, 4)},
+              "speed": (12, 128, 128, 8), "gpu": (16, 2048, 1024, 4), "1b": (16, 2048, 512, 4)},
 }
+# Llama-3.2-1B's published config.json (random init here: nothing is downloaded).
+LLAMA_3_2_1B = dict(vocab_size=128256, hidden_size=2048, intermediate_size=8192, num_hidden_layers=16,
+                    num_attention_heads=32, num_key_value_heads=8, head_dim=64, tie_word_embeddings=True,
+                    rope_theta=500000.0, max_position_embeddings=131072, rope_scaling=dict(
+                        rope_type="llama3", factor=32.0, low_freq_factor=1.0, high_freq_factor=4.0,
+                        original_max_position_embeddings=8192))
+
+
+def _model(model_kind, size, layers, width, block):
+    import train_gpt2
+    import train_llama
+    if model_kind == "gpt":
+        vocab = 50304 if size == "gpu" else 256
+        return train_gpt2.GPT(train_gpt2.GPTConfig(block, vocab, layers, width // 64 or 2, width))
+    if size == "1b":
+        return train_llama.Llama(train_llama.LlamaConfig.from_hf(LLAMA_3_2_1B))
+    vocab = 32000 if size == "gpu" else 260
+    return train_llama.Llama(train_llama.LlamaConfig(vocab, width, int(width * 8 / 3) // 32 * 32, layers,
+                                                     max(width // 64, 2), max(width // 128, 1)))
 
 
 def build(model_kind, size, device, dtype, seed=0):
     """A model from train_gpt2 (GPT-2 124M for size 'gpu') or train_llama, and a batch function."""
-    import train_gpt2
-    import train_llama
     layers, width, block, batch = SIZES[model_kind][size]
     torch.manual_seed(seed)
-    if model_kind == "gpt":
-        vocab = 50304 if size == "gpu" else 256
-        model = train_gpt2.GPT(train_gpt2.GPTConfig(block, vocab, layers, width // 64 or 2, width))
-    else:
-        vocab = 32000 if size == "gpu" else 260
-        model = train_llama.Llama(train_llama.LlamaConfig(vocab, width, int(width * 8 / 3) // 32 * 32, layers,
-                                                          max(width // 64, 2), max(width // 128, 1)))
-    model.to(device=device, dtype=dtype)
+    with torch.device(device):  # initialized where it trains: a 1B model's init is slow on the CPU
+        model = _model(model_kind, size, layers, width, block)
+    model.to(dtype=dtype)
+    vocab = model.config.vocab_size
     gen = torch.Generator().manual_seed(seed)
 
     def batch_fn():
@@ -238,13 +257,14 @@ def memory_row(spec):
     if opt is None:
         for p in model.parameters():
             p.register_post_accumulate_grad_hook(lambda p: setattr(p, "grad", None))
+    times = []
     for _ in range(spec["steps"]):
-        train_step(model, opt, batch_fn, spec["fused"])
+        times.append(timed(lambda: train_step(model, opt, batch_fn, spec["fused"]), device, 0))
     peak = torch.cuda.max_memory_allocated() if device == "cuda" else _proc_kb("VmHWM") * 1024
     import train_gpt2
     state = 0 if opt is None else train_gpt2.state_bytes(opt)
     return dict(params=sum(sizes), grads=max(sizes) if spec["fused"] else sum(sizes), state=state,
-                measured=peak - base)
+                measured=peak - base, ms=statistics.median(times[1:]))  # the first step warms up
 
 
 def _warm_up(spec, device, dtype):
@@ -262,13 +282,14 @@ def _warm_up(spec, device, dtype):
         loss.backward(), opt.step()
 
 
-def memory_rows(args):
+def memory_rows(args, size=None, names=None):
     env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="65536")  # REFERENCE 6: RSS tracks live bytes
-    size = "quick" if args.quick else ("gpu" if args.device == "cuda" else args.size)
+    size = size or ("quick" if args.quick else ("gpu" if args.device == "cuda" else args.size))
     rows = []
     for dtype in [args.dtype]:
         for label, opt, fused in MEMORY_ROWS:
-            if (args.quick and opt in ("sgd", "adalomo")) or (opt == "adam_mini_bf16_state" and dtype != "bfloat16"):
+            if (args.quick and opt in ("sgd", "adalomo")) or (opt == "adam_mini_bf16_state" and dtype != "bfloat16") \
+                    or (names and label not in names):
                 continue
             spec = dict(model=args.model, size=size, device=args.device, dtype=dtype, optimizer=opt, fused=fused,
                         steps=2 if args.quick else 3)
@@ -449,13 +470,134 @@ def print_converge(results, base, args):
     print("wrote assets/loss_curves.png")
 
 
+# ---------------------------------------------------------------------------- gpu: one command for a lent GPU
+
+GPU_RUNS = [("adamw", False), ("adam_mini", False), ("adam_mini", True), ("adalomo", True), ("lomo", True)]
+GPU_MEMORY_ROWS = ("no optimizer (grads freed)", "AdamW", "Adam-mini classic", "Adam-mini fused", "LOMO fused",
+                   "AdaLomo fused")
+
+
+def gpu_report(args):
+    """python bench.py gpu: the CUDA tests, the kernel tables (fp32, bf16), GPT-2 124M with each
+    optimizer with and without compile, and the Llama-3.2-1B shape's memory per optimizer, in one
+    markdown report (args.report). Sized for < 9 minutes on one H100. --quick --device=cpu runs a
+    tiny version of every stage (the tests do, so the command's own code is tested without a GPU)."""
+    if args.device != "cuda" and not args.quick:
+        raise SystemExit("bench.py gpu: needs a CUDA GPU (torch.cuda.is_available() is False here)")
+    start, sections, failed = time.time(), [], False
+    for title, stage in (("CUDA tests", _gpu_tests), ("Update kernels", _gpu_kernels),
+                         ("GPT-2 124M training", _gpu_gpt2), ("Llama-3.2-1B shape, bf16 fine-tuning", _gpu_llama)):
+        t0 = time.time()
+        print(f"bench.py gpu: {title} ...", file=sys.stderr)
+        try:
+            text, ok = stage(args)
+        except Exception as e:  # a stage that breaks is reported; the later stages still run
+            text, ok = f"FAILED: {type(e).__name__}: {e}", False
+        failed |= not ok
+        sections.append(f"## {title} ({time.time() - t0:.0f} s)\n\n{text}\n")
+    head = (f"# bench.py gpu report\n\n{_device_name(args.device)}, torch {torch.__version__}, lowmem "
+            f"{_git_commit()}, {time.time() - start:.0f} s in all{' (--quick)' if args.quick else ''}\n")
+    with open(args.report, "w") as f:
+        f.write("\n".join([head, *sections]))
+    print(open(args.report).read())
+    return 1 if failed else 0
+
+
+def _device_name(device):
+    return torch.cuda.get_device_name() if device == "cuda" else f"{device} ({torch.get_num_threads()} threads)"
+
+
+def _git_commit():
+    run = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
+                         cwd=os.path.dirname(os.path.abspath(__file__)))
+    return run.stdout.strip() or "(not a git checkout)"
+
+
+def _gpu_tests(args):
+    select = "kernel_argument_checks" if args.quick else "cuda"  # every test run on the cuda device, nvcc's build
+    run = subprocess.run([sys.executable, "-m", "pytest", "-q", "-k", select, "test_lowmem.py"], capture_output=True,
+                         text=True, timeout=300, cwd=os.path.dirname(os.path.abspath(__file__)))
+    lines = run.stdout.strip().splitlines()
+    return "```\n" + "\n".join(lines[-25:] if run.returncode else lines[-1:]) + "\n```", run.returncode == 0
+
+
+def _gpu_kernels(args):
+    params, repeats = (2e5, 2) if args.quick else (args.params, 20)
+    tables = []
+    for dtype in ("float32", "bfloat16"):
+        rows, n = kernel_rows(int(params), getattr(torch, dtype), args.device, repeats)
+        out = io.StringIO()
+        with contextlib.redirect_stdout(out):
+            print_kernels(rows, n, argparse.Namespace(dtype=dtype, device=args.device, repeats=repeats))
+        tables.append(f"```\n{out.getvalue()}```")
+    return "\n".join(tables), True
+
+
+def _gpu_gpt2(args):
+    """Each optimizer, eager and compiled, in a fresh process (clean peak-memory statistics)."""
+    data = _gpt2_vocab_data()
+    config = os.path.join(os.path.dirname(os.path.abspath(__file__)), "config", "gpt2_124m.py")
+    size = ["--n_layer=1", "--n_head=2", "--n_embd=32", "--block_size=32", "--batch_size=2"] if args.quick else []
+    iters = 4 if args.quick else 30
+    lines = ["| optimizer | driver | compile | ms/iter | tokens/s | peak MiB (max_memory_allocated) | loss |",
+             "|---|---|---|---|---|---|---|"]
+    ok = True
+    for compiled in ((False,) if args.quick else (False, True)):
+        for name, fused in (GPU_RUNS[::3] if args.quick else GPU_RUNS):
+            argv = [config, f"--dataset={data!r}", f"--optimizer={name!r}", f"--fused={fused}", f"--compile={compiled}",
+                    f"--max_iters={iters}", f"--eval_interval={iters}", "--eval_iters=1", f"--log_interval={iters // 3}",
+                    "--sample_tokens=0", "--gradient_accumulation_steps=1", "--overwrite=True", f"--device={args.device!r}",
+                    f"--out_dir={os.path.join(data, 'out')!r}", *size] + (["--amp=False"] if args.quick else [])
+            probe = ("import json, sys, train_gpt2; h = train_gpt2.train(train_gpt2.parse_config(sys.argv[1:])); "
+                     "print(json.dumps(dict(ms=h['ms_per_iter'], peak=h['peak_mb'], loss=h['train'][-1][1])))")
+            run = subprocess.run([sys.executable, "-c", probe, *argv], capture_output=True, text=True, timeout=300,
+                                 cwd=os.path.dirname(os.path.abspath(__file__)))
+            if run.returncode:
+                ok = False
+                lines.append(f"| {name} | {'fused' if fused else 'classic'} | {compiled} | FAILED: "
+                             f"{run.stderr.strip().splitlines()[-1] if run.stderr.strip() else run.returncode} | | | |")
+                continue
+            h = json.loads(run.stdout.strip().splitlines()[-1])
+            ms = statistics.median(h["ms"][1:] or h["ms"])  # the first interval holds compilation
+            tokens = (2 * 32 if args.quick else 12 * 1024)
+            lines.append(f"| {name} | {'fused' if fused else 'classic'} | {compiled} | {ms:.1f} | {tokens / ms * 1e3:,.0f} "
+                         f"| {h['peak']:,.0f} | {h['loss']:.3f} |")
+    return "\n".join(lines), ok
+
+
+def _gpt2_vocab_data():
+    """nanoGPT-format data with GPT-2's vocabulary size, made offline from the stdlib bytes."""
+    import train_gpt2
+    src, out = train_gpt2.prepare_stdlib(), os.path.join(tempfile.gettempdir(), "lowmem-gpu-data")
+    os.makedirs(out, exist_ok=True)
+    for split in ("train", "val"):
+        shutil.copy(os.path.join(src, f"{split}.bin"), out)
+    with open(os.path.join(out, "meta.json"), "w") as f:
+        json.dump({"vocab_size": 50304, "tokenizer": "ids"}, f)
+    return out
+
+
+def _gpu_llama(args):
+    ns = argparse.Namespace(model="llama", device=args.device, dtype="bfloat16", quick=args.quick)
+    names = GPU_MEMORY_ROWS[:2] if args.quick else GPU_MEMORY_ROWS
+    rows, size = memory_rows(ns, size="quick" if args.quick else "1b", names=names)
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out):
+        print_memory(rows, ns, size)
+    adamw = next(r for r in rows if r["name"] == "AdamW")
+    times = "\n".join(f"{r['name']:28s} {r['ms']:8.1f} ms/step  {r['total'] / 2 ** 30:6.2f} GiB  "
+                      f"{r['total'] / adamw['total']:.2f}x AdamW" for r in rows)
+    return f"```\n{out.getvalue()}```\n```\n{times}\n```", True
+
+
 def main():
     if len(sys.argv) == 3 and sys.argv[1] == "_memory_row":  # the fresh process of one memory row
         print(json.dumps(memory_row(json.loads(sys.argv[2]))))
         return
     formatter = type("Formatter", (argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter), {})
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=formatter)
-    ap.add_argument("command", choices=["memory", "speed", "converge", "kernels"], help="which table to measure")
+    ap.add_argument("command", choices=["memory", "speed", "converge", "kernels", "gpu"],
+                    help="which table to measure (gpu: every GPU check in one report)")
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="cpu or cuda")
     ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"], help="parameter dtype")
     ap.add_argument("--model", default="gpt", choices=["gpt", "llama"], help="memory: train_gpt2's or train_llama's model")
@@ -465,7 +607,10 @@ def main():
     ap.add_argument("--iters", type=int, default=150, help="converge: iterations per run")
     ap.add_argument("--quick", action="store_true", help="a reduced run of about a minute")
     ap.add_argument("--json", action="store_true", help="print the rows as JSON instead of a table")
+    ap.add_argument("--report", default="gpu_report.md", help="gpu: where the markdown report is written")
     args = ap.parse_args()
+    if args.command == "gpu":
+        sys.exit(gpu_report(args))
     if args.command == "memory":
         rows, size = memory_rows(args)
         print(json.dumps(rows, indent=1)) if args.json else print_memory(rows, args, size)

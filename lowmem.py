@@ -952,7 +952,7 @@ class AdamMini(_LowMemOptimizer):
         return self._starts[p]
 
 
-if __name__ == "__main__":  # python lowmem.py: a 20-second tour on a toy language model
+if __name__ == "__main__":  # python lowmem.py: a tour of a few seconds on a toy language model
     import time
     torch.manual_seed(0)
     vocab, dim, heads = 64, 64, 4

@@ -841,6 +841,17 @@ def test_hf_trainer_classic_adam_mini_equals_own_loop(tmp_path):
     assert len(calls) == 4 and max_diff(model, ref) < 1e-5
 
 
+def test_hf_trainer_own_clipping_is_a_no_op(tmp_path):
+    """README: the caller's clip_grad_norm_ sees no gradients (freed in backward); it changes nothing."""
+    runs = []
+    for clip in (0.0, 1e-3):
+        model = tiny_llama()
+        hf_trainer_run(tmp_path / str(clip), model, lowmem.LOMO(model, lr=0.05, update_in_backward=True),
+                       max_grad_norm=clip)
+        runs.append(model)
+    assert max_diff(*runs) == 0
+
+
 def test_hf_trainer_gradient_accumulation_is_refused(tmp_path):
     model = tiny_llama()
     opt = lowmem.AdaLomo(model, lr=0.01, update_in_backward=True)
@@ -1036,6 +1047,15 @@ def test_train_gpt2_amp_bf16_autocast_trains(tmp_path, optimizer, compile):
                                                           compile=compile, n_layer=1, max_iters=10, eval_interval=10)))
     losses = [loss for _, loss in h["train"]]
     assert all(math.isfinite(x) for x in losses) and h["val"][-1][1] < h["val"][0][1] - 0.1, h["val"]
+
+@pytest.mark.skipif(__import__("sys").version_info[:2] != (3, 11), reason="the band is for Python 3.11's docs (the data)")
+def test_default_run_first_250_iterations_land_in_the_readme_band(tmp_path):
+    """README: the default run's losses depend on the CPU in the third digit (torch's AVX2 or
+    AVX-512 kernels, the thread count); its first 250 iterations land in the band it states."""
+    h = train_gpt2.train(train_gpt2.parse_config([f"--out_dir={str(tmp_path)!r}", "--max_iters=250",
+                                                  "--lr_decay_iters=1500", "--sample_tokens=0"]))
+    assert 2.64 < h["val"][-1][1] < 2.72, h["val"]
+
 
 def test_train_gpt2_resume_without_checkpoint_is_an_error(tmp_path):
     with pytest.raises(train_gpt2.MissingInput, match="no checkpoint"):
@@ -1455,6 +1475,28 @@ def test_sample_is_seeded_top_k_and_greedy_at_temperature_0():
     logits = model(prompt)[0][0, -1]
     allowed = set(torch.topk(logits, 1).indices.tolist())
     assert model.generate(prompt, 1, temperature=5.0, top_k=1)[0, -1].item() in allowed
+
+
+def test_bench_gpu_quick_on_cpu_writes_every_section(tmp_path):
+    """`bench.py gpu` is for a lent GPU; --quick --device=cpu runs a tiny version of each stage."""
+    import subprocess
+    import sys
+    report = tmp_path / "report.md"
+    run = subprocess.run([sys.executable, os.path.join(ROOT, "bench.py"), "gpu", "--quick", "--device=cpu",
+                          f"--report={report}"], capture_output=True, text=True, timeout=600, cwd=ROOT)
+    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
+    text = report.read_text()
+    for section in ("## CUDA tests", "## Update kernels", "## GPT-2 124M training", "## Llama-3.2-1B shape"):
+        assert section in text
+    assert "FAILED" not in text and "1 passed" in text and text.count("| adamw | classic | False |") == 1
+    assert "| adalomo | fused | False |" in text and "lowmem AdaLomo (c)" in text
+    assert "no optimizer (grads freed)" in text and "x AdamW" in text
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has CUDA")
+def test_bench_gpu_without_cuda_says_so_and_fails():
+    run = script_cli("bench.py", "gpu")
+    assert run.returncode != 0 and "needs a CUDA GPU" in run.stderr and "Traceback" not in run.stderr
 
 # ---------------------------------------------------------------------------- pip install .
 

@@ -638,17 +638,23 @@ def leave_process_group(world):
         dist.destroy_process_group()
 
 
+_verified = {}  # checkpoint path -> (size, mtime) whose CRC-32s were checked
+
+
 def read_checkpoint(path, mmap=False):
     """torch.load of a checkpoint after checking it: torch.load reads a file with flipped bytes
     without a word, so every record's CRC-32 (torch.save writes a zip archive) is checked first.
     A damaged file is refused by name and left as it is."""
-    try:
-        with zipfile.ZipFile(path) as archive:
-            bad = archive.testzip()  # reads every record and compares its CRC-32
-    except Exception as e:  # empty, truncated, not a zip: whatever cannot be read is damage
-        raise InputError(f"{path} is damaged or not a checkpoint ({type(e).__name__}: {e}); it was left as it is") from None
-    if bad is not None:
-        raise InputError(f"{path} is damaged (record {bad!r} fails its CRC-32 check); it was left as it is")
+    stat = os.stat(path)
+    if _verified.get(os.path.abspath(path)) != (stat.st_size, stat.st_mtime_ns):  # read once, not per load
+        try:
+            with zipfile.ZipFile(path) as archive:
+                bad = archive.testzip()  # reads every record and compares its CRC-32
+        except Exception as e:  # empty, truncated, not a zip: whatever cannot be read is damage
+            raise InputError(f"{path} is damaged or not a checkpoint ({type(e).__name__}: {e}); it was left as it is") from None
+        if bad is not None:
+            raise InputError(f"{path} is damaged (record {bad!r} fails its CRC-32 check); it was left as it is")
+        _verified[os.path.abspath(path)] = (stat.st_size, stat.st_mtime_ns)
     try:
         return torch.load(path, map_location="cpu", weights_only=False, mmap=mmap)
     except Exception as e:
@@ -669,8 +675,8 @@ def load_checkpoint(cfg, arch_keys):
         ckpt = read_checkpoint(path)
     except InputError as e:
         raise InputError(f"init_from=resume: {e}. Resume from a copy, or start a new run in another out_dir") from None
-    changed = [f"{k}={ckpt['config'][k]!r} there, {cfg[k]!r} here" for k in ("optimizer", *arch_keys)
-               if ckpt["config"][k] != cfg[k]]
+    changed = [f"{k}={ckpt['config'].get(k)!r} there, {cfg[k]!r} here" for k in ("optimizer", *arch_keys)
+               if ckpt["config"].get(k) != cfg[k]]
     if changed:
         raise InputError(f"init_from=resume: {path} was written with other settings ({'; '.join(changed)}); "
                          "resume with the checkpoint's values, or start a new run in another out_dir")
@@ -761,7 +767,7 @@ class Trainer:
         return loss, True
 
     def run(self, next_batch, evaluate, tokens_per_iter):
-        cfg, history = self.cfg, {"train": [], "val": [], "skipped": 0}
+        cfg, history = self.cfg, {"train": [], "val": [], "skipped": 0, "ms_per_iter": []}
         it, t0, timed = self.start, time.time(), 0
         while True:
             if it % cfg["eval_interval"] == 0 or it == cfg["max_iters"]:
@@ -778,6 +784,7 @@ class Trainer:
             if it % cfg["log_interval"] == 0 or it == cfg["max_iters"]:
                 history["train"].append((it, loss.item()))  # the only per-interval host sync
                 dt = (time.time() - t0) / timed
+                history["ms_per_iter"].append(dt * 1000)
                 self.log(f"iter {it} | loss {history['train'][-1][1]:.4f} | lr {lr:.2e} | {dt * 1000:.1f} ms/iter | "
                          f"{tokens_per_iter / dt:,.0f} tok/s | peak {peak_memory_mb(self.dev):,.0f} MB | "
                          f"opt state {state_bytes(self.opt) / 2 ** 20:.2f} MB" + (" | skipped (fp16 overflow)" if not applied else ""))
