@@ -195,19 +195,24 @@ def partition(model_or_named_params, n_heads=None, n_kv_heads=None, head_dim=Non
     return Partition(_classify(n, p, owners.get(id(p)), heads) for n, p in named)
 
 
-def _block_mean_sq(g, blocks):
-    """mean(g*g) over each block -> (n_v,) (or g's shape for element blocks)."""
+def _block_mean_sq(g, blocks, info):
+    """mean(g*g) over each block -> (n_v,) (or g's shape for element blocks). Under FSDP2 g is
+    this rank's rows: the sums are placed in the whole tensor's rows and summed over the ranks,
+    so a block (an attention head) that straddles two ranks gets its exact mean."""
     if blocks.kind == "element":
         return g * g
     if blocks.kind == "tensor":
-        return (g * g).mean().reshape(1)
+        return info.total((g * g).sum().reshape(1)) / info.numel
     other = [d for d in range(g.dim()) if d != blocks.axis]
-    row = (g * g).mean(dim=other)  # every row has the same size: block mean = mean of row means
+    sums = (g * g).sum(dim=other)
+    if blocks.axis == 0:
+        sums = info.place_rows(sums)
+    row = info.total(sums) / (info.numel // info.shape[blocks.axis])  # rows all have the same size
     return torch.cat([row[a:b].view(-1, k).mean(1) for a, b, k in blocks.segments])
 
 
-def _expand_blocks(v, blocks, shape):
-    """(n_v,) per-block values -> a tensor broadcastable against the parameter."""
+def _expand_blocks(v, blocks, shape, info):
+    """(n_v,) per-block values -> a tensor broadcastable against the parameter (this rank's rows)."""
     if blocks.kind in ("element", "tensor"):
         return v
     out, start = [], 0
@@ -216,6 +221,7 @@ def _expand_blocks(v, blocks, shape):
         out.append(v[start:start + n].repeat_interleave(k) if k > 1 else v[start:start + n])
         start += n
     rows = torch.cat(out) if len(out) > 1 else out[0]
+    rows = info.my_rows(rows) if blocks.axis == 0 else rows
     return rows.view([-1 if d == blocks.axis else 1 for d in range(len(shape))])
 
 
@@ -325,6 +331,8 @@ _POINTER = {torch.float32: "float *", torch.int64: "int64_t *"}  # bf16/fp16 dat
 def _check_kernel_args(like, tensors):
     """Refuse, before any memory is touched, what the kernels cannot handle."""
     for t in tensors:
+        if _is_dtensor(t) or t.layout != torch.strided:
+            raise ValueError(f"fused kernel: a {type(t).__name__} with layout {t.layout} is not a plain dense tensor")
         if not t.is_contiguous():
             raise ValueError(f"fused kernel: tensor of shape {tuple(t.shape)} is not contiguous")
         if t.device != like.device:
@@ -360,7 +368,80 @@ def _kernel_ok(p, grad):
     """Tensors the kernels handle; others (fp64, non-contiguous) use the torch path."""
     if _load(p.device.type) is None or grad.shape != p.shape:
         return False
-    return all(t.is_contiguous() and t.dtype in _DTYPE_CODE for t in (p, grad))
+    return all(t.layout == torch.strided and not _is_dtensor(t) and t.is_contiguous() and t.dtype in _DTYPE_CODE
+               for t in (p, grad))
+
+
+# ----------------------------------------------------------------------------------------
+# Sharded parameters (FSDP2's fully_shard): each rank holds a block of rows (dim 0) of every
+# parameter and updates only that block. Elementwise rules need nothing more; statistics over
+# the whole tensor (an RMS, AdaLomo's column means, an Adam-mini block that straddles two
+# ranks) are summed over the ranks: ParamInfo.total. Unsharded, total is the identity.
+
+
+class ParamInfo:
+    """What an update rule needs beyond a tensor's values: the whole tensor's shape, which rows
+    of it this rank holds (all of them unless FSDP2 sharded it), and its Adam-mini blocks."""
+
+    def __init__(self, p, name, fsdp_managed):
+        self.shape, self.blocks, self.group, self.row0 = tuple(p.shape), None, None, 0
+        self.rows = p.shape[0] if p.dim() else 1
+        if _is_dtensor(p):
+            self._shard(p, name, fsdp_managed)
+
+    def _shard(self, p, name, fsdp_managed):
+        mesh, placements = p.device_mesh, tuple(p.placements)
+        if not fsdp_managed or mesh.ndim != 1 or len(placements) != 1 or not placements[0].is_shard(0):
+            raise TypeError(
+                f"parameter '{name}' is a DTensor with placements {placements} on a {mesh.ndim}-D mesh"
+                f"{'' if fsdp_managed else ' outside FSDP'}: lowmem updates FSDP2 parameters (fully_shard: "
+                "Shard(0) on a 1-D mesh), built from the model after sharding. Tensor parallel layouts "
+                "would need statistics lowmem cannot reduce exactly.")
+        self.group, rank, world = mesh.get_group(), mesh.get_local_rank(), mesh.size()
+        chunk = -(-self.shape[0] // world)  # torch.chunk's split, which FSDP2 uses
+        self.row0 = min(rank * chunk, self.shape[0])
+        self.rows = p.to_local().shape[0] if p.dim() else 1
+        if self.rows != max(0, min(chunk, self.shape[0] - self.row0)):
+            raise TypeError(f"parameter '{name}': unexpected FSDP2 shard of {self.rows} rows at row {self.row0}")
+
+    @property
+    def sharded(self):
+        return self.group is not None
+
+    @property
+    def numel(self):
+        return math.prod(self.shape)
+
+    def total(self, x):
+        """Sum over the ranks of x, a statistic of this rank's rows (in place; no-op unsharded)."""
+        if self.group is not None:
+            dist.all_reduce(x, group=self.group)
+        return x
+
+    def total_over_rows(self, x):
+        """total() for a sum over dim -2 of a matrix: only 2-D tensors have their rows split
+        (FSDP2 shards dim 0; for >2-D tensors that is a batch dim, each rank's slices are whole)."""
+        return self.total(x) if len(self.shape) == 2 else x
+
+    def my_rows(self, x):
+        """This rank's rows of a per-row vector of the whole tensor."""
+        return x[self.row0:self.row0 + self.rows] if self.sharded else x
+
+    def place_rows(self, x):
+        """A per-row vector of this rank's rows, placed in the whole tensor's (zeros elsewhere)."""
+        if not self.sharded:
+            return x
+        whole = x.new_zeros(self.shape[0])
+        whole[self.row0:self.row0 + self.rows] = x
+        return whole
+
+
+def _fsdp_managed(model_or_params):
+    """ids of the parameters that FSDP2 manages (under a module that fully_shard wrapped)."""
+    if not isinstance(model_or_params, nn.Module):
+        return set()
+    return {id(p) for m in model_or_params.modules() if any(c.__name__ == "FSDPModule" for c in type(m).__mro__)
+            for p in m.parameters()}
 
 
 # ----------------------------------------------------------------------------------------
@@ -416,6 +497,10 @@ def _param_groups(model_or_params):
         for pi, p in enumerate(group["params"]):
             names.setdefault(p, f"param_groups[{gi}][{pi}]")
     return groups, names
+
+
+def _is_dtensor(t):
+    return any(c.__name__ == "DTensor" for c in type(t).__mro__)
 
 
 def _check_params(groups, names):
@@ -509,6 +594,12 @@ class _LowMemOptimizer(torch.optim.Optimizer):
         fp16 = any(p.dtype == torch.float16 for p in params)
         if update_in_backward:
             _check_update_in_backward(clip_grad_norm, loss_scale, fp16)
+        managed = _fsdp_managed(model_or_params)
+        self._info = {p: ParamInfo(p, self._names[p], id(p) in managed) for p in params}
+        groups_of_shards = {info.group for info in self._info.values() if info.sharded}
+        if len(groups_of_shards) > 1:
+            raise TypeError("parameters are sharded over different FSDP2 meshes; lowmem needs one")
+        self._shard_group = groups_of_shards.pop() if groups_of_shards else None
         super().__init__(groups, defaults)
         self.clip_grad_norm, self.clip_grad_value = clip_grad_norm, clip_grad_value
         self.stochastic_rounding, self.seed = stochastic_rounding, seed
@@ -532,8 +623,12 @@ class _LowMemOptimizer(torch.optim.Optimizer):
     def loss_scale(self):
         return self.loss_scaler.scale if self.loss_scaler else self.static_loss_scale
 
-    def _reduce_across_ranks(self, grad, scale):
-        """Fused driver under torch.distributed: average the (unscaled, fp32) gradient."""
+    def _reduce_across_ranks(self, p, grad, scale):
+        """Fused driver under torch.distributed: average the (unscaled, fp32) gradient. FSDP2
+        has averaged a sharded parameter's gradient already (its reduce-scatter): this rank's
+        rows are used as they are, so nothing is reduced twice."""
+        if self._info[p].sharded:
+            return grad.to_local(), scale
         if not (dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1):
             return grad, scale
         g = grad.float() / scale
@@ -550,18 +645,31 @@ class _LowMemOptimizer(torch.optim.Optimizer):
 
     def _apply(self, p, grad, scale, lr, clip_coef):
         """Unscale, value clip, norm-clip coefficient (REFERENCE 1 order), then the rule:
-        in one fused kernel when possible, else with the PyTorch reference."""
-        group = self._group_of[p]
+        in one fused kernel when possible, else with the PyTorch reference. A sharded
+        parameter is updated through its local rows (grad is already local)."""
+        group, state, info = self._group_of[p], self.state[p], self._info[p]
         lr = group["lr"] if lr is None else lr
         prep = _Prep(1.0 / scale, self.clip_grad_value or 0.0, 1.0 if clip_coef is None else clip_coef)
-        if self._kernel_update(p, grad, prep, group, self.state[p], lr):
+        p = p.to_local() if info.sharded else p
+        if self._kernel_update(p, grad, prep, group, state, lr, info):
             return
-        new = self._update(p, _torch_grad(grad, prep), group, self.state[p], lr)
+        new = self._update(p, _torch_grad(grad, prep), group, state, lr, info)
         if new is not p:
             self._write_back(p, new)
 
-    def _kernel_update(self, p, grad, prep, group, state, lr):
+    def _kernel_update(self, p, grad, prep, group, state, lr, info):
         return False  # optimizers with a C path override this
+
+    def _add_sumsq(self, p, grad, scale):
+        """Norm pass: add grad's squared norm on the device, sharded and replicated apart."""
+        self._sumsq[1 if self._info[p].sharded else 0] += self._grad_sumsq(grad, scale)
+
+    def _norm_from_sumsq(self):
+        """The global gradient norm: one collective per step (not per tensor) sums the shards."""
+        if self._shard_group is not None:
+            dist.all_reduce(self._sumsq[1:], group=self._shard_group)
+        norm, self._sumsq = self._sumsq.sum().sqrt(), None
+        return norm
 
     def _sr_seed(self, p):
         """Per-call seed for the kernels' stochastic rounding (0 = round to nearest)."""
@@ -599,12 +707,16 @@ class _LowMemOptimizer(torch.optim.Optimizer):
             with torch.enable_grad():
                 loss = closure()  # update_in_backward: the closure's backward is the update
         self._unstepped_backward = False
-        params = [p for g in self.param_groups for p in g["params"] if p.grad is not None]
-        clip_coef = None  # no all-reduce here: syncing .grad is DDP's job in this driver
-        if self.clip_grad_norm is not None and params:
-            clip_coef = self._clip_coef_from(sum(self._grad_sumsq(p.grad, 1.0) for p in params).sqrt())
-        for p in params:
-            self._apply(p, p.grad, 1.0, None, clip_coef)
+        grads = {p: p.grad.to_local() if self._info[p].sharded else p.grad
+                 for g in self.param_groups for p in g["params"] if p.grad is not None}
+        clip_coef = None  # replicated .grad is synced by DDP in this driver, sharded by FSDP2
+        if self.clip_grad_norm is not None and grads:
+            self._sumsq = torch.zeros(2, device=next(iter(grads.values())).device)
+            for p, grad in grads.items():
+                self._add_sumsq(p, grad, 1.0)
+            clip_coef = self._clip_coef_from(self._norm_from_sumsq())
+        for p, grad in grads.items():
+            self._apply(p, grad, 1.0, None, clip_coef)
         return loss
 
     # -- fused driver -------------------------------------------------------------------
@@ -615,10 +727,10 @@ class _LowMemOptimizer(torch.optim.Optimizer):
             if not self.update_in_backward:
                 return  # let .grad accumulate as usual
             self._caller_backward_starts()
-        grad, scale = self._reduce_across_ranks(p.grad, self.loss_scale)
+        grad, scale = self._reduce_across_ranks(p, p.grad, self.loss_scale)
         p.grad = None  # freed once applied: peak gradient memory is one tensor
         if self._mode == "norm":
-            self._sumsq = self._sumsq + self._grad_sumsq(grad, scale)  # on device: no sync
+            self._add_sumsq(p, grad, scale)  # on device: no sync
         else:
             self._apply(p, grad, scale, self._lr, self._clip_coef)
 
@@ -659,10 +771,9 @@ class _LowMemOptimizer(torch.optim.Optimizer):
         """Pass 1 of two: backward (graph retained) that only measures the global gradient
         L2 norm (unscaled, before value clipping). Returns it as a 0-d tensor; it is inf/nan
         if any gradient overflowed. The next fused_backward(loss) uses it."""
-        self._sumsq = torch.zeros((), device=loss.device, dtype=torch.float32)
+        self._sumsq = torch.zeros(2, device=loss.device, dtype=torch.float32)  # replicated, sharded
         self._backward(loss, "norm", retain_graph=True)
-        self._pending_norm = self._sumsq.sqrt()
-        self._sumsq = None
+        self._pending_norm = self._norm_from_sumsq()
         return self._pending_norm
 
     def fused_backward(self, loss, lr=None):
@@ -743,13 +854,13 @@ class LOMO(_LowMemOptimizer):
         super().__init__(model_or_params, dict(lr=lr, weight_decay=weight_decay), clip_grad_norm,
                          clip_grad_value, loss_scale, stochastic_rounding, seed, update_in_backward)
 
-    def _update(self, p, g, group, state, lr):
+    def _update(self, p, g, group, state, lr, info):
         w = p.float() if p.dtype != torch.float32 else p
         if group["weight_decay"]:
             w.mul_(1 - lr * group["weight_decay"])
         return w.add_(g, alpha=-lr)
 
-    def _kernel_update(self, p, grad, prep, group, state, lr):
+    def _kernel_update(self, p, grad, prep, group, state, lr, info):  # elementwise: shards need nothing
         if not _kernel_ok(p, grad):
             return False
         _call(p, "lm_sgd", p, _DTYPE_CODE[p.dtype], grad, _DTYPE_CODE[grad.dtype], p.numel(), prep,
@@ -761,8 +872,9 @@ class LOMO(_LowMemOptimizer):
 # AdaLomo (AdaLomo paper, Algorithm 1): factored second moment + grouped update normalization
 
 
-def _rms(x):
-    return torch.linalg.vector_norm(x) / math.sqrt(max(x.numel(), 1))
+def _rms(x, info):
+    """Root mean square of the whole tensor (summed over the shards under FSDP2)."""
+    return (info.total(x.float().square().sum()) / max(info.numel, 1)).sqrt()
 
 
 class AdaLomo(_LowMemOptimizer):
@@ -800,30 +912,33 @@ class AdaLomo(_LowMemOptimizer):
         state["step"] += 1
         return 1.0 - state["step"] ** group["decay_rate"]
 
-    def _update(self, p, g, group, state, lr):
+    def _update(self, p, g, group, state, lr, info):
         eps1, eps2 = group["eps"]
         beta2t = self._begin(g, state, group)
         u = g * g + eps1
         if g.dim() >= 2:
+            rows = info.shape[-2]  # of the whole matrix (under FSDP2 a rank holds some of them)
             row, col = state["row"], state["col"]
             row.mul_(beta2t).add_(u.mean(dim=-1), alpha=1 - beta2t)
-            col.mul_(beta2t).add_(u.mean(dim=-2), alpha=1 - beta2t)
-            r = (row / row.mean(dim=-1, keepdim=True)).rsqrt_().unsqueeze(-1)
+            col.mul_(beta2t).add_(info.total_over_rows(u.sum(dim=-2)) / rows, alpha=1 - beta2t)
+            row_mean = info.total_over_rows(row.sum(dim=-1, keepdim=True)) / rows
+            r = (row / row_mean).rsqrt_().unsqueeze(-1)
             update = (r * col.rsqrt().unsqueeze(-2)).mul_(g)
         else:
             state["v"].mul_(beta2t).add_(u, alpha=1 - beta2t)
             update = state["v"].rsqrt().mul_(g)
-        update.div_((_rms(update) / group["clip_threshold"]).clamp_(min=1.0))
+        update.div_((_rms(update, info) / group["clip_threshold"]).clamp_(min=1.0))
         w = p.float() if p.dtype != torch.float32 else p
-        lr_t = lr * _rms(w).clamp(min=eps2)  # RMS before decay; a tensor: no host sync
+        lr_t = lr * _rms(w, info).clamp(min=eps2)  # RMS before decay; a tensor: no host sync
         if group["weight_decay"]:
             w.mul_(1 - lr_t * group["weight_decay"])
         return w.sub_(update.mul_(lr_t))
 
-    def _kernel_update(self, p, grad, prep, group, state, lr):
+    def _kernel_update(self, p, grad, prep, group, state, lr, info):
         """Same math in three streaming passes: (1) the second-moment statistics, (2) the
-        update's squared norm, (3) apply. Nothing waits for the device."""
-        if not _kernel_ok(p, grad):
+        update's squared norm, (3) apply. Nothing waits for the device. (FSDP2 shards take
+        the PyTorch path, whose statistics are summed over the ranks.)"""
+        if info.sharded or not _kernel_ok(p, grad):
             return False
         beta2t = self._begin(grad, state, group)
         if p.numel() == 0:
@@ -897,9 +1012,10 @@ class AdamMini(_LowMemOptimizer):
                                    n_heads, n_kv_heads, head_dim)
         self.state_dtype = state_dtype
         defaults = dict(lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay)
-        super().__init__(named, defaults, clip_grad_norm, clip_grad_value, loss_scale,
-                         stochastic_rounding, seed, update_in_backward)
-        self._blocks = {p: b for (_, p), b in zip(named, self.partition)}
+        super().__init__(model_or_named_params if is_module else named, defaults, clip_grad_norm,
+                         clip_grad_value, loss_scale, stochastic_rounding, seed, update_in_backward)
+        for (_, p), b in zip(named, self.partition):
+            self._info[p].blocks = b
         self._starts = {}
 
     def _begin(self, p, state, blocks):
@@ -911,26 +1027,27 @@ class AdamMini(_LowMemOptimizer):
         state["step"] += 1
         return state["step"], state["m"], state["v"]
 
-    def _update(self, p, g, group, state, lr):
-        blocks = self._blocks[p]
+    def _update(self, p, g, group, state, lr, info):
+        blocks = info.blocks
         b1, b2 = group["betas"]
         t, m, v = self._begin(p, state, blocks)
         m32 = m.float() if m.dtype != torch.float32 else m
         m32.lerp_(g, 1 - b1)
-        v.mul_(b2).add_(_block_mean_sq(g, blocks).to(v.dtype), alpha=1 - b2)
+        v.mul_(b2).add_(_block_mean_sq(g, blocks, info).to(v.dtype), alpha=1 - b2)
         if m32 is not m:
             m.copy_(m32)
         w = p.float() if p.dtype != torch.float32 else p
         if group["weight_decay"] and blocks.decay:
             w.mul_(1 - lr * group["weight_decay"])
         denom = (v.float().sqrt() / math.sqrt(1 - b2 ** t)).add_(group["eps"])
-        return w.addcdiv_(m32, _expand_blocks(denom, blocks, p.shape), value=-lr / (1 - b1 ** t))
+        return w.addcdiv_(m32, _expand_blocks(denom, blocks, p.shape, info), value=-lr / (1 - b1 ** t))
 
-    def _kernel_update(self, p, grad, prep, group, state, lr):
+    def _kernel_update(self, p, grad, prep, group, state, lr, info):
         """One pass: each block's mean g^2, v and update while the block is in cache."""
-        blocks = self._blocks[p]
-        if blocks.axis == 1 or self.state_dtype != torch.float32 or not _kernel_ok(p, grad):
-            return False  # HF Conv1D column blocks are not contiguous: torch path
+        blocks = info.blocks
+        if blocks.axis == 1 or self.state_dtype != torch.float32 or not _kernel_ok(p, grad) or \
+                (info.sharded and blocks.kind != "element"):
+            return False  # HF Conv1D column blocks are not contiguous, FSDP2 blocks span ranks: torch path
         t, m, v = self._begin(p, state, blocks)
         wd = group["weight_decay"] if blocks.decay else 0.0
         h = _Adam(lr, wd, *group["betas"], t, group["eps"])

@@ -1498,6 +1498,138 @@ def test_bench_gpu_without_cuda_says_so_and_fails():
     run = script_cli("bench.py", "gpu")
     assert run.returncode != 0 and "needs a CUDA GPU" in run.stderr and "Traceback" not in run.stderr
 
+# ---------------------------------------------------------------------------- FSDP2 sharding
+
+
+class ShardNet(nn.Module):
+    """Sharded over 2 ranks by rows: the 23-row embedding and head are padded (12 + 11 rows) and
+    q_proj's 3 heads of 2 rows split as rows 0-2 | 3-5, so head 1 straddles the two ranks."""
+
+    def __init__(self, vocab=23, dim=6):
+        super().__init__()
+        self.wte = nn.Embedding(vocab, dim)
+        self.q_proj = nn.Linear(dim, dim)
+        self.ln = nn.LayerNorm(dim)
+        self.fc = nn.Linear(dim, 4 * dim)
+        self.proj = nn.Linear(4 * dim, dim)
+        self.head = nn.Linear(dim, vocab, bias=False)
+
+    def forward(self, idx):
+        x = self.wte(idx)
+        x = x + torch.tanh(self.q_proj(x))
+        x = x + self.proj(F.gelu(self.fc(self.ln(x))))
+        return self.head(x)
+
+
+SHARD_RUNS = {  # name: (optimizer, its arguments, fused)
+    "lomo_fused": (lowmem.LOMO, dict(lr=0.05), True),
+    "lomo_fused_clip": (lowmem.LOMO, dict(lr=0.05, clip_grad_norm=0.5), True),
+    "lomo_classic_clip": (lowmem.LOMO, dict(lr=0.05, clip_grad_norm=0.5), False),
+    "adalomo_fused": (lowmem.AdaLomo, dict(lr=0.01, weight_decay=0.01), True),
+    "adalomo_classic": (lowmem.AdaLomo, dict(lr=0.01, weight_decay=0.01), False),
+    "adam_mini_fused": (lowmem.AdamMini, dict(lr=0.01, weight_decay=0.1, n_heads=3), True),
+    "adam_mini_classic": (lowmem.AdamMini, dict(lr=0.01, weight_decay=0.1, n_heads=3, clip_grad_norm=0.5), False),
+}
+
+
+def shard_run(name, steps, rank=None, world=1, resume_at=None, out=None):
+    """`steps` steps of SHARD_RUNS[name] on batches(steps); with rank set, this rank's half of
+    each batch on a fully_shard-ed model. resume_at: save per-rank files there, rebuild, resume."""
+    make, kw, fused = SHARD_RUNS[name]
+
+    def build():
+        torch.manual_seed(0)
+        model = ShardNet()
+        if rank is not None:
+            from torch.distributed.fsdp import fully_shard
+            fully_shard(model.fc), fully_shard(model.proj), fully_shard(model)
+        return model, make(model, **kw)
+    model, opt = build()
+    for i, idx in enumerate(batches(steps, shape=(4, 9))):
+        if i == resume_at:  # per-rank files: this rank's rows of every parameter and its optimizer state
+            path = os.path.join(out, f"{name}-rank{rank}.pt")
+            torch.save({"model": {n: p.to_local() for n, p in model.named_parameters()},
+                        "optimizer": opt.state_dict()}, path)
+            model, opt = build()
+            saved = torch.load(path, weights_only=False)
+            with torch.no_grad():
+                for n, p in model.named_parameters():
+                    p.to_local().copy_(saved["model"][n])
+            opt.load_state_dict(saved["optimizer"])
+        part = idx if rank is None else idx[rank * 2:(rank + 1) * 2]
+        loss = lm_loss(model, part)
+        if fused:
+            opt.fused_backward(loss)
+        else:
+            loss.backward()
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+    full = {n: (p.full_tensor() if rank is not None else p).detach().clone() for n, p in model.named_parameters()}
+    return full, opt.state_bytes()
+
+
+def test_fsdp2_sharded_updates_equal_one_process_on_the_whole_batch(tmp_path):
+    """2 gloo ranks, each on half of every batch, with FSDP2 (padded rows, a straddling head):
+    after 5 steps every optimizer and driver equals one process on the whole batch; per-rank
+    Adam-mini state is about half; resuming from per-rank files after 3 steps is exact."""
+    script = tmp_path / "fsdp_worker.py"
+    script.write_text(
+        "import os, sys, torch, torch.distributed as dist\n"
+        f"sys.path.insert(0, {ROOT!r})\n"
+        "import test_lowmem as T\n"
+        "dist.init_process_group('gloo')\n"
+        "rank, out = dist.get_rank(), sys.argv[1]\n"
+        "for name in T.SHARD_RUNS:\n"
+        "    full, state = T.shard_run(name, 5, rank, 2)\n"
+        "    resumed, _ = T.shard_run(name, 5, rank, 2, resume_at=3, out=out)\n"
+        "    torch.save(dict(full=full, resumed=resumed, state=state), os.path.join(out, f'{name}-{rank}.pt'))\n"
+        "dist.barrier()\n"
+        "dist.destroy_process_group()\n")
+    torchrun_two_ranks(script, str(tmp_path))
+    for name in SHARD_RUNS:
+        ref, ref_state = shard_run(name, 5)
+        ranks = [torch.load(tmp_path / f"{name}-{r}.pt", weights_only=False) for r in range(2)]
+        for got in (ranks[0]["full"], ranks[0]["resumed"], ranks[1]["full"]):
+            assert max((got[n] - ref[n]).abs().max().item() for n in ref) < 1e-5, name
+        moved = max((ref[n] - shard_run(name, 0)[0][n]).abs().max().item() for n in ref)
+        assert moved > 1e-3, name  # the comparison is not between two untouched models
+        if name.startswith("adam_mini"):
+            assert all(r["state"] < 0.6 * ref_state for r in ranks), (name, ref_state, [r["state"] for r in ranks])
+
+
+def test_layouts_lowmem_cannot_update_exactly_are_refused_by_name(tmp_path):
+    """A DTensor parameter outside FSDP2 (here: Shard(1), tensor-parallel style) is an error at
+    construction, before anything changes; no DTensor ever reaches the C kernels."""
+    import subprocess
+    import sys
+    script = tmp_path / "layout.py"
+    script.write_text(
+        "import sys, torch, torch.distributed as dist\n"
+        f"sys.path.insert(0, {ROOT!r})\n"
+        "import lowmem\n"
+        "from torch.distributed.tensor import distribute_tensor, init_device_mesh, Shard\n"
+        "dist.init_process_group('gloo', rank=0, world_size=1, store=dist.HashStore())\n"
+        "mesh = init_device_mesh('cpu', (1,))\n"
+        "model = torch.nn.Linear(4, 4)\n"
+        "model.weight = torch.nn.Parameter(distribute_tensor(model.weight.detach(), mesh, [Shard(1)]))\n"
+        "for make in (lowmem.LOMO, lowmem.AdaLomo, lambda m: lowmem.AdamMini(m, n_heads=1)):\n"
+        "    try:\n"
+        "        make(model)\n"
+        "    except TypeError as e:\n"
+        "        print('refused:', e)\n"
+        "p = model.weight\n"
+        "try:\n"
+        "    lowmem._check_kernel_args(p, [p])\n"
+        "except ValueError as e:\n"
+        "    print('kernel:', e)\n"
+        "print('kernel_ok:', lowmem._kernel_ok(p, p))\n"
+        "dist.destroy_process_group()\n")
+    run = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=120)
+    assert run.returncode == 0, run.stderr[-3000:]
+    assert run.stdout.count("refused: parameter 'weight' is a DTensor with placements (Shard(dim=1),)") == 3
+    assert "outside FSDP" in run.stdout and "kernel: fused kernel: a " in run.stdout and "kernel_ok: False" in run.stdout
+
+
 # ---------------------------------------------------------------------------- pip install .
 
 
