@@ -73,6 +73,7 @@ device = "auto"  # auto | cpu | cuda | cuda:N | mps
 dtype = "float32"  # parameter dtype: float32 | bfloat16 | float16 (fp16 needs a fused driver)
 amp = False  # bf16 autocast of forward/backward with fp32 parameters (CUDA; nanoGPT's default)
 compile = False  # torch.compile the model (needs a C++ compiler on the CPU; slow to start)
+fsdp = False  # under torchrun: shard parameters, gradients and optimizer state (FSDP2, each block and the root)
 seed = 1337  # model init, data order and the sample
 # ----------------------------------------------------------------------------------------
 
@@ -511,6 +512,9 @@ def validate_training(cfg, optimizers, script, default_lr=None):
         config_error(f"dtype must be float32, bfloat16 or float16, got {cfg['dtype']!r}")
     if cfg["amp"] and cfg["dtype"] != "float32":
         config_error("amp=True autocasts fp32 parameters; it needs dtype=float32")
+    if cfg["fsdp"] and tuple(int(x) for x in torch.__version__.split(".")[:2]) < (2, 10):
+        config_error(f"fsdp=True needs torch >= 2.10 (FSDP2 on gloo fails on 2.6 and sums instead of averaging "
+                     f"on 2.7, pytorch issue 162338); this is {torch.__version__}")
     if cfg["dtype"] == "float16" and not cfg["fused"]:
         config_error("dtype=float16 needs a fused lowmem driver (its dynamic loss scaler); use bfloat16 otherwise")
     for key in ("batch_size", "max_iters", "eval_interval", "eval_iters", "log_interval", "gradient_accumulation_steps"):
@@ -667,15 +671,24 @@ def _run_keys(config):
     return {k: v for k, v in config.items() if k not in ignore}
 
 
+def checkpoint_path(cfg):
+    """out_dir/ckpt.pt; with fsdp=True one file per rank, holding that rank's rows of every tensor
+    and its optimizer state (resume needs the same number of ranks)."""
+    if not cfg["fsdp"]:
+        return os.path.join(cfg["out_dir"], "ckpt.pt")
+    rank, world = os.environ.get("RANK", "0"), os.environ.get("WORLD_SIZE", "1")
+    return os.path.join(cfg["out_dir"], f"ckpt-rank{rank}-of-{world}.pt")
+
+
 def load_checkpoint(cfg, arch_keys):
-    path = os.path.join(cfg["out_dir"], "ckpt.pt")
+    path = checkpoint_path(cfg)
     if not os.path.isfile(path):
         raise MissingInput(f"init_from=resume: no checkpoint at {path}")
     try:
         ckpt = read_checkpoint(path)
     except InputError as e:
         raise InputError(f"init_from=resume: {e}. Resume from a copy, or start a new run in another out_dir") from None
-    changed = [f"{k}={ckpt['config'].get(k)!r} there, {cfg[k]!r} here" for k in ("optimizer", *arch_keys)
+    changed = [f"{k}={ckpt['config'].get(k)!r} there, {cfg[k]!r} here" for k in ("optimizer", "fsdp", *arch_keys)
                if ckpt["config"].get(k) != cfg[k]]
     if changed:
         raise InputError(f"init_from=resume: {path} was written with other settings ({'; '.join(changed)}); "
@@ -686,7 +699,7 @@ def load_checkpoint(cfg, arch_keys):
 def check_out_dir(cfg):
     """A new run must not replace a checkpoint that a different configuration wrote to out_dir.
     (The same configuration retrains to the same result, so it may: nothing is lost.)"""
-    path = os.path.join(cfg["out_dir"], "ckpt.pt")
+    path = checkpoint_path(cfg)
     if cfg["init_from"] == "resume" or cfg["overwrite"] or not os.path.isfile(path):
         return
     hint = "choose another --out_dir, or pass --overwrite=True to replace it"
@@ -703,10 +716,26 @@ def check_out_dir(cfg):
                          f"--init_from=resume, {hint}")
 
 
+def model_state(model, sharded):
+    """The model's tensors; under FSDP2 this rank's rows of each (plain tensors, one file per rank)."""
+    if not sharded:
+        return model.state_dict()
+    model.reshard()  # an eval forward leaves the root's parameters gathered
+    return {name: p.to_local() for name, p in model.named_parameters()}
+
+
+def load_model_state(model, state, sharded):
+    if not sharded:
+        return model.load_state_dict(state)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            p.to_local().copy_(state[name])
+
+
 def save_checkpoint(cfg, model, opt, it, best_val, data_gen):
-    ckpt = {"model": model.state_dict(), "optimizer": opt.state_dict(), "config": cfg, "iter_num": it,
+    ckpt = {"model": model_state(model, cfg["fsdp"]), "optimizer": opt.state_dict(), "config": cfg, "iter_num": it,
             "best_val_loss": best_val, "data_rng": data_gen.get_state(), "torch_rng": torch.get_rng_state()}
-    path = os.path.join(cfg["out_dir"], "ckpt.pt")
+    path = checkpoint_path(cfg)
     tmp = f"{path}.tmp{os.getpid()}"
     # read_checkpoint checks the CRC-32s: never save without them, whatever the global setting
     settings = getattr(getattr(torch.utils, "serialization", None), "config", None)  # torch >= 2.6
@@ -721,6 +750,17 @@ def save_checkpoint(cfg, model, opt, it, best_val, data_gen):
     os.replace(tmp, path)  # atomic: a crash leaves the old checkpoint intact
 
 
+def shard_model(model):
+    """FSDP2: every block (each entry of the model's ModuleLists) and the root become
+    fully_shard units: PyTorch's own sharding engine, data parallel across the ranks."""
+    from torch.distributed.fsdp import fully_shard
+    for module in list(model.modules()):
+        if isinstance(module, nn.ModuleList):
+            for block in module:
+                fully_shard(block)
+    fully_shard(model)
+
+
 class Trainer:
     """The training loop of both scripts: model(x, y) -> (logits, loss); `next_batch()` gives
     (x, y) on the device; `evaluate()` the val loss. Knows the fused and classic drivers,
@@ -728,8 +768,13 @@ class Trainer:
 
     def __init__(self, model, cfg, dev, rank=0, world=1, ckpt=None, seed_offset=0):
         self.model, self.cfg, self.dev, self.rank, self.world = model, cfg, dev, rank, world
-        model.to(device=dev, dtype=getattr(torch, cfg["dtype"]))
-        self.opt = make_optimizer(model, cfg)
+        if not any(c.__name__ == "FSDPModule" for c in type(model).__mro__):  # (train_llama's pre-training did)
+            model.to(device=dev, dtype=getattr(torch, cfg["dtype"]))
+            if cfg["fsdp"]:
+                shard_model(model)
+        if ckpt:
+            load_model_state(model, ckpt["model"], cfg["fsdp"])
+        self.opt = make_optimizer(model, cfg)  # after sharding: it sees this rank's rows
         self.data_gen = torch.Generator().manual_seed(cfg["seed"] + 1000 + rank + seed_offset)
         self.start, self.best_val = 0, float("inf")
         if ckpt:
@@ -738,7 +783,7 @@ class Trainer:
             torch.set_rng_state(ckpt["torch_rng"])
             self.start, self.best_val = ckpt["iter_num"], ckpt["best_val_loss"]
         # Fused drivers are never DDP-wrapped: lowmem averages each gradient in its hook (REFERENCE 4).
-        self.ddp = world > 1 and not cfg["fused"]
+        self.ddp = world > 1 and not cfg["fused"] and not cfg["fsdp"]
         self.train_model = nn.parallel.DistributedDataParallel(model) if self.ddp else model
         if cfg["compile"]:
             self.train_model = torch.compile(self.train_model)
@@ -793,7 +838,7 @@ class Trainer:
         return history
 
     def _evaluate(self, it, evaluate, history):
-        if self.rank != 0:
+        if self.rank != 0 and not self.cfg["fsdp"]:  # FSDP2's forward needs every rank
             return
         val = evaluate()
         self.best_val = min(self.best_val, val)
@@ -824,8 +869,6 @@ def train(cfg):
     ckpt = load_checkpoint(cfg, ("n_layer", "n_head", "n_embd", "block_size", "bias", "dataset")) \
         if cfg["init_from"] == "resume" else None
     model = build_model(cfg, data)
-    if ckpt:
-        model.load_state_dict(ckpt["model"])
     trainer = Trainer(model, cfg, dev, rank, world, ckpt)
     tokens_per_iter = cfg["batch_size"] * cfg["block_size"] * cfg["gradient_accumulation_steps"] * world
     trainer.log(f"{model.num_params() / 1e6:.2f}M parameters | {cfg['optimizer']} "
@@ -838,7 +881,7 @@ def train(cfg):
 
     history = trainer.run(lambda: data.batch("train", cfg["batch_size"], trainer.data_gen, dev), evaluate,
                           tokens_per_iter)
-    if rank == 0 and cfg["sample_tokens"]:
+    if cfg["sample_tokens"] and (rank == 0 or cfg["fsdp"]):  # FSDP2's forward needs every rank
         prompt = data.batch("val", 1, torch.Generator().manual_seed(0), dev)[0][:, :32]
         out = model.eval().generate(prompt, cfg["sample_tokens"], cfg["temperature"], cfg["top_k"],
                                     torch.Generator().manual_seed(cfg["seed"]))[0].tolist()

@@ -67,6 +67,7 @@ device = "auto"  # auto | cpu | cuda | cuda:N | mps
 dtype = "float32"  # parameters; bfloat16 is the memory-saving setting for real models
 amp = False  # bf16 autocast of forward/backward with fp32 parameters (CUDA)
 compile = False  # torch.compile the model (slow to start)
+fsdp = False  # under torchrun: shard parameters, gradients and optimizer state (FSDP2, each layer and the root)
 seed = 1337  # model init and data order
 # ----------------------------------------------------------------------------------------
 
@@ -267,12 +268,13 @@ class Llama(nn.Module):
         common.load_hf_weights(path, model.state_dict(), "LLaMA", _skip_rope_buffer, tied)
         return model
 
-    def save_pretrained(self, path, max_shard_bytes=5 * 2 ** 30):
+    def save_pretrained(self, path, state_dict=None, max_shard_bytes=5 * 2 ** 30):
         """config.json + safetensors (sharded above max_shard_bytes, with the index file), or
-        pytorch_model.bin without safetensors. Written to a temp dir, then renamed into place."""
+        pytorch_model.bin without safetensors. Written to a temp dir, then renamed into place.
+        state_dict: the whole tensors, when the model's own are FSDP2 shards."""
         tmp = f"{path.rstrip('/')}.tmp{os.getpid()}"
         os.makedirs(tmp, exist_ok=True)
-        weights = {k: v.contiguous() for k, v in self.state_dict().items()
+        weights = {k: v.contiguous() for k, v in (state_dict or self.state_dict()).items()
                    if not (k == "lm_head.weight" and self.config.tie_word_embeddings)}
         dtype = next(iter(weights.values())).dtype
         _write_weights(tmp, weights, max_shard_bytes)
@@ -517,7 +519,7 @@ def load_data(cfg, tok):
 
 def _base_model(cfg):
     """init_from, or for resume the run's original base (read lazily: mmap, no tensor data)."""
-    path = os.path.join(cfg["out_dir"], "ckpt.pt")
+    path = common.checkpoint_path(cfg)
     if cfg["init_from"] != "resume" or not os.path.isfile(path):
         return cfg["init_from"]
     return common.read_checkpoint(path, mmap=True)["config"]["init_from_base"]
@@ -542,9 +544,7 @@ def build(cfg):
         with open(common.hf_file(base, "config.json")) as f:
             tok = HFTokenizer(base, LlamaConfig.from_hf(json.load(f)))
         model = Llama.from_pretrained(base, dtype, activation_checkpointing=cfg["activation_checkpointing"])
-    if ckpt:
-        model.load_state_dict(ckpt["model"])
-    return model, tok, ckpt
+    return model, tok, ckpt  # the Trainer loads ckpt["model"] (after sharding, under fsdp)
 
 
 def pretrain(model, cfg, dev, rank, world):
@@ -597,7 +597,8 @@ def train(cfg):
         if scores[when]:
             log(f"{when}: " + " | ".join(f"{k} multiple-choice accuracy {v:.1%}" for k, v in scores[when].items()))
 
-    if rank == 0 and not ckpt:
+    everyone = rank == 0 or cfg["fsdp"]  # FSDP2's forward needs every rank (rank 0 logs)
+    if everyone and not ckpt:
         report("before fine-tuning")
 
     def next_batch():
@@ -607,10 +608,16 @@ def train(cfg):
     tokens = cfg["batch_size"] * cfg["gradient_accumulation_steps"] * world * \
         sum(len(ids) for ids, _ in train_set) / len(train_set)
     history = trainer.run(next_batch, lambda: mean_loss(model, val_set, cfg["batch_size"], tok.pad_id, dev), tokens)
-    if rank == 0:
+    if everyone:
         report("after fine-tuning")
+    # under FSDP2 every rank takes part in gathering the whole tensors; rank 0 writes them
+    weights = None
+    if cfg["fsdp"]:
+        model.reshard()  # an eval forward leaves the root's parameters gathered
+        weights = {k: v.full_tensor() for k, v in model.state_dict().items()}
+    if rank == 0:
         save_dir = cfg["save_dir"] or os.path.join(cfg["out_dir"], "hf")
-        model.save_pretrained(save_dir)
+        model.save_pretrained(save_dir, weights)
         for name in tok.files:
             if os.path.isfile(os.path.join(tok.dir, name)):
                 shutil.copy(os.path.join(tok.dir, name), save_dir)
