@@ -1,6 +1,6 @@
 """bench.py: measured tables for lowmem. Every number in README.md comes from here.
 
-    python bench.py memory   [--model gpt|llama] [--size full|activations] [--device cpu|cuda] [--dtype float32|bfloat16] [--quick] [--json]
+    python bench.py memory   [--model gpt|llama] [--size full|activations] [--device cpu|cuda] [--dtype float32|bfloat16] [--world N] [--quick] [--json]
     python bench.py speed    [--device cpu|cuda] [--quick] [--json]
     python bench.py converge [--quick] [--json]
     python bench.py kernels  [--device cpu|cuda] [--dtype float32|bfloat16] [--params 50e6] [--json]
@@ -234,17 +234,30 @@ MEMORY_ROWS = [("no optimizer (grads freed)", "none", True), ("SGD", "sgd", Fals
                ("Adam-mini fused", "adam_mini", True), ("LOMO fused", "lomo", True), ("AdaLomo fused", "adalomo", True)]
 
 
+def _free_port():
+    import socket
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
 def _proc_kb(field):
     with open("/proc/self/status") as f:
         return next(int(line.split()[1]) for line in f if line.startswith(field + ":"))
 
 
 def memory_row(spec):
-    """Runs in a fresh process: build, note the baseline, 3 training steps, note the peak."""
-    device, dtype = spec["device"], getattr(torch, spec["dtype"])
+    """Runs in a fresh process: build, note the baseline, 3 training steps, note the peak.
+    With spec["world"] > 1 it is one rank under torchrun, the model sharded with FSDP2."""
+    import train_gpt2
+    device, dtype, world = spec["device"], getattr(torch, spec["dtype"]), spec.get("world", 1)
+    if world > 1:
+        train_gpt2.setup_device(device)  # joins the process group (gloo on the CPU)
     model, batch_fn, _ = build(spec["model"], spec["size"], device, dtype)
+    if world > 1:
+        train_gpt2.shard_model(model)
     _warm_up(spec, device, dtype)
-    sizes = [p.numel() * p.element_size() for p in model.parameters()]
+    sizes = [p.numel() * p.element_size() for p in (p.to_local() if world > 1 else p for p in model.parameters())]
     if device == "cuda":
         torch.cuda.synchronize()
         base = torch.cuda.memory_allocated()
@@ -261,10 +274,15 @@ def memory_row(spec):
     for _ in range(spec["steps"]):
         times.append(timed(lambda: train_step(model, opt, batch_fn, spec["fused"]), device, 0))
     peak = torch.cuda.max_memory_allocated() if device == "cuda" else _proc_kb("VmHWM") * 1024
-    import train_gpt2
     state = 0 if opt is None else train_gpt2.state_bytes(opt)
-    return dict(params=sum(sizes), grads=max(sizes) if spec["fused"] else sum(sizes), state=state,
-                measured=peak - base, ms=statistics.median(times[1:]))  # the first step warms up
+    row = dict(params=sum(sizes), grads=max(sizes) if spec["fused"] else sum(sizes), state=state,
+               measured=peak - base, ms=statistics.median(times[1:]))  # the first step warms up
+    if world > 1:  # the fullest rank's figures
+        rows = [None] * world
+        torch.distributed.all_gather_object(rows, row)
+        row = max(rows, key=lambda r: r["measured"])
+    train_gpt2.leave_process_group(world)
+    return row
 
 
 def _warm_up(spec, device, dtype):
@@ -292,8 +310,10 @@ def memory_rows(args, size=None, names=None):
                     or (names and label not in names):
                 continue
             spec = dict(model=args.model, size=size, device=args.device, dtype=dtype, optimizer=opt, fused=fused,
-                        steps=2 if args.quick else 3)
-            run = subprocess.run([sys.executable, __file__, "_memory_row", json.dumps(spec)], env=env,
+                        steps=2 if args.quick else 3, world=args.world)
+            launch = [sys.executable] if args.world == 1 else [  # one rank per process, as torchrun starts them
+                sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={args.world}", f"--master_port={_free_port()}"]
+            run = subprocess.run([*launch, __file__, "_memory_row", json.dumps(spec)], env=env,
                                  capture_output=True, text=True)
             if run.returncode:
                 raise SystemExit(f"memory row {label} {dtype} failed:\n{run.stderr[-2000:]}")
@@ -315,8 +335,9 @@ def print_memory(rows, args, size):
     layers, width, block, batch = SIZES[args.model][size]
     mb = lambda b: f"{b / 2 ** 20:9.1f}"  # noqa: E731
     where = "peak RSS - RSS after build" if args.device == "cpu" else "max_memory_allocated - allocated after build"
+    ranks = f"; per rank of {args.world} (FSDP2), the fullest" if getattr(args, "world", 1) > 1 else ""
     print(f"{args.model} {layers}x{width}, context {block}, batch {batch} on {args.device}; {2 if args.quick else 3} steps; "
-          f"measured = {where}; MiB")
+          f"measured = {where}{ranks}; MiB")
     print(f"{'optimizer':28s} {'dtype':9s} {'params':>9s} {'grads':>9s} {'opt state':>9s} {'act+other':>9s} "
           f"{'total':>9s} {'accounted':>9s} {'vs AdamW':>8s}")
     for r in rows:
@@ -578,7 +599,7 @@ def _gpt2_vocab_data():
 
 
 def _gpu_llama(args):
-    ns = argparse.Namespace(model="llama", device=args.device, dtype="bfloat16", quick=args.quick)
+    ns = argparse.Namespace(model="llama", device=args.device, dtype="bfloat16", quick=args.quick, world=1)
     names = GPU_MEMORY_ROWS[:2] if args.quick else GPU_MEMORY_ROWS
     rows, size = memory_rows(ns, size="quick" if args.quick else "1b", names=names)
     out = io.StringIO()
@@ -592,7 +613,9 @@ def _gpu_llama(args):
 
 def main():
     if len(sys.argv) == 3 and sys.argv[1] == "_memory_row":  # the fresh process of one memory row
-        print(json.dumps(memory_row(json.loads(sys.argv[2]))))
+        row = memory_row(json.loads(sys.argv[2]))
+        if os.environ.get("RANK", "0") == "0":  # under torchrun: rank 0 prints for all
+            print(json.dumps(row))
         return
     formatter = type("Formatter", (argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter), {})
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=formatter)
@@ -604,6 +627,7 @@ def main():
     ap.add_argument("--size", default="full", choices=["full", "activations"], help="memory: which model (SIZES)")
     ap.add_argument("--params", type=float, default=50e6, help="kernels: parameters in the tensor set")
     ap.add_argument("--repeats", type=int, default=7, help="kernels: timed steps (the median is shown)")
+    ap.add_argument("--world", type=int, default=1, help="memory: ranks (torchrun, FSDP2-sharded model; per-rank figures)")
     ap.add_argument("--iters", type=int, default=150, help="converge: iterations per run")
     ap.add_argument("--quick", action="store_true", help="a reduced run of about a minute")
     ap.add_argument("--json", action="store_true", help="print the rows as JSON instead of a table")

@@ -603,7 +603,10 @@ def make_optimizer(model, cfg):
 
 
 def state_bytes(opt):
-    return sum(t.numel() * t.element_size() for s in opt.state.values() for t in s.values() if torch.is_tensor(t))
+    """Bytes of optimizer state on this rank (torch's optimizers keep FSDP2 state as DTensors)."""
+    local = [t.to_local() if hasattr(t, "to_local") else t for s in opt.state.values() for t in s.values()
+             if torch.is_tensor(t)]
+    return sum(t.numel() * t.element_size() for t in local)
 
 
 def peak_memory_mb(dev):
