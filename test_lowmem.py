@@ -51,17 +51,21 @@ def max_diff(a, b):
     return max((p - q).abs().max().item() for p, q in zip(a.parameters(), b.parameters()))
 
 
+def one_step(opt, loss, fused):
+    if fused:
+        opt.fused_backward(loss)
+    else:
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+
+
 def train(model, opt, data, fused):
     losses = []
     for idx in data:
         loss = lm_loss(model, idx)
         losses.append(loss.item())
-        if fused:
-            opt.fused_backward(loss)
-        else:
-            loss.backward()
-            opt.step()
-            opt.zero_grad(set_to_none=True)
+        one_step(opt, loss, fused)
     return losses
 
 
@@ -1573,22 +1577,13 @@ def shard_run(name, steps, rank=None, world=1, resume_at=None, out=None, bf16_co
     for i, idx in enumerate(batches(steps, shape=(4, 9))):
         if i == resume_at:  # per-rank files: this rank's rows of every parameter and its optimizer state
             path = os.path.join(out, f"{name}-rank{rank}.pt")
-            torch.save({"model": {n: p.to_local() for n, p in model.named_parameters()},
-                        "optimizer": opt.state_dict()}, path)
+            torch.save({"model": train_gpt2.model_state(model, True), "optimizer": opt.state_dict()}, path)
             model, opt = build()
             saved = torch.load(path, weights_only=False)
-            with torch.no_grad():
-                for n, p in model.named_parameters():
-                    p.to_local().copy_(saved["model"][n])
+            train_gpt2.load_model_state(model, saved["model"], True)
             opt.load_state_dict(saved["optimizer"])
         part = idx if rank is None else idx[rank * 2:(rank + 1) * 2]
-        loss = lm_loss(model, part)
-        if fused:
-            opt.fused_backward(loss)
-        else:
-            loss.backward()
-            opt.step()
-            opt.zero_grad(set_to_none=True)
+        one_step(opt, lm_loss(model, part), fused)
     full = {n: (p.full_tensor() if rank is not None else p).detach().clone() for n, p in model.named_parameters()}
     return full, opt.state_bytes()
 
