@@ -328,6 +328,11 @@ def kernels(device=None):
 _POINTER = {torch.float32: "float *", torch.int64: "int64_t *"}  # bf16/fp16 data: void *
 
 
+def _is_dtensor(t):
+    """A torch.distributed DTensor (FSDP2 shards, tensor parallel): never handed to a kernel."""
+    return any(c.__name__ == "DTensor" for c in type(t).__mro__)
+
+
 def _check_kernel_args(like, tensors):
     """Refuse, before any memory is touched, what the kernels cannot handle."""
     for t in tensors:
@@ -497,10 +502,6 @@ def _param_groups(model_or_params):
         for pi, p in enumerate(group["params"]):
             names.setdefault(p, f"param_groups[{gi}][{pi}]")
     return groups, names
-
-
-def _is_dtensor(t):
-    return any(c.__name__ == "DTensor" for c in type(t).__mro__)
 
 
 def _check_params(groups, names):
@@ -936,14 +937,15 @@ class AdaLomo(_LowMemOptimizer):
 
     def _kernel_update(self, p, grad, prep, group, state, lr, info):
         """Same math in three streaming passes: (1) the second-moment statistics, (2) the
-        update's squared norm, (3) apply. Nothing waits for the device. (FSDP2 shards take
-        the PyTorch path, whose statistics are summed over the ranks.)"""
-        if info.sharded or not _kernel_ok(p, grad):
+        update's squared norm, (3) apply. Nothing waits for the device. Under FSDP2 the
+        statistics between the passes are summed over the ranks, so every rank runs them,
+        even on an empty shard."""
+        if not _kernel_ok(p, grad):
             return False
         beta2t = self._begin(grad, state, group)
-        if p.numel() == 0:
+        if p.numel() == 0 and not info.sharded:
             return True
-        if p.device.type in self.one_call_devices:  # one C call: on a CPU a call costs more than a small tensor's passes
+        if p.device.type in self.one_call_devices and not info.sharded:  # one C call: on a CPU a call costs more than a small tensor's passes
             factored = grad.dim() >= 2
             rows, cols = grad.shape[-2:] if factored else (p.numel(), 1)
             h = _AdaLomoArgs((beta2t, *group["eps"], lr, group["weight_decay"], group["clip_threshold"]))
@@ -951,37 +953,39 @@ class AdaLomo(_LowMemOptimizer):
                   p.numel() // (rows * cols), rows, cols, prep, state["row"] if factored else state["v"],
                   state["col"] if factored else None, h, *self._sr_seed(p))
         else:
-            self._launch_passes(p, grad, prep, group, state, lr, beta2t)
+            self._launch_passes(p, grad, prep, group, state, lr, beta2t, info)
         return True
 
-    def _launch_passes(self, p, grad, prep, group, state, lr, beta2t):
+    def _launch_passes(self, p, grad, prep, group, state, lr, beta2t, info):
         """GPU: one kernel per pass; only tiny row/col vectors are touched by torch ops. The CPU
-        build has the same kernels, so the tests run this path there too (one_call_devices=())."""
+        build has the same kernels, so the tests run this path there too (one_call_devices=()).
+        Under FSDP2: three collectives per matrix (columns, rows, both norms), one per vector."""
         (eps1, eps2), n, f32 = group["eps"], p.numel(), dict(dtype=torch.float32, device=p.device)
+        call = (lambda *args: _call(p, *args)) if n else (lambda *args: None)  # empty shard: no kernel
         if grad.dim() >= 2:
-            rows, cols = grad.shape[-2:]
-            batch = n // (rows * cols)
+            (rows, cols), whole_rows = grad.shape[-2:], info.shape[-2]
+            batch = n // (rows * cols) if rows * cols else 1
             rowsum, colsum = torch.zeros(batch * rows, **f32), torch.zeros(batch * cols, **f32)
-            _call(p, "lm_rowcol_sumsq", grad, _DTYPE_CODE[grad.dtype], batch, rows, cols, prep, eps1,
-                  rowsum, colsum)
+            call("lm_rowcol_sumsq", grad, _DTYPE_CODE[grad.dtype], batch, rows, cols, prep, eps1, rowsum, colsum)
             row, col = state["row"], state["col"]
             row.mul_(beta2t).add_(rowsum.view(row.shape) / cols, alpha=1 - beta2t)
-            col.mul_(beta2t).add_(colsum.view(col.shape) / rows, alpha=1 - beta2t)
-            r = (row / row.mean(dim=-1, keepdim=True)).rsqrt_().reshape(-1)
-            c = col.rsqrt().reshape(-1)
+            col.mul_(beta2t).add_(info.total_over_rows(colsum.view(col.shape)) / whole_rows, alpha=1 - beta2t)
+            row_mean = info.total_over_rows(row.sum(dim=-1, keepdim=True)) / whole_rows
+            r, c = (row / row_mean).rsqrt_().reshape(-1), col.rsqrt().reshape(-1)
         else:  # 1-D / 0-d: small tensors, the v update stays in torch
             grad = _torch_grad(grad, prep).contiguous()
             prep, (batch, rows, cols) = _Prep(1, 0, 1), (1, n, 1)
             state["v"].mul_(beta2t).add_(grad * grad + eps1, alpha=1 - beta2t)
             r, c = state["v"].rsqrt().reshape(-1), torch.ones(1, **f32)
         gdt, usq, psq = _DTYPE_CODE[grad.dtype], torch.zeros(1, **f32), torch.zeros(1, **f32)
-        _call(p, "lm_factored_sumsq", grad, gdt, batch, rows, cols, prep, r, c, usq)
-        _call(p, "lm_sumsq", p, _DTYPE_CODE[p.dtype], n, 1.0, psq)
-        lr_t = lr * (psq / n).sqrt().clamp(min=eps2)
-        clip_div = ((usq / n).sqrt() / group["clip_threshold"]).clamp(min=1.0)
+        call("lm_factored_sumsq", grad, gdt, batch, rows, cols, prep, r, c, usq)
+        call("lm_sumsq", p, _DTYPE_CODE[p.dtype], n, 1.0, psq)
+        usq, psq = info.total(torch.cat([usq, psq])).split(1)  # the update's and the weights' squares
+        lr_t = lr * (psq / info.numel).sqrt().clamp(min=eps2)
+        clip_div = ((usq / info.numel).sqrt() / group["clip_threshold"]).clamp(min=1.0)
         k = torch.cat([1 - lr_t * group["weight_decay"], lr_t / clip_div])
-        _call(p, "lm_factored_apply", p, _DTYPE_CODE[p.dtype], grad, gdt, batch, rows, cols, prep,
-              r, c, k, *self._sr_seed(p))
+        call("lm_factored_apply", p, _DTYPE_CODE[p.dtype], grad, gdt, batch, rows, cols, prep,
+             r, c, k, *self._sr_seed(p))
 
 
 # ----------------------------------------------------------------------------------------

@@ -1528,11 +1528,13 @@ def test_bench_gpu_without_cuda_says_so_and_fails():
 
 
 class ShardNet(nn.Module):
-    """Sharded over 2 ranks by rows: the 23-row embedding and head are padded (12 + 11 rows) and
-    q_proj's 3 heads of 2 rows split as rows 0-2 | 3-5, so head 1 straddles the two ranks."""
+    """Sharded over 2 ranks by rows: the 23-row embedding and head are padded (12 + 11 rows),
+    q_proj's 3 heads of 2 rows split as rows 0-2 | 3-5, so head 1 straddles the two ranks, and
+    the 1-row gate leaves rank 1 an empty shard."""
 
     def __init__(self, vocab=23, dim=6):
         super().__init__()
+        self.gate = nn.Parameter(torch.ones(1, dim))
         self.wte = nn.Embedding(vocab, dim)
         self.q_proj = nn.Linear(dim, dim)
         self.ln = nn.LayerNorm(dim)
@@ -1541,7 +1543,7 @@ class ShardNet(nn.Module):
         self.head = nn.Linear(dim, vocab, bias=False)
 
     def forward(self, idx):
-        x = self.wte(idx)
+        x = self.wte(idx) * self.gate
         x = x + torch.tanh(self.q_proj(x))
         x = x + self.proj(F.gelu(self.fc(self.ln(x))))
         return self.head(x)
