@@ -16,7 +16,8 @@ and zero_grad() are then no-ops the loop may keep calling.
 
 Math is done in fp32 and written back to the parameter dtype (optionally with stochastic
 rounding for bf16). The file reads top to bottom: the Adam-mini block partitioner, the
-shared driver, then one section per optimizer.
+C/CUDA kernel loader, sharded (FSDP2) parameters, the shared driver, then one section per
+optimizer.
 """
 import hashlib
 import math
