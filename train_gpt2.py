@@ -691,8 +691,9 @@ def load_checkpoint(cfg, arch_keys):
         ckpt = read_checkpoint(path)
     except InputError as e:
         raise InputError(f"init_from=resume: {e}. Resume from a copy, or start a new run in another out_dir") from None
-    changed = [f"{k}={ckpt['config'].get(k)!r} there, {cfg[k]!r} here" for k in ("optimizer", "fsdp", *arch_keys)
-               if ckpt["config"].get(k) != cfg[k]]
+    saved = ckpt["config"]  # a key it lacks is from an older lowmem, which had only today's default
+    changed = [f"{k}={saved[k]!r} there, {cfg[k]!r} here" for k in ("optimizer", "fsdp", *arch_keys)
+               if saved.get(k, cfg[k]) != cfg[k]]
     if changed:
         raise InputError(f"init_from=resume: {path} was written with other settings ({'; '.join(changed)}); "
                          "resume with the checkpoint's values, or start a new run in another out_dir")
@@ -710,9 +711,8 @@ def check_out_dir(cfg):
         ckpt = read_checkpoint(path, mmap=True)
     except InputError as e:
         raise InputError(f"out_dir {cfg['out_dir']!r}: {e}. Resume from a copy, {hint}") from None
-    old, new = _run_keys(ckpt["config"]), _run_keys(cfg)
-    changed = [f"{k}={old.get(k)!r} there, {new.get(k)!r} here" for k in [*new, *(set(old) - set(new))]
-               if old.get(k) != new.get(k)]
+    old, new = _run_keys(ckpt["config"]), _run_keys(cfg)  # keys in one only: another lowmem version
+    changed = [f"{k}={old[k]!r} there, {new[k]!r} here" for k in new if k in old and old[k] != new[k]]
     if changed:
         raise InputError(f"out_dir {cfg['out_dir']!r} holds the checkpoint of another run (iter {ckpt['iter_num']}; "
                          f"{'; '.join(changed[:4])}{'; ...' if len(changed) > 4 else ''}). Resume it with "
