@@ -569,8 +569,9 @@ def _gpu_gpt2(args):
                     f"--max_iters={iters}", f"--eval_interval={iters}", "--eval_iters=1", f"--log_interval={iters // 3}",
                     "--sample_tokens=0", "--gradient_accumulation_steps=1", "--overwrite=True", f"--device={args.device!r}",
                     f"--out_dir={os.path.join(data, 'out')!r}", *size] + (["--amp=False"] if args.quick else [])
-            probe = ("import json, sys, train_gpt2; h = train_gpt2.train(train_gpt2.parse_config(sys.argv[1:])); "
-                     "print(json.dumps(dict(ms=h['ms_per_iter'], peak=h['peak_mb'], loss=h['train'][-1][1])))")
+            probe = ("import json, sys, train_gpt2; cfg = train_gpt2.parse_config(sys.argv[1:]); h = train_gpt2.train(cfg); "
+                     "print(json.dumps(dict(ms=h['ms_per_iter'], peak=h['peak_mb'], loss=h['train'][-1][1], "
+                     "tokens=cfg['batch_size'] * cfg['block_size'])))")
             run = subprocess.run([sys.executable, "-c", probe, *argv], capture_output=True, text=True, timeout=300,
                                  cwd=os.path.dirname(os.path.abspath(__file__)))
             if run.returncode:
@@ -580,8 +581,7 @@ def _gpu_gpt2(args):
                 continue
             h = json.loads(run.stdout.strip().splitlines()[-1])
             ms = statistics.median(h["ms"][1:] or h["ms"])  # the first interval holds compilation
-            tokens = (2 * 32 if args.quick else 12 * 1024)
-            lines.append(f"| {name} | {'fused' if fused else 'classic'} | {compiled} | {ms:.1f} | {tokens / ms * 1e3:,.0f} "
+            lines.append(f"| {name} | {'fused' if fused else 'classic'} | {compiled} | {ms:.1f} | {h['tokens'] / ms * 1e3:,.0f} "
                          f"| {h['peak']:,.0f} | {h['loss']:.3f} |")
     return "\n".join(lines), ok
 

@@ -442,12 +442,16 @@ class ParamInfo:
         return whole
 
 
+def _is_fsdp_module(module):
+    """A module that FSDP2's fully_shard wrapped (by class name: no torch.distributed import)."""
+    return any(c.__name__ == "FSDPModule" for c in type(module).__mro__)
+
+
 def _fsdp_managed(model_or_params):
     """ids of the parameters that FSDP2 manages (under a module that fully_shard wrapped)."""
     if not isinstance(model_or_params, nn.Module):
         return set()
-    return {id(p) for m in model_or_params.modules() if any(c.__name__ == "FSDPModule" for c in type(m).__mro__)
-            for p in m.parameters()}
+    return {id(p) for m in model_or_params.modules() if _is_fsdp_module(m) for p in m.parameters()}
 
 
 # ----------------------------------------------------------------------------------------

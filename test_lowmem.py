@@ -16,6 +16,8 @@ import lowmem
 
 # ---------------------------------------------------------------------------- helpers
 
+ROOT = os.path.dirname(os.path.abspath(lowmem.__file__))  # the checkout: scripts, bench.py, config/
+
 
 class TinyNet(nn.Module):
     """Embedding + pre-LN MLP block + tied output head: small, with every tensor kind."""
@@ -689,14 +691,14 @@ def test_fallback_when_no_compiler(tmp_path):
             "p.grad = torch.ones(3); opt.step(); print(lowmem.kernels('cpu'), p.tolist())")
     env = dict(os.environ, CC="no-such-compiler-lowmem", LOWMEM_CACHE=str(tmp_path), LOWMEM_KERNELS="auto")
     run = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True,
-                         cwd=os.path.dirname(os.path.abspath(lowmem.__file__)))
+                         cwd=ROOT)
     assert run.returncode == 0, run.stderr
     assert run.stdout.split()[0] == "torch" and "[0.5, 0.5, 0.5]" in run.stdout
     assert "PyTorch reference path" in run.stderr
     env["LOWMEM_KERNELS"] = "c"  # demanding the kernels without a compiler is an error,
     # raised when the optimizer is built (before any backward or parameter change)
     run = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True,
-                         cwd=os.path.dirname(os.path.abspath(lowmem.__file__)))
+                         cwd=ROOT)
     assert run.returncode != 0 and "LOWMEM_KERNELS=c" in run.stderr
     assert "in __init__" in run.stderr  # raised by the constructor
 
@@ -708,7 +710,7 @@ def test_concurrent_builds_do_not_corrupt_the_cache(tmp_path):
     env = dict(os.environ, LOWMEM_CACHE=str(tmp_path), LOWMEM_KERNELS="c")
     procs = [subprocess.Popen([sys.executable, "-c", code], env=env, stdout=subprocess.PIPE,
                               stderr=subprocess.PIPE, text=True,
-                              cwd=os.path.dirname(os.path.abspath(lowmem.__file__))) for _ in range(3)]
+                              cwd=ROOT) for _ in range(3)]
     assert [p.communicate()[0].strip() for p in procs] == ["c"] * 3
     assert len(list(tmp_path.glob("*.so"))) == 1
 
@@ -1008,10 +1010,9 @@ def test_config_overrides_file_and_rejections(tmp_path):
 
 
 def test_config_files_in_repo_parse():
-    root = os.path.dirname(os.path.abspath(train_gpt2.__file__))
-    for name in sorted(os.listdir(os.path.join(root, "config"))):
+    for name in sorted(os.listdir(os.path.join(ROOT, "config"))):
         if name.startswith("gpt2"):
-            train_gpt2.parse_config([os.path.join(root, "config", name)])
+            train_gpt2.parse_config([os.path.join(ROOT, "config", name)])
 
 
 @pytest.mark.parametrize("optimizer, fused", [("adamw", False), ("sgd", False), ("adam_mini", False),
@@ -1330,11 +1331,7 @@ def test_llama_resume_is_exact_and_jsonl_data(tmp_path):
 
 
 def run_bench(*args):
-    import subprocess
-    import sys
-    root = os.path.dirname(os.path.abspath(lowmem.__file__))
-    run = subprocess.run([sys.executable, os.path.join(root, "bench.py"), *args, "--json"], capture_output=True,
-                         text=True, timeout=600, cwd=root)
+    run = script_cli("bench.py", *args, "--json", timeout=600)
     assert run.returncode == 0, run.stderr[-3000:]
     return json.loads(run.stdout)
 
@@ -1368,14 +1365,13 @@ def test_bench_converge_quick_trains_every_listed_optimizer():
 
 # ---------------------------------------------------------------------------- a newcomer's first hour
 
-ROOT = os.path.dirname(os.path.abspath(lowmem.__file__))
 
-
-def script_cli(name, *args):
+def script_cli(name, *args, timeout=120):
+    """Run one of the repo's scripts as a user would, from the checkout."""
     import subprocess
     import sys
     return subprocess.run([sys.executable, os.path.join(ROOT, name), *args], capture_output=True, text=True,
-                          timeout=120, cwd=ROOT)
+                          timeout=timeout, cwd=ROOT)
 
 
 def test_help_prints_every_key_with_its_default_and_exits_0():
@@ -1504,11 +1500,8 @@ def test_sample_is_seeded_top_k_and_greedy_at_temperature_0():
 
 def test_bench_gpu_quick_on_cpu_writes_every_section(tmp_path):
     """`bench.py gpu` is for a lent GPU; --quick --device=cpu runs a tiny version of each stage."""
-    import subprocess
-    import sys
     report = tmp_path / "report.md"
-    run = subprocess.run([sys.executable, os.path.join(ROOT, "bench.py"), "gpu", "--quick", "--device=cpu",
-                          f"--report={report}"], capture_output=True, text=True, timeout=600, cwd=ROOT)
+    run = script_cli("bench.py", "gpu", "--quick", "--device=cpu", f"--report={report}", timeout=600)
     assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
     text = report.read_text()
     for section in ("## CUDA tests", "## Update kernels", "## GPT-2 124M training", "## Llama-3.2-1B shape"):
@@ -1668,10 +1661,10 @@ def test_wheel_ships_the_kernel_source_beside_the_module(tmp_path):
     import sys
     import zipfile
     pytest.importorskip("setuptools.command.bdist_wheel", reason="needs setuptools >= 70.1 to build a wheel")
-    root, src = os.path.dirname(os.path.abspath(lowmem.__file__)), tmp_path / "src"
+    src = tmp_path / "src"
     src.mkdir()
     for name in ("pyproject.toml", "setup.py", "lowmem.py", "fused_ext.c", "README.md"):
-        shutil.copy(os.path.join(root, name), src)
+        shutil.copy(os.path.join(ROOT, name), src)
     pip = [sys.executable, "-m", "pip", "-q", "--disable-pip-version-check"]
     subprocess.run([*pip, "wheel", "--no-build-isolation", "--no-deps", "-w", str(tmp_path / "dist"), str(src)],
                    check=True, capture_output=True)

@@ -495,12 +495,13 @@ def config_error(msg):
     raise SystemExit(f"config: {msg}")
 
 
-def validate_training(cfg, optimizers, script, default_lr=None):
-    """Checks shared by train_gpt2.py and train_llama.py ('gpt2', 'llama'); fills the None defaults.
-    `optimizers` maps each name to its default lr, unless default_lr(cfg) gives that table."""
+def validate_training(cfg, optimizers, out_prefix, default_lr=None):
+    """Checks shared by train_gpt2.py and train_llama.py; fills the None defaults (out_dir:
+    out_prefix-optimizer). `optimizers` maps each name to its default lr, unless default_lr(cfg)
+    gives that table."""
     if cfg["optimizer"] not in optimizers:
         config_error(f"optimizer must be one of {', '.join(optimizers)}, got {cfg['optimizer']!r}")
-    cfg["out_dir"] = cfg["out_dir"] or f"out-{script}-{cfg['optimizer']}"
+    cfg["out_dir"] = cfg["out_dir"] or f"{out_prefix}-{cfg['optimizer']}"
     if cfg["fused"] is None:
         cfg["fused"] = cfg["optimizer"] in ("lomo", "adalomo")
     if cfg["fused"] and cfg["optimizer"] in ("adamw", "sgd"):
@@ -557,7 +558,7 @@ def check_device(name):
 
 
 def validate_gpt2(cfg):
-    validate_training(cfg, DEFAULT_LR, "gpt2")
+    validate_training(cfg, DEFAULT_LR, "out-gpt2")
     for key in ("block_size", "n_layer", "n_head", "n_embd"):
         if cfg[key] < 1:
             config_error(f"{key} must be >= 1, got {cfg[key]}")
@@ -771,7 +772,7 @@ class Trainer:
 
     def __init__(self, model, cfg, dev, rank=0, world=1, ckpt=None, seed_offset=0):
         self.model, self.cfg, self.dev, self.rank, self.world = model, cfg, dev, rank, world
-        if not any(c.__name__ == "FSDPModule" for c in type(model).__mro__):  # (train_llama's pre-training did)
+        if not lowmem._is_fsdp_module(model):  # not sharded already (train_llama's pre-training does it)
             model.to(device=dev, dtype=getattr(torch, cfg["dtype"]))
             if cfg["fsdp"]:
                 shard_model(model)

@@ -15,7 +15,6 @@ import json
 import math
 import os
 import shutil
-import sys
 import sysconfig
 import zlib
 from dataclasses import asdict, dataclass, fields
@@ -485,7 +484,7 @@ def mc_from_pairs(pairs, n_choices=4):
 # training
 
 def validate(cfg):
-    common.validate_training(cfg, DEFAULT_LR, "llama",
+    common.validate_training(cfg, DEFAULT_LR, "out-llama",
                             lambda cfg: DEMO_LR if _base_model(cfg) == "scratch" else DEFAULT_LR)
     if cfg["lr_schedule"] not in ("cosine", "linear"):
         common.config_error(f"lr_schedule must be cosine or linear, got {cfg['lr_schedule']!r}")
