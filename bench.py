@@ -1,6 +1,6 @@
 """bench.py: measured tables for lowmem. Every number in README.md comes from here.
 
-    python bench.py memory   [--model gpt|llama] [--size full|activations] [--device cpu|cuda] [--dtype float32|bfloat16] [--world N] [--quick] [--json]
+    python bench.py memory   [--model gpt|llama] [--size full|activations|plan] [--device cpu|cuda] [--dtype float32|bfloat16] [--world N] [--quick] [--json]
     python bench.py speed    [--device cpu|cuda] [--quick] [--json]
     python bench.py converge [--quick] [--json]
     python bench.py kernels  [--device cpu|cuda] [--dtype float32|bfloat16] [--params 50e6] [--json]
@@ -21,8 +21,10 @@ in the same run. The step is memory-bound, so GB/s against the copy is the figur
 import argparse
 import contextlib
 import copy
+import functools
 import io
 import json
+import math
 import os
 import shutil
 import statistics
@@ -30,9 +32,12 @@ import subprocess
 import sys
 import tempfile
 import time
+import weakref
 
 import torch
 from torch import nn
+from torch.nn import functional as F
+from torch.utils._python_dispatch import TorchDispatchMode
 
 import lowmem
 
@@ -163,9 +168,9 @@ def print_kernels(rows, n, args):
 SIZES = {  # (layers, width, context, batch); each memory row runs well under a minute on 2 CPU cores
     # full: weights dominate (as in fine-tuning with small batches, the papers' setting);
     # activations: the same kind of model where activations dominate instead.
-    "gpt": {"full": (8, 1024, 64, 2), "activations": (8, 512, 256, 8), "quick": (2, 128, 64, 4),
+    "gpt": {"full": (8, 1024, 64, 2), "activations": (8, 512, 256, 8), "quick": (2, 128, 64, 4), "plan": (4, 512, 64, 4),
             "speed": (12, 128, 128, 8), "gpu": (12, 768, 1024, 8)},
-    "llama": {"full": (8, 1024, 64, 2), "activations": (8, 512, 256, 8), "quick": (2, 128, 64, 4),
+    "llama": {"full": (8, 1024, 64, 2), "activations": (8, 512, 256, 8), "quick": (2, 128, 64, 4), "plan": (4, 512, 64, 4),
               "speed": (12, 128, 128, 8), "gpu": (16, 2048, 1024, 4), "1b": (16, 2048, 512, 4)},
 }
 # Llama-3.2-1B's published config.json (random init here: nothing is downloaded).
@@ -176,17 +181,43 @@ LLAMA_3_2_1B = dict(vocab_size=128256, hidden_size=2048, intermediate_size=8192,
                         original_max_position_embeddings=8192))
 
 
-def _model(model_kind, size, layers, width, block):
+def model_config(model_kind, size):
+    """The config of a SIZES model: train_gpt2's GPTConfig fields, or a LLaMA config.json dict."""
+    layers, width, block, batch = SIZES[model_kind][size]
+    if model_kind == "gpt":
+        return dict(block_size=block, vocab_size=50304 if size == "gpu" else 256, n_layer=layers,
+                    n_head=width // 64 or 2, n_embd=width)
+    if size == "1b":
+        return LLAMA_3_2_1B
+    return dict(vocab_size=32000 if size == "gpu" else 260, hidden_size=width,
+                intermediate_size=int(width * 8 / 3) // 32 * 32, num_hidden_layers=layers,
+                num_attention_heads=max(width // 64, 2), num_key_value_heads=max(width // 128, 1))
+
+
+def make_model(config):
+    """train_gpt2's GPT (GPTConfig fields or a Hugging Face GPT-2 config.json) or train_llama's Llama."""
     import train_gpt2
     import train_llama
-    if model_kind == "gpt":
-        vocab = 50304 if size == "gpu" else 256
-        return train_gpt2.GPT(train_gpt2.GPTConfig(block, vocab, layers, width // 64 or 2, width))
-    if size == "1b":
-        return train_llama.Llama(train_llama.LlamaConfig.from_hf(LLAMA_3_2_1B))
-    vocab = 32000 if size == "gpu" else 260
-    return train_llama.Llama(train_llama.LlamaConfig(vocab, width, int(width * 8 / 3) // 32 * 32, layers,
-                                                     max(width // 64, 2), max(width // 128, 1)))
+    if "block_size" in config:
+        return train_gpt2.GPT(train_gpt2.GPTConfig(**config))
+    if config.get("model_type") == "gpt2":
+        return train_gpt2.GPT(train_gpt2.GPTConfig(config["n_positions"], config["vocab_size"], config["n_layer"],
+                                                   config["n_head"], config["n_embd"], activation_checkpointing=
+                                                   config.get("activation_checkpointing", False)))
+    return train_llama.Llama(train_llama.LlamaConfig.from_hf(config))
+
+
+def batch_fn_for(model, batch, seq, device, gen=None):
+    """Random tokens in the model's forward signature: GPT (idx, targets), Llama (idx, labels)."""
+    vocab = model.config.vocab_size
+
+    def batch_fn():
+        if device == "meta":
+            xy = torch.zeros(batch, seq + 1, dtype=torch.long, device="meta")
+        else:
+            xy = torch.randint(vocab, (batch, seq + 1), generator=gen).to(device)
+        return (xy[:, :-1], xy[:, 1:]) if "block_size" in vars(model.config) else (xy[:, :-1], xy[:, :-1])
+    return batch_fn
 
 
 def build(model_kind, size, device, dtype, seed=0):
@@ -194,15 +225,9 @@ def build(model_kind, size, device, dtype, seed=0):
     layers, width, block, batch = SIZES[model_kind][size]
     torch.manual_seed(seed)
     with torch.device(device):  # initialized where it trains: a 1B model's init is slow on the CPU
-        model = _model(model_kind, size, layers, width, block)
+        model = make_model(model_config(model_kind, size))
     model.to(dtype=dtype)
-    vocab = model.config.vocab_size
-    gen = torch.Generator().manual_seed(seed)
-
-    def batch_fn():
-        xy = torch.randint(vocab, (batch, block + 1), generator=gen).to(device)
-        return (xy[:, :-1], xy[:, 1:]) if model_kind == "gpt" else (xy, xy)
-    return model, batch_fn, batch * block
+    return model, batch_fn_for(model, batch, block, device, torch.Generator().manual_seed(seed)), batch * block
 
 
 def make_opt(name, model, lr=1e-4):
@@ -256,7 +281,7 @@ def memory_row(spec):
     model, batch_fn, _ = build(spec["model"], spec["size"], device, dtype)
     if world > 1:
         train_gpt2.shard_model(model)
-    _warm_up(spec, device, dtype)
+    _warm_up(spec, device, dtype, model, batch_fn)
     sizes = [p.numel() * p.element_size() for p in (p.to_local() if world > 1 else p for p in model.parameters())]
     if device == "cuda":
         torch.cuda.synchronize()
@@ -285,10 +310,13 @@ def memory_row(spec):
     return row
 
 
-def _warm_up(spec, device, dtype):
-    """One step of the same optimizer on a throwaway toy model before the baseline, so that
-    one-time costs (torch.optim's lazy imports, the C kernel library, OpenMP threads: ~80 MB
-    on CPU) are not counted as training memory."""
+def _warm_up(spec, device, dtype, model, batch_fn):
+    """One step of the same optimizer on a throwaway toy model, and one forward and backward of
+    the model itself, before the baseline, so that one-time costs are not counted as training
+    memory: torch.optim's lazy imports, the C kernel library, OpenMP threads (~80 MB on CPU),
+    and the matmul library's code and scratch for each shape (oneDNN's bf16 kernels: ~20 MB)."""
+    model(*batch_fn())[1].backward()
+    model.zero_grad(set_to_none=True)
     toy = nn.Sequential(nn.Embedding(8, 64), nn.Linear(64, 8)).to(device=device, dtype=dtype)
     opt = make_opt(spec["optimizer"], toy)
     loss = toy(torch.arange(8, device=device)).float().square().mean()
@@ -302,7 +330,7 @@ def _warm_up(spec, device, dtype):
 
 def memory_rows(args, size=None, names=None):
     env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="65536")  # REFERENCE 6: RSS tracks live bytes
-    size = size or ("quick" if args.quick else ("gpu" if args.device == "cuda" else args.size))
+    size = size or args.size or ("quick" if args.quick else "gpu" if args.device == "cuda" else "full")
     rows = []
     for dtype in [args.dtype]:
         for label, opt, fused in MEMORY_ROWS:
@@ -328,6 +356,10 @@ def memory_rows(args, size=None, names=None):
             r["accounted"] = r["params"] + r["grads"] + r["state"] + act
         for r in group:
             r["vs_adamw"] = r["total"] / adamw["total"]
+    layers, width, block, batch = SIZES[args.model][size]
+    for r, (label, opt, fused) in zip(rows, [m for m in MEMORY_ROWS if m[0] in {r["name"] for r in rows}]):
+        if args.world == 1:  # the plan of the same run, computed on the meta device
+            r["plan"] = plan_peak(model_config(args.model, size), opt, fused, batch, block, getattr(torch, r["dtype"]))["peak"]
     return rows, size
 
 
@@ -339,12 +371,14 @@ def print_memory(rows, args, size):
     print(f"{args.model} {layers}x{width}, context {block}, batch {batch} on {args.device}; {2 if args.quick else 3} steps; "
           f"measured = {where}{ranks}; MiB")
     print(f"{'optimizer':28s} {'dtype':9s} {'params':>9s} {'grads':>9s} {'opt state':>9s} {'act+other':>9s} "
-          f"{'total':>9s} {'accounted':>9s} {'vs AdamW':>8s}")
+          f"{'total':>9s} {'accounted':>9s} {'vs AdamW':>8s}" + (f" {'plan':>9s} {'plan/total':>10s}" if "plan" in rows[0] else ""))
     for r in rows:
+        plan = f" {mb(r['plan'])} {r['plan'] / r['total']:10.3f}" if "plan" in r else ""
         print(f"{r['name']:28s} {r['dtype']:9s} {mb(r['params'])} {mb(r['grads'])} {mb(r['state'])} "
-              f"{mb(r['act_other'])} {mb(r['total'])} {mb(r['accounted'])} {r['vs_adamw']:7.2f}x")
+              f"{mb(r['act_other'])} {mb(r['total'])} {mb(r['accounted'])} {r['vs_adamw']:7.2f}x" + plan)
     print("grads/opt state are accounting (largest gradient for fused drivers, state_bytes()); total = params +"
-          " measured; accounted = params + grads + state + the no-optimizer row's activations.")
+          " measured; accounted = params + grads + state + the no-optimizer row's activations; plan = bench.py plan's"
+          " peak for the same run (meta device, nothing allocated).")
 
 
 # ---------------------------------------------------------------------------- speed
@@ -491,6 +525,207 @@ def print_converge(results, base, args):
     print("wrote assets/loss_curves.png")
 
 
+# ---------------------------------------------------------------------------- plan: will it fit?
+
+# Published config.json shapes (nothing is downloaded): the LOMO paper's LLaMA-1 7B/13B/65B, Llama-2-70B, GPT-2.
+PLAN_MODELS = {
+    "llama-7b": dict(vocab_size=32000, hidden_size=4096, intermediate_size=11008, num_hidden_layers=32,
+                     num_attention_heads=32, num_key_value_heads=32),
+    "llama-13b": dict(vocab_size=32000, hidden_size=5120, intermediate_size=13824, num_hidden_layers=40,
+                      num_attention_heads=40, num_key_value_heads=40),
+    "llama-65b": dict(vocab_size=32000, hidden_size=8192, intermediate_size=22016, num_hidden_layers=80,
+                      num_attention_heads=64, num_key_value_heads=64),
+    "llama-2-70b": dict(vocab_size=32000, hidden_size=8192, intermediate_size=28672, num_hidden_layers=80,
+                        num_attention_heads=64, num_key_value_heads=8),
+    "llama-3.2-1b": LLAMA_3_2_1B,
+    "gpt2": dict(model_type="gpt2", vocab_size=50257, n_positions=1024, n_embd=768, n_layer=12, n_head=12),
+}
+PLAN_ROWS = [("SGD", "sgd", False), ("AdamW", "adamw", False), ("Adam-mini classic", "adam_mini", False),
+             ("Adam-mini fused", "adam_mini", True), ("LOMO fused", "lomo", True), ("AdaLomo fused", "adalomo", True)]
+
+
+class LiveBytes(TorchDispatchMode):
+    """Live and peak bytes of tensor storage while ops run on the meta device: every op's
+    outputs are counted once per storage, and uncounted when the storage is freed. Meta
+    tensors have shapes, dtypes and lifetimes but no data, so a 70B step takes seconds."""
+
+    def __init__(self, tensors=()):
+        super().__init__()
+        self.live, self.peak, self._counted = 0, 0, set()
+        for t in tensors:  # what exists before the mode: parameters, buffers
+            self._count(t)
+
+    def _count(self, t):
+        storage = t.untyped_storage()
+        if storage._cdata not in self._counted:
+            self._counted.add(storage._cdata)
+            self.live += storage.nbytes()
+            self.peak = max(self.peak, self.live)
+            weakref.finalize(storage, self._free, storage._cdata, storage.nbytes())
+
+    def _free(self, key, nbytes):
+        self._counted.discard(key)
+        self.live -= nbytes
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        for t in torch.utils._pytree.tree_leaves(out):
+            if isinstance(t, torch.Tensor):
+                self._count(t)
+        return out
+
+
+def _flash_attention(q, k, v, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None, enable_gqa=False):
+    """SDPA as the fused (flash) kernels run it on CPU and GPU: they save q, k, v, the output and
+    one logsumexp per row. On the meta device torch would pick its math path and count T x T."""
+    return torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(q, k, v, dropout_p, is_causal, scale=scale)[0]
+
+
+def _eager_attention(q, k, v, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None, enable_gqa=False):
+    """transformers 4.28's eager LlamaAttention, which the LOMO paper ran: the masked T x T
+    scores (kept by the clamp to the dtype's minimum), their fp32 softmax and its 16-bit cast
+    are saved for backward."""
+    scores = q @ k.transpose(-2, -1) / math.sqrt(q.size(-1))
+    if is_causal:
+        scores = scores + torch.full(scores.shape[-2:], torch.finfo(q.dtype).min, device=q.device, dtype=q.dtype).triu(1)
+    scores = torch.max(scores, torch.tensor(torch.finfo(q.dtype).min, device=q.device, dtype=q.dtype))
+    return torch.softmax(scores, dim=-1, dtype=torch.float32).to(q.dtype) @ v
+
+
+def _hf_rms_norm(self, x):
+    """transformers 4.28's LlamaRMSNorm: it also keeps the 16-bit input for the product."""
+    variance = x.to(torch.float32).pow(2).mean(-1, keepdim=True)
+    return self.weight * (x * torch.rsqrt(variance + self.eps)).to(x.dtype)
+
+
+@contextlib.contextmanager
+def _planning(hf_eager):
+    """The meta device as a kernel device: lowmem's C/CUDA kernels update in place and allocate
+    nothing, so a kernel call is counted as nothing (its reference path's full-size temporaries
+    would be counted otherwise). Attention saves what a fused kernel saves or, with hf_eager,
+    what the LOMO paper's transformers 4.28 saved (its attention and RMSNorm)."""
+    import train_llama
+    saved = dict(lowmem._libs), lowmem._call, F.scaled_dot_product_attention, train_llama.RMSNorm.forward
+    lowmem._libs["meta"] = "kernels: in place, no allocation"
+    lowmem._call = lambda like, name, *args: None
+    F.scaled_dot_product_attention = _eager_attention if hf_eager else _flash_attention
+    if hf_eager:
+        train_llama.RMSNorm.forward = _hf_rms_norm
+    try:
+        yield
+    finally:
+        lowmem._libs.clear(), lowmem._libs.update(saved[0])
+        lowmem._call, F.scaled_dot_product_attention, train_llama.RMSNorm.forward = saved[1:]
+
+
+def plan_peak(config, optimizer, fused, batch, seq, dtype, checkpointing=False, hf_eager=False,
+              master_weights=False):
+    """Peak bytes of two training steps on the meta device (the second one has the optimizer's
+    state), and the parts: parameters, gradients, optimizer state. The optimizer is the training
+    scripts' own (bench.make_opt): its state is what its own code allocates."""
+    with torch.device("meta"):
+        model = make_model(dict(config, activation_checkpointing=checkpointing)).to(dtype)
+    sizes = [p.numel() * p.element_size() for p in model.parameters()]
+    batch_fn = batch_fn_for(model, batch, seq, "meta")
+    with _planning(hf_eager), LiveBytes([*model.parameters(), *model.buffers()]) as live:
+        opt = make_opt(optimizer, model)
+        master = MasterWeights(model, opt) if master_weights else None
+        if opt is None:
+            for p in model.parameters():
+                p.register_post_accumulate_grad_hook(lambda p: setattr(p, "grad", None))
+        for _ in range(2):
+            train_step(model, master or opt, batch_fn, fused)
+        state = 0 if opt is None else __import__("train_gpt2").state_bytes(opt) + (master.bytes() if master else 0)
+    return dict(params=sum(sizes), grads=max(sizes) if fused or opt is None else sum(sizes), state=state,
+                peak=live.peak)
+
+
+def plan_rows(config, args):
+    """Every PLAN_ROWS optimizer at args.batch x args.seq, and the largest batch that fits
+    args.device_memory. Peak memory grows linearly with the batch (activations), at most as
+    fast as the no-optimizer run's peak does, so the largest batch uses that slope: a bound
+    that a classic driver, whose peak may come at step() instead, can only beat."""
+    dtype, memories = getattr(torch, args.dtype), [parse_bytes(m) for m in str(args.device_memory).split(",")]
+    run = functools.partial(plan_peak, config, seq=args.seq, dtype=dtype, checkpointing=args.activation_checkpointing,
+                            hf_eager=args.hf_eager)
+    act = [run("none", True, batch=b) for b in (args.batch, 2 * args.batch)]
+    per_example = (act[1]["peak"] - act[0]["peak"]) / args.batch
+    activations = act[0]["peak"] - act[0]["params"] - act[0]["grads"]
+    rows = []
+    for label, name, fused in PLAN_ROWS:
+        master = args.master_weights and name in ("adamw", "sgd")
+        r = run(name, fused, batch=args.batch, master_weights=master)
+        r.update(name=label + (" +fp32 master" if master else ""), activations=activations,
+                 accounted=r["params"] + r["grads"] + r["state"] + activations,
+                 max_batch=[max(0, args.batch + math.floor((mem - r["peak"]) / per_example)) for mem in memories])
+        rows.append(r)
+    return rows
+
+
+def parse_bytes(text):
+    """'24GB', '80GiB', '16e9' -> bytes (GB is 10**9, GiB 2**30, as device specs and nvidia-smi use them)."""
+    units = {"tib": 2 ** 40, "gib": 2 ** 30, "mib": 2 ** 20, "tb": 1e12, "gb": 1e9, "mb": 1e6, "b": 1}
+    t = str(text).strip().lower()
+    unit = next((u for u in units if t.endswith(u)), "b")
+    try:
+        return int(float(t[:len(t) - len(unit)] if t.endswith(unit) else t) * units[unit])
+    except ValueError:
+        raise SystemExit(f"device_memory: {text!r} is not a size like 24GB or 80GiB") from None
+
+
+def plan_config(source):
+    """A PLAN_MODELS name or a config.json path (a Hugging Face model directory works too)."""
+    if source in PLAN_MODELS:
+        return PLAN_MODELS[source]
+    path = os.path.join(source, "config.json") if os.path.isdir(source) else source
+    if not os.path.isfile(path):
+        raise SystemExit(f"plan: {source!r} is neither a config.json nor one of {', '.join(PLAN_MODELS)}")
+    with open(path) as f:
+        return json.load(f)
+
+
+def print_plan(rows, args):
+    unit, scale = ("GiB", 2 ** 30) if max(r["peak"] for r in rows) >= 2 ** 30 else ("MiB", 2 ** 20)
+    size = lambda b: f"{b / scale:8.2f}"  # noqa: E731
+    n = rows[0]["params"] / torch.tensor([], dtype=getattr(torch, args.dtype)).element_size()
+    devices = str(args.device_memory).split(",")
+    print(f"{args.model}: {n / 1e6:,.1f}M parameters, {args.dtype}, batch {args.batch} x {args.seq}"
+          f"{', activation checkpointing' if args.activation_checkpointing else ''}"
+          f"{', transformers 4.28 eager attention + RMSNorm' if args.hf_eager else ''}; {unit}")
+    print(f"{'optimizer':31s} {'params':>8s} {'grads':>8s} {'state':>8s} {'activ.':>8s} {'sum':>8s} {'peak':>8s}  "
+          + " ".join(f"{'max batch ' + d:>16s}" for d in devices))
+    for r in rows:
+        print(f"{r['name']:31s} {size(r['params'])} {size(r['grads'])} {size(r['state'])} {size(r['activations'])}"
+              f" {size(r['accounted'])} {size(r['peak'])}  " + " ".join(f"{b:16d}" for b in r["max_batch"]))
+    print("sum = params + grads + state + activations (the papers' accounting); peak = live bytes at the worst moment"
+          " of two training steps run on the meta device (nothing allocated); max batch: the most sequences of this"
+          " length per step on a device of that size (0: not even one).")
+
+
+class MasterWeights:
+    """Mixed-precision training as the LOMO paper's AdamW and SGD ran it (apex/DeepSpeed fp16):
+    the optimizer steps an fp32 copy of each 16-bit parameter, which is copied back."""
+
+    def __init__(self, model, opt):
+        self.params = list(model.parameters())
+        self.copies = [p.detach().float() for p in self.params]
+        opt.param_groups.clear(), opt.add_param_group(dict(params=self.copies))
+        self.opt = opt
+
+    def step(self):
+        for p, c in zip(self.params, self.copies):  # one tensor at a time: one fp32 gradient at most
+            c.grad, p.grad = p.grad.float(), None
+            self.opt.step()  # torch's optimizers skip parameters without a gradient
+            c.grad = None
+            p.detach().copy_(c)
+
+    def zero_grad(self, set_to_none=True):
+        self.opt.zero_grad(set_to_none)
+
+    def bytes(self):
+        return sum(c.numel() * c.element_size() for c in self.copies)
+
+
 # ---------------------------------------------------------------------------- gpu: one command for a lent GPU
 
 GPU_RUNS = [("adamw", False), ("adam_mini", False), ("adam_mini", True), ("adalomo", True), ("lomo", True)]
@@ -611,6 +846,12 @@ def _gpu_llama(args):
     return f"```\n{out.getvalue()}```\n```\n{times}\n```", True
 
 
+def _bool(text):
+    if text.lower() not in ("true", "false", "1", "0"):
+        raise argparse.ArgumentTypeError(f"expected True or False, got {text!r}")
+    return text.lower() in ("true", "1")
+
+
 def main():
     if len(sys.argv) == 3 and sys.argv[1] == "_memory_row":  # the fresh process of one memory row
         row = memory_row(json.loads(sys.argv[2]))
@@ -619,22 +860,39 @@ def main():
         return
     formatter = type("Formatter", (argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter), {})
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=formatter)
-    ap.add_argument("command", choices=["memory", "speed", "converge", "kernels", "gpu"],
-                    help="which table to measure (gpu: every GPU check in one report)")
+    ap.add_argument("command", choices=["memory", "speed", "converge", "kernels", "gpu", "plan"],
+                    help="which table to measure (gpu: every GPU check in one report; plan: will it fit)")
+    ap.add_argument("config", nargs="?", default="llama-7b",
+                    help=f"plan: a config.json (GPT-2 or LLaMA) or one of {', '.join(PLAN_MODELS)}")
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="cpu or cuda")
     ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"], help="parameter dtype")
     ap.add_argument("--model", default="gpt", choices=["gpt", "llama"], help="memory: train_gpt2's or train_llama's model")
-    ap.add_argument("--size", default="full", choices=["full", "activations"], help="memory: which model (SIZES)")
+    ap.add_argument("--size", default=None, choices=["full", "activations", "plan"],
+                    help="memory: which model (SIZES; default full, quick with --quick, gpu on cuda)")
     ap.add_argument("--params", type=float, default=50e6, help="kernels: parameters in the tensor set")
     ap.add_argument("--repeats", type=int, default=7, help="kernels: timed steps (the median is shown)")
     ap.add_argument("--world", type=int, default=1, help="memory: ranks (torchrun, FSDP2-sharded model; per-rank figures)")
     ap.add_argument("--iters", type=int, default=150, help="converge: iterations per run")
+    ap.add_argument("--batch", type=int, default=8, help="plan: sequences per step")
+    ap.add_argument("--seq", type=int, default=512, help="plan: tokens per sequence")
+    ap.add_argument("--activation_checkpointing", type=_bool, default=False, help="plan: recompute each layer in backward")
+    ap.add_argument("--device_memory", default="24GB,40GB,80GB", help="plan: device sizes for the max batch (24GB, 80GiB)")
+    ap.add_argument("--hf_eager", type=_bool, default=False,
+                    help="plan: count transformers 4.28's eager attention and RMSNorm (the LOMO paper's runs)")
+    ap.add_argument("--master_weights", type=_bool, default=False,
+                    help="plan: AdamW/SGD step an fp32 copy of 16-bit weights (the LOMO paper's mixed precision)")
     ap.add_argument("--quick", action="store_true", help="a reduced run of about a minute")
     ap.add_argument("--json", action="store_true", help="print the rows as JSON instead of a table")
     ap.add_argument("--report", default="gpu_report.md", help="gpu: where the markdown report is written")
     args = ap.parse_args()
     if args.command == "gpu":
         sys.exit(gpu_report(args))
+    if args.command == "plan":
+        config = plan_config(args.config)
+        args.model = args.config
+        rows = plan_rows(config, args)
+        print(json.dumps(rows, indent=1)) if args.json else print_plan(rows, args)
+        return
     if args.command == "memory":
         rows, size = memory_rows(args)
         print(json.dumps(rows, indent=1)) if args.json else print_memory(rows, args, size)

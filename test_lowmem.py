@@ -1,6 +1,7 @@
 """Tests for lowmem.py against independent references: PyTorch's SGD, transformers'
 Adafactor, the official `lomo-optim` and `adam-mini` packages, and literal numbers."""
 import copy
+import functools
 import io
 import json
 import math
@@ -1337,8 +1338,9 @@ def run_bench(*args):
 
 
 @pytest.mark.parametrize("model, dtype", [("gpt", "float32"), ("llama", "bfloat16")])
-def test_bench_memory_quick_is_consistent(model, dtype):
-    rows = {r["name"]: r for r in run_bench("memory", "--quick", "--device", "cpu", "--model", model, "--dtype", dtype)}
+def test_bench_memory_quick_is_consistent_and_planned_within_10_percent(model, dtype):
+    rows = {r["name"]: r for r in run_bench("memory", "--quick", "--size", "plan", "--device", "cpu", "--model", model,
+                                            "--dtype", dtype)}
     adamw, lomo, mini, fused_mini = (rows[k] for k in ("AdamW", "LOMO fused", "Adam-mini classic", "Adam-mini fused"))
     params = adamw["params"]  # bytes, in the parameter dtype
     assert 0 <= adamw["state"] - 2 * params < 1024 and lomo["state"] == 0  # m and v (+ step counters); nothing
@@ -1353,6 +1355,55 @@ def test_bench_memory_quick_is_consistent(model, dtype):
         assert fused_mini["total"] < adamw["total"]
     for r in rows.values():
         assert abs(r["total"] - r["accounted"]) < 0.25 * r["accounted"], r  # measured vs accounting
+        assert 0.9 < r["plan"] / r["total"] < 1.1, r  # bench.py plan (meta device) vs measured
+
+
+import bench  # noqa: E402
+
+
+# LOMO paper Table 1 (LLaMA-7B, batch 8 x 512, fp16 mixed precision; GiB): params, grads, state, activations
+# without / with activation checkpointing, and the totals it prints.
+LOMO_TABLE_1 = {"sgd": (12.55, 12.55, 25.10, (45.61, 1.79), (96.81, 51.99)),
+                "adamw": (12.55, 12.55, 75.31, (45.61, 1.79), (147.02, 102.20)),
+                "lomo": (12.55, 0.24, 0.0, (45.61, 1.79), (59.40, 14.58))}
+
+
+@pytest.mark.parametrize("checkpointing", [False, True])
+def test_plan_reproduces_lomo_paper_table_1_within_10_percent(checkpointing):
+    """The paper ran transformers 4.28's eager attention (hf_eager) and kept fp32 master weights
+    for AdamW and SGD (master_weights); bf16 has fp16's bytes (meta fp16 would need loss scaling's
+    overflow check, a data-dependent .item())."""
+    plan = functools.partial(bench.plan_peak, bench.PLAN_MODELS["llama-7b"], batch=8, seq=512, dtype=torch.bfloat16,
+                             checkpointing=checkpointing, hf_eager=True)
+    none = plan("none", True)
+    activations = (none["peak"] - none["params"] - none["grads"]) / 2 ** 30
+    for name, (params, grads, state, paper_act, paper_total) in LOMO_TABLE_1.items():
+        r = plan(name, name == "lomo", master_weights=name != "lomo")
+        parts = [r["params"] / 2 ** 30, r["grads"] / 2 ** 30, r["state"] / 2 ** 30]
+        assert parts == pytest.approx([params, grads, state], abs=0.006), name  # exact, to the paper's 2 decimals
+        assert sum(parts) + activations == pytest.approx(paper_total[checkpointing], rel=0.10), name
+        assert activations == pytest.approx(paper_act[checkpointing], rel=0.35 if checkpointing else 0.10)
+        assert r["peak"] <= (sum(parts) + activations) * 2 ** 30 * 1.001  # the peak never exceeds the sum
+
+
+def test_train_llama_plan_prints_every_optimizer_and_loads_nothing(tmp_path):
+    (tmp_path / "m").mkdir()
+    (tmp_path / "m" / "config.json").write_text(json.dumps(dict(bench.PLAN_MODELS["llama-3.2-1b"], model_type="llama")))
+    run = script_cli("train_llama.py", f"--init_from={str(tmp_path / 'm')!r}", "--plan=True", "--dtype='bfloat16'",
+                     "--batch_size=2", "--max_length=256", "--device='cpu'", f"--out_dir={str(tmp_path / 'out')!r}")
+    assert run.returncode == 0, run.stderr[-2000:]
+    assert "1,235.8M parameters, bfloat16, batch 2 x 256" in run.stdout, run.stdout
+    for label, _, _ in bench.PLAN_ROWS:
+        assert label in run.stdout
+    assert sorted(os.listdir(tmp_path)) == ["m"]  # no out_dir, no weights (there are none to read)
+
+
+def test_plan_cli_errors_name_the_problem():
+    run = script_cli("bench.py", "plan", "no-such-model")
+    assert run.returncode != 0 and "neither a config.json nor one of llama-7b" in run.stderr
+    run = script_cli("bench.py", "plan", "gpt2", "--device_memory=lots")
+    assert run.returncode != 0 and "device_memory: 'lots' is not a size" in run.stderr
+    assert bench.parse_bytes("24GB") == 24e9 and bench.parse_bytes("80GiB") == 80 * 2 ** 30
 
 
 def test_bench_converge_quick_trains_every_listed_optimizer():

@@ -68,6 +68,7 @@ amp = False  # bf16 autocast of forward/backward with fp32 parameters (CUDA)
 compile = False  # torch.compile the model (slow to start)
 fsdp = False  # under torchrun: shard parameters, gradients and optimizer state (FSDP2, each layer and the root)
 seed = 1337  # model init and data order
+plan = False  # print this run's memory plan (bench.py plan: every optimizer at batch_size x max_length) and exit
 # ----------------------------------------------------------------------------------------
 
 DEFAULT_LR = {"adalomo": 5e-4, "lomo": 1e-2, "adam_mini": 1e-5, "adamw": 1e-5}  # real checkpoints
@@ -536,14 +537,39 @@ def build(cfg):
     dtype = getattr(torch, cfg["dtype"])
     if base == "scratch":
         tok = ByteTokenizer()
-        model = Llama(LlamaConfig(tok.vocab_size, cfg["hidden_size"], cfg["intermediate_size"], cfg["num_hidden_layers"],
-                                  cfg["num_attention_heads"], cfg["num_key_value_heads"], max_position_embeddings=cfg["max_length"],
-                                  activation_checkpointing=cfg["activation_checkpointing"]))
+        model = Llama(scratch_config(cfg))
     else:
         with open(common.hf_file(base, "config.json")) as f:
             tok = HFTokenizer(base, LlamaConfig.from_hf(json.load(f)))
         model = Llama.from_pretrained(base, dtype, activation_checkpointing=cfg["activation_checkpointing"])
     return model, tok, ckpt  # the Trainer loads ckpt["model"] (after sharding, under fsdp)
+
+
+def scratch_config(cfg):
+    return LlamaConfig(ByteTokenizer.vocab_size, cfg["hidden_size"], cfg["intermediate_size"], cfg["num_hidden_layers"],
+                       cfg["num_attention_heads"], cfg["num_key_value_heads"], max_position_embeddings=cfg["max_length"],
+                       activation_checkpointing=cfg["activation_checkpointing"])
+
+
+def print_plan(cfg):
+    """--plan=True: bench.py plan for this run, from config.json alone (no weight is read), against
+    the memory of the device it would run on (a GPU's, or the machine's RAM)."""
+    import argparse
+    import bench
+    base = _base_model(cfg)
+    if base == "scratch":
+        config = scratch_config(cfg).to_hf(cfg["dtype"])
+    else:
+        with open(common.hf_file(base, "config.json")) as f:
+            config = json.load(f)
+    dev = torch.device("cuda" if cfg["device"] == "auto" and torch.cuda.is_available() else
+                       "cpu" if cfg["device"] == "auto" else cfg["device"])
+    memory = torch.cuda.get_device_properties(dev).total_memory if dev.type == "cuda" else \
+        os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    args = argparse.Namespace(model=base, batch=cfg["batch_size"], seq=cfg["max_length"], dtype=cfg["dtype"],
+                              activation_checkpointing=cfg["activation_checkpointing"], device_memory=str(memory),
+                              hf_eager=False, master_weights=False)
+    bench.print_plan(bench.plan_rows(config, args), args)
 
 
 def pretrain(model, cfg, dev, rank, world):
@@ -575,6 +601,8 @@ def model_size(model):
 
 
 def train(cfg):
+    if cfg["plan"]:
+        return print_plan(cfg)
     dev, rank, world = common.setup_device(cfg["device"])
     torch.manual_seed(cfg["seed"])
     model, tok, ckpt = build(cfg)
