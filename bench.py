@@ -3,7 +3,7 @@
     python bench.py memory   [--model gpt|llama] [--size full|activations|plan] [--device cpu|cuda] [--dtype float32|bfloat16] [--world N] [--quick] [--json]
     python bench.py speed    [--device cpu|cuda] [--quick] [--json]
     python bench.py converge [--quick] [--json]
-    python bench.py kernels  [--device cpu|cuda] [--dtype float32|bfloat16] [--params 50e6] [--json]
+    python bench.py kernels  [--device cpu|cuda] [--dtype float32|bfloat16] [--params 50e6] [--shape square|llama|small] [--json]
     python bench.py gpu      [--report gpu_report.md]    # on a GPU machine: every GPU check, one report
 
 memory: peak memory of a few training steps per optimizer, each in a fresh process (CPU: peak
@@ -67,26 +67,37 @@ def timed(fn, device, repeats):
     return statistics.median(times)
 
 
-def make_tensors(n_params, dtype, device, dim=2048):
-    """Square (dim, dim) weights summing to ~n_params, with gradients."""
+KERNEL_SHAPES = {  # --shape: (what the tensor set is, the official adam_mini's dim / n_heads for it)
+    "square": ("(2048, 2048) weights summing to ~--params", dict(dim=2048, n_heads=16)),
+    "llama": ("train_llama's model, vocab 8192, 8 layers x 512, 33M parameters in 75 tensors", dict(dim=512, n_heads=8)),
+    "small": ("500 tensors of (64, 64): per-tensor host cost", dict(dim=64, n_heads=1)),
+}
+
+
+def make_tensors(shape, n_params, dtype, device):
+    """The tensor set of `bench.py kernels --shape`, with gradients."""
+    import train_llama
     torch.manual_seed(0)
-    model = nn.Module()
-    model.layers = nn.ModuleList()
-    for _ in range(max(1, round(n_params / dim ** 2))):
-        layer = nn.Module()
-        layer.mlp = nn.Linear(dim, dim, bias=False, device=device, dtype=dtype)
-        model.layers.append(layer)
+    with torch.device(device):
+        if shape == "llama":
+            model = train_llama.Llama(train_llama.LlamaConfig(8192, 512, 1344, 8, 8, 8))
+        else:
+            dim, count = (64, 500) if shape == "small" else (2048, max(1, round(n_params / 2048 ** 2)))
+            model = nn.Module()
+            model.layers = nn.ModuleList(nn.ModuleDict(dict(mlp=nn.Linear(dim, dim, bias=False))) for _ in range(count))
+    model.to(dtype)
     for p in model.parameters():
         p.grad = torch.randn_like(p) * 1e-3
     return model
 
 
-def kernel_rows(n_params, dtype, device, repeats):
-    model = make_tensors(n_params, dtype, device)
+def kernel_rows(n_params, dtype, device, repeats, shape="square"):
+    model = make_tensors(shape, n_params, dtype, device)
     params = list(model.parameters())
     n = sum(p.numel() for p in params)
     pb = gb = torch.finfo(dtype).bits // 8
-    heads = dict(n_heads=16)
+    official = KERNEL_SHAPES[shape][1]
+    heads = {} if shape == "llama" else dict(n_heads=official["n_heads"])  # the Llama's config has its heads
     rows = []
 
     def add(name, kind, fn):
@@ -110,14 +121,14 @@ def kernel_rows(n_params, dtype, device, repeats):
     torch_mini._kernel_update = lambda *a: False
     add("lowmem Adam-mini (torch reference path)", "adam_mini", torch_mini.step)
     del torch_mini
-    add_official(add, model, device)
+    add_official(add, model, device, official)
     return rows, n
 
 
-def add_official(add, model, device):
+def add_official(add, model, device, heads):
     try:
         import adam_mini
-        official = adam_mini.Adam_mini(model.named_parameters(), lr=1e-4, dim=2048, n_heads=16, verbose=False)
+        official = adam_mini.Adam_mini(model.named_parameters(), lr=1e-4, **heads, verbose=False)
         add("official adam_mini 1.1.1 step", "adam_mini", official.step)
         del official
     except ImportError:
@@ -151,7 +162,8 @@ def print_kernels(rows, n, args):
     adamw_ms = by["torch AdamW(fused=True)"]["ms"]
     official = {"adam_mini": "official adam_mini 1.1.1 step", "lomo": "official lomo_optim Lomo update",
                 "adalomo": "official lomo_optim AdaLomo update"}
-    print(f"one optimizer step, {n / 1e6:.1f}M {args.dtype} parameters on {args.device} "
+    print(f"one optimizer step, {n / 1e6:.1f}M {args.dtype} parameters on {args.device}, "
+          f"{KERNEL_SHAPES[getattr(args, 'shape', 'square')][0]} "
           f"({torch.get_num_threads()} threads); median of {args.repeats}")
     print(f"{'implementation':58s} {'ms':>8s} {'GB/s':>7s} {'% copy':>7s} {'vs AdamW':>9s} {'vs official':>11s}")
     for r in rows:
@@ -871,6 +883,7 @@ def main():
                     help="memory: which model (SIZES; default full, quick with --quick, gpu on cuda)")
     ap.add_argument("--params", type=float, default=50e6, help="kernels: parameters in the tensor set")
     ap.add_argument("--repeats", type=int, default=7, help="kernels: timed steps (the median is shown)")
+    ap.add_argument("--shape", default="square", choices=list(KERNEL_SHAPES), help="kernels: which tensor set")
     ap.add_argument("--world", type=int, default=1, help="memory: ranks (torchrun, FSDP2-sharded model; per-rank figures)")
     ap.add_argument("--iters", type=int, default=150, help="converge: iterations per run")
     ap.add_argument("--batch", type=int, default=8, help="plan: sequences per step")
@@ -903,7 +916,7 @@ def main():
         results, base = converge_rows(args)
         print(json.dumps(results, indent=1)) if args.json else print_converge(results, base, args)
     else:
-        rows, n = kernel_rows(int(args.params), getattr(torch, args.dtype), args.device, args.repeats)
+        rows, n = kernel_rows(int(args.params), getattr(torch, args.dtype), args.device, args.repeats, args.shape)
         if args.json:
             print(json.dumps(dict(device=args.device, dtype=args.dtype, params=n, rows=rows), indent=1))
         else:

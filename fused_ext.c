@@ -106,6 +106,9 @@ HD float adam_w(float w, float m, float v, adam_t h) {
    -ffast-math) and add them up in double. */
 #define CH 2048
 #define MIN(a, b) ((a) < (b) ? (a) : (b))
+/* Below SMALL elements a kernel runs on the calling thread: starting and joining a parallel
+   region costs more than updating the tensor (and many times more when cores are busy). */
+#define SMALL 65536
 
 static void ld_chunk(float *d, const void *x, int dt, int64_t o, int64_t n) {
     if (dt == 0) { const float *s = (const float *)x + o; for (int64_t i = 0; i < n; i++) d[i] = s[i]; }
@@ -150,7 +153,7 @@ static double sumsq_chunk(const float *d, int64_t n) {  /* sum of d^2 */
 int lm_sumsq(const void *x, int dt, int64_t n, float scale, float *out, void *stream) {
     double acc = 0.0;
     prep_t q = {scale, 0.0f, 1.0f};
-    #pragma omp parallel for reduction(+:acc) schedule(static)
+    #pragma omp parallel for reduction(+:acc) schedule(static) if(n >= SMALL)
     for (int64_t o = 0; o < n; o += CH) {
         float buf[CH]; int64_t len = MIN(CH, n - o);
         acc += sumsq_chunk(grad_view(buf, x, dt, o, len, q), len);
@@ -161,7 +164,7 @@ int lm_sumsq(const void *x, int dt, int64_t n, float scale, float *out, void *st
 /* LOMO / SGD: p = p*decay - lr*g, decay = 1 - lr*wd */
 int lm_sgd(void *p, int pdt, const void *g, int gdt, int64_t n, prep_t q, float lr, float decay,
            int sr, uint64_t seed, void *stream) {
-    #pragma omp parallel for schedule(static)
+    #pragma omp parallel for schedule(static) if(n >= SMALL)
     for (int64_t o = 0; o < n; o += CH) {
         float wbuf[CH], gbuf[CH]; int64_t len = MIN(CH, n - o);
         const float *d = grad_view(gbuf, g, gdt, o, len, q);
@@ -187,7 +190,7 @@ static void adam_chunk(void *p, int pdt, float *m, const float *d, const float *
 /* AdamW, one v per element (Adam-mini's bias blocks) */
 int lm_adam_elem(void *p, int pdt, const void *g, int gdt, float *m, float *v, int64_t n,
                  prep_t q, adam_t h, int sr, uint64_t seed, void *stream) {
-    #pragma omp parallel for schedule(static)
+    #pragma omp parallel for schedule(static) if(n >= SMALL)
     for (int64_t o = 0; o < n; o += CH) {
         float gbuf[CH]; int64_t len = MIN(CH, n - o);
         const float *d = grad_view(gbuf, g, gdt, o, len, q);
@@ -203,7 +206,7 @@ int lm_adam_elem(void *p, int pdt, const void *g, int gdt, float *m, float *v, i
 int lm_adam_blocks(void *p, int pdt, const void *g, int gdt, float *m, float *v,
                    const int64_t *start, int64_t n_v, prep_t q, adam_t h, int sr, uint64_t seed,
                    void *stream) {
-    #pragma omp parallel for schedule(dynamic, 4)
+    #pragma omp parallel for schedule(dynamic, 4) if(start[n_v] - start[0] >= SMALL)
     for (int64_t b = 0; b < n_v; b++) {
         float gbuf[CH]; int64_t a = start[b], e = start[b + 1];
         double acc = 0.0;
@@ -219,14 +222,14 @@ int lm_adam_blocks(void *p, int pdt, const void *g, int gdt, float *m, float *v,
 /* AdaLomo pass 1 for batch x rows x cols: row sums and column sums of g^2 + add */
 int lm_rowcol_sumsq(const void *g, int gdt, int64_t batch, int64_t rows, int64_t cols, prep_t q,
                     float add, float *rowsum, float *colsum, void *stream) {
-    #pragma omp parallel for schedule(static)
+    #pragma omp parallel for schedule(static) if(batch * rows * cols >= SMALL)
     for (int64_t r = 0; r < batch * rows; r++) {
         float gbuf[CH]; double acc = 0.0;
         for (int64_t o = 0; o < cols; o += CH) acc += sumsq_chunk(grad_view(gbuf, g, gdt, r * cols + o, MIN(CH, cols - o), q), MIN(CH, cols - o));
         rowsum[r] = (float)(acc + (double)add * cols);
     }
     int64_t tiles = (cols + 255) / 256;
-    #pragma omp parallel for schedule(static) collapse(2)
+    #pragma omp parallel for schedule(static) collapse(2) if(batch * rows * cols >= SMALL)
     for (int64_t b = 0; b < batch; b++)
         for (int64_t t = 0; t < tiles; t++) {
             double acc[256] = {0}; float gbuf[256];
@@ -244,7 +247,7 @@ int lm_rowcol_sumsq(const void *g, int gdt, int64_t batch, int64_t rows, int64_t
 int lm_factored_sumsq(const void *g, int gdt, int64_t batch, int64_t rows, int64_t cols, prep_t q,
                       const float *r, const float *c, float *out, void *stream) {
     double acc = 0.0;
-    #pragma omp parallel for reduction(+:acc) schedule(static)
+    #pragma omp parallel for reduction(+:acc) schedule(static) if(batch * rows * cols >= SMALL)
     for (int64_t i = 0; i < batch * rows; i++) {
         const float *ci = c + (i / rows) * cols;
         float gbuf[CH], u[CH]; double s = 0.0;
@@ -265,7 +268,7 @@ int lm_factored_apply(void *p, int pdt, const void *g, int gdt, int64_t batch, i
                       int64_t cols, prep_t q, const float *r, const float *c, const float *k,
                       int sr, uint64_t seed, void *stream) {
     float decay = k[0], step = k[1];
-    #pragma omp parallel for schedule(static)
+    #pragma omp parallel for schedule(static) if(batch * rows * cols >= SMALL)
     for (int64_t i = 0; i < batch * rows; i++) {
         const float *ci = c + (i / rows) * cols;
         float ri = step * r[i], gbuf[CH], wbuf[CH];
@@ -448,4 +451,49 @@ EXPORT int lm_factored_apply(void *p, int pdt, const void *g, int gdt, int64_t b
     int64_t n = batch * rows * cols;
     if (n > 0) k_factored_apply<<<cols == 1 ? grid_for(n) : (int)(batch * rows < 8192 ? batch * rows : 8192), THREADS, 0, S>>>(p, pdt, g, gdt, batch, rows, cols, q, r, c, k, sr, seed); DONE;
 }
+#endif
+
+/* ================================ multi-tensor calls ==================================
+   The classic driver's step() issues one call per kernel for all its tensors instead of one
+   call per tensor: each item holds one per-tensor call's arguments, in the same order (the
+   addresses as integers). The per-tensor kernels above do the math. On the CPU, tensors of
+   fewer than SMALL elements are spread over the threads one tensor per thread (a parallel
+   region costs more than a tiny tensor's update); larger ones run in turn with every thread.
+   On CUDA the items are launched in turn on the stream (the host cost per tensor is gone,
+   the launch per tensor is not). Returns the first nonzero error. */
+typedef struct { uintptr_t p; int pdt; uintptr_t g; int gdt; int64_t n; prep_t q; float lr, decay; int sr; uint64_t seed; } sgd_call;
+typedef struct { uintptr_t p; int pdt; uintptr_t g; int gdt; uintptr_t m, v; int64_t n; prep_t q; adam_t h; int sr; uint64_t seed; } adam_elem_call;
+typedef struct { uintptr_t p; int pdt; uintptr_t g; int gdt; uintptr_t m, v, start; int64_t n_v; prep_t q; adam_t h; int sr; uint64_t seed; } adam_blocks_call;
+typedef struct { uintptr_t p; int pdt; uintptr_t g; int gdt; int64_t batch, rows, cols; prep_t q; uintptr_t row, col; adalomo_t h; int sr; uint64_t seed; } adalomo_call;
+#define P(x) ((void *)(x))
+
+#ifdef __CUDACC__
+#define MULTI(name, type, size, call) \
+EXPORT int lm_multi_##name(const type *items, int64_t count, void *stream) { \
+    int err = 0; \
+    for (int64_t i = 0; i < count && !err; i++) { const type *c = items + i; err = call; } \
+    return err; \
+}
+#else
+#define MULTI(name, type, size, call) \
+int lm_multi_##name(const type *items, int64_t count, void *stream) { \
+    int err = 0; \
+    _Pragma("omp parallel for schedule(dynamic) reduction(|:err)") \
+    for (int64_t i = 0; i < count; i++) { const type *c = items + i; if ((size) < SMALL) err |= call; } \
+    for (int64_t i = 0; i < count; i++) { const type *c = items + i; if ((size) >= SMALL) err |= call; } \
+    return err; \
+}
+#endif
+
+MULTI(sgd, sgd_call, c->n,
+      lm_sgd(P(c->p), c->pdt, P(c->g), c->gdt, c->n, c->q, c->lr, c->decay, c->sr, c->seed, stream))
+MULTI(adam_elem, adam_elem_call, c->n,
+      lm_adam_elem(P(c->p), c->pdt, P(c->g), c->gdt, (float *)P(c->m), (float *)P(c->v), c->n, c->q, c->h, c->sr, c->seed, stream))
+MULTI(adam_blocks, adam_blocks_call, ((const int64_t *)P(c->start))[c->n_v] - ((const int64_t *)P(c->start))[0],
+      lm_adam_blocks(P(c->p), c->pdt, P(c->g), c->gdt, (float *)P(c->m), (float *)P(c->v), (const int64_t *)P(c->start),
+                     c->n_v, c->q, c->h, c->sr, c->seed, stream))
+#ifndef __CUDACC__
+MULTI(adalomo, adalomo_call, c->batch * c->rows * c->cols,
+      lm_adalomo(P(c->p), c->pdt, P(c->g), c->gdt, c->batch, c->rows, c->cols, c->q, (float *)P(c->row), (float *)P(c->col),
+                 c->h, c->sr, c->seed, stream))
 #endif

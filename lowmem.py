@@ -19,6 +19,7 @@ rounding for bf16). The file reads top to bottom: the Adam-mini block partitione
 C/CUDA kernel loader, sharded (FSDP2) parameters, the shared driver, then one section per
 optimizer.
 """
+import contextlib
 import hashlib
 import math
 import os
@@ -243,9 +244,20 @@ int lm_rowcol_sumsq(const void *g, int gdt, int64_t batch, int64_t rows, int64_t
 int lm_factored_sumsq(const void *g, int gdt, int64_t batch, int64_t rows, int64_t cols, prep_t q, const float *r, const float *c, float *out, void *stream);
 int lm_factored_apply(void *p, int pdt, const void *g, int gdt, int64_t batch, int64_t rows, int64_t cols, prep_t q, const float *r, const float *c, const float *k, int sr, uint64_t seed, void *stream);
 int lm_adalomo(void *p, int pdt, const void *g, int gdt, int64_t batch, int64_t rows, int64_t cols, prep_t q, float *row, float *col, adalomo_t h, int sr, uint64_t seed, void *stream);
+typedef struct { uintptr_t p; int pdt; uintptr_t g; int gdt; int64_t n; prep_t q; float lr, decay; int sr; uint64_t seed; } sgd_call;
+typedef struct { uintptr_t p; int pdt; uintptr_t g; int gdt; uintptr_t m, v; int64_t n; prep_t q; adam_t h; int sr; uint64_t seed; } adam_elem_call;
+typedef struct { uintptr_t p; int pdt; uintptr_t g; int gdt; uintptr_t m, v, start; int64_t n_v; prep_t q; adam_t h; int sr; uint64_t seed; } adam_blocks_call;
+typedef struct { uintptr_t p; int pdt; uintptr_t g; int gdt; int64_t batch, rows, cols; prep_t q; uintptr_t row, col; adalomo_t h; int sr; uint64_t seed; } adalomo_call;
+int lm_multi_sgd(const sgd_call *items, int64_t count, void *stream);
+int lm_multi_adam_elem(const adam_elem_call *items, int64_t count, void *stream);
+int lm_multi_adam_blocks(const adam_blocks_call *items, int64_t count, void *stream);
+int lm_multi_adalomo(const adalomo_call *items, int64_t count, void *stream);
 """
 # lm_adalomo (a whole AdaLomo update in one call) is CPU-only: CUDA runs the passes one by one.
-_CUDA_KERNELS = sorted(set(re.findall(r"int (lm_\w+)\(", _CDEF)) - {"lm_adalomo"})
+_CUDA_KERNELS = sorted(set(re.findall(r"int (lm_\w+)\(", _CDEF)) - {"lm_adalomo", "lm_multi_adalomo"})
+# Kernels that are a whole update of one tensor: step() batches their calls (_batched).
+_MULTI = {"lm_sgd": "sgd_call", "lm_adam_elem": "adam_elem_call", "lm_adam_blocks": "adam_blocks_call",
+          "lm_adalomo": "adalomo_call"}
 _DTYPE_CODE = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
 _SOURCE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "fused_ext.c")
 _libs = {}  # "cpu" / "cuda" -> (ffi, lib) or None
@@ -331,7 +343,10 @@ _POINTER = {torch.float32: "float *", torch.int64: "int64_t *"}  # bf16/fp16 dat
 
 def _is_dtensor(t):
     """A torch.distributed DTensor (FSDP2 shards, tensor parallel): never handed to a kernel."""
-    return any(c.__name__ == "DTensor" for c in type(t).__mro__)
+    return type(t) not in _PLAIN and any(c.__name__ == "DTensor" for c in type(t).__mro__)
+
+
+_PLAIN = (torch.Tensor, nn.Parameter)  # the common case, answered without walking the MRO
 
 
 def _check_kernel_args(like, tensors):
@@ -350,24 +365,61 @@ def _check_kernel_args(like, tensors):
 def _c_arg(ffi, a):
     """A tensor is passed as a pointer to its data, None as NULL, a _CStruct as its C struct,
     a number as is."""
-    if a is None:
-        return ffi.NULL
     if isinstance(a, torch.Tensor):
         return ffi.cast(_POINTER.get(a.dtype, "void *"), a.data_ptr())
+    if a is None:
+        return ffi.NULL
     if isinstance(a, _CStruct):
         return ffi.new(a.ctype + " *", a)[0]
     return a
 
 
 def _call(like, name, *args):
-    """Call kernel `name` on the library for `like`'s device, on torch's current stream.
-    (Called once per tensor per step: kept lean, its overhead is what small tensors pay.)"""
-    ffi, lib = _libs[like.device.type]
+    """Call kernel `name` on the library for `like`'s device, on torch's current stream; inside
+    _batched(), a whole-update kernel's call is queued instead."""
     _check_kernel_args(like, [a for a in args if isinstance(a, torch.Tensor)])
-    stream = torch.cuda.current_stream(like.device).cuda_stream if like.is_cuda else 0
-    err = getattr(lib, name)(*[_c_arg(ffi, a) for a in args], ffi.cast("void *", stream))
+    if _queue is not None and name in _MULTI:
+        _queue.setdefault((like.device, name), []).append(args)
+        return
+    ffi, lib = _libs[like.device.type]
+    _check_err(name, getattr(lib, name)(*[_c_arg(ffi, a) for a in args], ffi.cast("void *", _stream(like.device))))
+
+
+def _stream(device):
+    return torch.cuda.current_stream(device).cuda_stream if device.type == "cuda" else 0
+
+
+def _check_err(name, err):
     if err:
         raise RuntimeError(f"fused kernel {name} failed with error {err}")
+
+
+_queue = None  # inside _batched(): {(device, kernel name): [the queued calls' arguments]}
+
+
+@contextlib.contextmanager
+def _batched():
+    """The classic step(): each tensor's whole-update kernel call is queued, then all of a
+    kernel's calls on a device go in one C call (lm_multi_* in fused_ext.c) as an array of
+    argument structs, so a tensor costs the host a tuple instead of a cffi call. The queued
+    updates are independent (one parameter each). If the step fails, nothing queued runs."""
+    global _queue
+    _queue = {}
+    try:
+        yield
+        for (device, name), calls in _queue.items():
+            ffi, lib = _libs[device.type]
+            items = ffi.new(f"{_MULTI[name]}[]", [[_item_arg(a) for a in args] for args in calls])
+            _check_err(name, getattr(lib, "lm_multi" + name[2:])(items, len(calls), ffi.cast("void *", _stream(device))))
+    finally:
+        _queue = None
+
+
+def _item_arg(a):
+    """A kernel argument as a field of a multi-call item: tensors by address, NULL as 0."""
+    if a is None:
+        return 0
+    return a.data_ptr() if isinstance(a, torch.Tensor) else a
 
 
 def _kernel_ok(p, grad):
@@ -721,8 +773,9 @@ class _LowMemOptimizer(torch.optim.Optimizer):
             for p, grad in grads.items():
                 self._add_sumsq(p, grad, 1.0)
             clip_coef = self._clip_coef_from(self._norm_from_sumsq())
-        for p, grad in grads.items():
-            self._apply(p, grad, 1.0, None, clip_coef)
+        with _batched():  # one kernel call per kernel for all the tensors
+            for p, grad in grads.items():
+                self._apply(p, grad, 1.0, None, clip_coef)
         return loss
 
     # -- fused driver -------------------------------------------------------------------

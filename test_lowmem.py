@@ -653,6 +653,45 @@ def test_full_optimizers_same_trajectory_with_c_and_torch_kernels(name):
     assert max_diff(model, ref) < 1e-6
 
 
+@pytest.mark.parametrize("name", ["lomo", "adalomo", "adam_mini"])
+def test_multi_tensor_step_is_one_call_per_kernel_and_equals_one_call_per_tensor(name, monkeypatch):
+    """step() queues each tensor's kernel call and issues one lm_multi_* call per kernel (small
+    tensors spread over the threads, large ones with every thread): bit for bit what one call
+    per tensor gives, bf16 stochastic rounding included."""
+    needs_kernels("cpu")
+    shapes = [(64, 64)] * 12 + [(300, 300), (4097,), (7,), (257, 300)]  # under and over fused_ext.c's SMALL
+
+    def run(multi):
+        torch.manual_seed(0)
+        named = [(f"layers.{i}.mlp.{'weight' if len(s) == 2 else 'bias'}",
+                  nn.Parameter(torch.randn(s).to(torch.bfloat16 if i % 2 else torch.float32)))
+                 for i, s in enumerate(shapes)]
+        params = [p for _, p in named]
+        opt = lowmem.AdamMini(named, lr=0.01, weight_decay=0.1, stochastic_rounding=True) if name == "adam_mini" else \
+            (lowmem.AdaLomo if name == "adalomo" else lowmem.LOMO)(params, lr=0.01, weight_decay=0.1, stochastic_rounding=True)
+        calls = []
+        with monkeypatch.context() as m:
+            m.setattr(lowmem, "_check_err", lambda kernel, err: calls.append(kernel) or assert_ok(err))
+            if not multi:
+                m.setattr(lowmem, "_MULTI", {})
+            gen = torch.Generator().manual_seed(1)
+            for _ in range(3):
+                for p in params:
+                    p.grad = torch.randn(p.shape, generator=gen).to(p.dtype)
+                opt.step()
+        return [p.detach().clone() for p in params], calls
+
+    (multi, multi_calls), (single, single_calls) = run(True), run(False)
+    assert all(torch.equal(a, b) for a, b in zip(multi, single))
+    assert len(single_calls) == 3 * len(shapes)
+    kernels = {"lomo": ["lm_sgd"], "adalomo": ["lm_adalomo"], "adam_mini": ["lm_adam_blocks", "lm_adam_elem"]}[name]
+    assert sorted(multi_calls) == sorted(kernels * 3)  # per step: one call per kernel
+
+
+def assert_ok(err):
+    assert err == 0
+
+
 def test_cuda_half_compiles_for_sm80_and_sm90_and_exports_every_kernel(tmp_path):
     """CI has no GPU but may have nvcc: a CUDA compile error must fail here, not on a user's GPU."""
     import re
