@@ -94,9 +94,8 @@ HD float adam_m(float m, float g, adam_t h) {  /* torch.lerp_(m, g, 1-b1) */
     float d = g - m;
     return h.one_b1 < 0.5f ? m + h.one_b1 * d : g - d * (1.0f - h.one_b1);
 }
-HD float adam_w(float w, float m, float v, adam_t h) {
-    return w * h.decay + (-h.step) * (m / (sqrtf(v) / h.bc2_sqrt + h.eps));
-}
+HD float adam_denom(float v, adam_t h) { return sqrtf(v) / h.bc2_sqrt + h.eps; }
+HD float adam_w(float w, float m, float denom, adam_t h) { return w * h.decay + (-h.step) * (m / denom); }
 
 #ifndef __CUDACC__
 /* ===================================== CPU ==========================================
@@ -180,9 +179,17 @@ int lm_sgd(void *p, int pdt, const void *g, int gdt, int64_t n, prep_t q, float 
 static void adam_chunk(void *p, int pdt, float *m, const float *d, const float *v, int vstride,
                        int64_t o, int64_t len, adam_t h, int sr, uint64_t seed) {
     float wbuf[CH], *w = view(wbuf, p, pdt, o, len);
-    for (int64_t i = 0; i < len; i++) {
-        m[o + i] = adam_m(m[o + i], d[i], h);
-        w[i] = adam_w(w[i], m[o + i], v[i * vstride], h);
+    if (vstride == 0) {  /* one v for the chunk (an Adam-mini block): its denominator once, not per element */
+        float denom = adam_denom(v[0], h);
+        for (int64_t i = 0; i < len; i++) {
+            m[o + i] = adam_m(m[o + i], d[i], h);
+            w[i] = adam_w(w[i], m[o + i], denom, h);
+        }
+    } else {
+        for (int64_t i = 0; i < len; i++) {
+            m[o + i] = adam_m(m[o + i], d[i], h);
+            w[i] = adam_w(w[i], m[o + i], adam_denom(v[i], h), h);
+        }
     }
     put(p, pdt, o, w, len, sr, seed);
 }
@@ -206,7 +213,7 @@ int lm_adam_elem(void *p, int pdt, const void *g, int gdt, float *m, float *v, i
 int lm_adam_blocks(void *p, int pdt, const void *g, int gdt, float *m, float *v,
                    const int64_t *start, int64_t n_v, prep_t q, adam_t h, int sr, uint64_t seed,
                    void *stream) {
-    #pragma omp parallel for schedule(dynamic, 4) if(start[n_v] - start[0] >= SMALL)
+    #pragma omp parallel for schedule(static) if(start[n_v] - start[0] >= SMALL)
     for (int64_t b = 0; b < n_v; b++) {
         float gbuf[CH]; int64_t a = start[b], e = start[b + 1];
         double acc = 0.0;
@@ -356,7 +363,7 @@ __global__ void k_sgd(void *p, int pdt, const void *g, int gdt, int64_t n, prep_
 }
 __device__ void adam_elem(void *p, int pdt, float *m, float g, float v, int64_t i, adam_t h, int sr, uint64_t seed) {
     m[i] = adam_m(m[i], g, h);
-    store(p, pdt, i, adam_w(load(p, pdt, i), m[i], v, h), sr, seed);
+    store(p, pdt, i, adam_w(load(p, pdt, i), m[i], adam_denom(v, h), h), sr, seed);
 }
 __global__ void k_adam_elem(void *p, int pdt, const void *g, int gdt, float *m, float *v, int64_t n, prep_t q, adam_t h, int sr, uint64_t seed) {
     GLOBAL_LOOP(i, n) {

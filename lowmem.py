@@ -20,6 +20,7 @@ C/CUDA kernel loader, sharded (FSDP2) parameters, the shared driver, then one se
 optimizer.
 """
 import contextlib
+import functools
 import hashlib
 import math
 import os
@@ -255,7 +256,8 @@ int lm_multi_adalomo(const adalomo_call *items, int64_t count, void *stream);
 """
 # lm_adalomo (a whole AdaLomo update in one call) is CPU-only: CUDA runs the passes one by one.
 _CUDA_KERNELS = sorted(set(re.findall(r"int (lm_\w+)\(", _CDEF)) - {"lm_adalomo", "lm_multi_adalomo"})
-# Kernels that are a whole update of one tensor: step() batches their calls (_batched).
+# Kernels that are a whole update of one tensor: step() batches their calls (_batched) into
+# arrays of these structs, whose fields are the kernel's arguments (tensors as uintptr_t).
 _MULTI = {"lm_sgd": "sgd_call", "lm_adam_elem": "adam_elem_call", "lm_adam_blocks": "adam_blocks_call",
           "lm_adalomo": "adalomo_call"}
 _DTYPE_CODE = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
@@ -347,11 +349,14 @@ def _is_dtensor(t):
 
 
 _PLAIN = (torch.Tensor, nn.Parameter)  # the common case, answered without walking the MRO
+_KERNEL_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.int64)
 
 
 def _check_kernel_args(like, tensors):
     """Refuse, before any memory is touched, what the kernels cannot handle."""
     for t in tensors:
+        if type(t) in _PLAIN and t.is_contiguous() and t.device == like.device and t.dtype in _KERNEL_DTYPES:
+            continue  # the common case in one line: dense (plain tensors are strided when contiguous)
         if _is_dtensor(t) or t.layout != torch.strided:
             raise ValueError(f"fused kernel: a {type(t).__name__} with layout {t.layout} is not a plain dense tensor")
         if not t.is_contiguous():
@@ -409,25 +414,36 @@ def _batched():
         yield
         for (device, name), calls in _queue.items():
             ffi, lib = _libs[device.type]
-            items = ffi.new(f"{_MULTI[name]}[]", [[_item_arg(a) for a in args] for args in calls])
+            tensors = _address_fields(ffi, _MULTI[name])
+            items = ffi.new(f"{_MULTI[name]}[]", [_item(args, tensors) for args in calls])
             _check_err(name, getattr(lib, "lm_multi" + name[2:])(items, len(calls), ffi.cast("void *", _stream(device))))
     finally:
         _queue = None
 
 
-def _item_arg(a):
-    """A kernel argument as a field of a multi-call item: tensors by address, NULL as 0."""
-    if a is None:
-        return 0
-    return a.data_ptr() if isinstance(a, torch.Tensor) else a
+@functools.lru_cache(maxsize=None)
+def _address_fields(ffi, ctype):
+    """Positions of the tensor arguments in an item struct: its uintptr_t fields."""
+    return tuple(i for i, (_, f) in enumerate(ffi.typeof(ctype).fields) if f.type.cname == "uintptr_t")
+
+
+def _item(args, tensors):
+    """One queued call's arguments as the fields of its item struct."""
+    item = list(args)
+    for i in tensors:
+        item[i] = 0 if item[i] is None else item[i].data_ptr()
+    return item
 
 
 def _kernel_ok(p, grad):
     """Tensors the kernels handle; others (fp64, non-contiguous) use the torch path."""
     if _load(p.device.type) is None or grad.shape != p.shape:
         return False
-    return all(t.layout == torch.strided and not _is_dtensor(t) and t.is_contiguous() and t.dtype in _DTYPE_CODE
-               for t in (p, grad))
+    return _dense_kernel_dtype(p) and _dense_kernel_dtype(grad)
+
+
+def _dense_kernel_dtype(t):
+    return t.dtype in _DTYPE_CODE and not _is_dtensor(t) and t.layout == torch.strided and t.is_contiguous()
 
 
 # ----------------------------------------------------------------------------------------
@@ -592,6 +608,7 @@ class _Prep(_CStruct):
     """Gradient preparation, applied in this order: g*inv_scale, clamp(+-clip), *coef."""
     ctype = "prep_t"
 
+    @functools.lru_cache(maxsize=64)  # the same for every tensor of a step
     def __new__(cls, inv_scale, clip, coef):
         return super().__new__(cls, (float(inv_scale), float(clip), float(coef)))
 
@@ -605,6 +622,7 @@ class _Adam(_CStruct):
     """Adam hyper-parameters for one step of one tensor (matches adam_t in fused_ext.c)."""
     ctype = "adam_t"
 
+    @functools.lru_cache(maxsize=64)  # every tensor of a step shares them: computed once
     def __new__(cls, lr, wd, b1, b2, t, eps):  # scalars in double, as the torch path does
         return super().__new__(cls, (1 - lr * wd, lr / (1 - b1 ** t), 1 - b1, b2, 1 - b2,
                                      math.sqrt(1 - b2 ** t), eps))
