@@ -2,7 +2,7 @@
 
     python bench.py memory   [--model gpt|llama] [--size full|activations|plan] [--device cpu|cuda] [--dtype float32|bfloat16] [--world N] [--quick] [--json]
     python bench.py speed    [--device cpu|cuda] [--quick] [--json]
-    python bench.py converge [--quick] [--json]
+    python bench.py converge [--iters 1500] [--factors 0.5,1,2] [--seeds 3] [--optimizers ...] [--quick] [--json]
     python bench.py kernels  [--device cpu|cuda] [--dtype float32|bfloat16] [--params 50e6] [--shape square|llama|small] [--json]
     python bench.py gpu      [--report gpu_report.md]    # on a GPU machine: every GPU check, one report
 
@@ -478,13 +478,14 @@ def print_speed(rows, args, size, n_tensors):
 # ---------------------------------------------------------------------------- converge
 
 def converge_rows(args):
-    """Best (over an lr sweep at seed 0) val loss per optimizer, then that lr at 3 seeds."""
+    """Best (over an lr sweep at seed 0) val loss per optimizer, then that lr at more seeds."""
     import train_gpt2
     quick = dict(n_layer=2, n_embd=64, n_head=2, block_size=64, max_iters=30, eval_interval=30,
                  log_interval=10, warmup_iters=5, eval_iters=4)
-    base = quick if args.quick else dict(max_iters=args.iters, eval_interval=args.iters, log_interval=25)
-    seeds, factors = ((0, 1), (1.0,)) if args.quick else ((0, 1, 2), (0.5, 1.0, 2.0))
-    optimizers = ("adamw", "adam_mini", "lomo") if args.quick else train_gpt2.OPTIMIZERS
+    base = quick if args.quick else dict(max_iters=args.iters, eval_interval=max(args.iters // 6, 1), log_interval=25)
+    seeds = range(2 if args.quick else args.seeds)
+    factors = (1.0,) if args.quick else tuple(float(f) for f in args.factors.split(","))
+    optimizers = ("adamw", "adam_mini", "lomo") if args.quick else args.optimizers.split(",")
     results = []
     for name in optimizers:
         runs = {}
@@ -496,10 +497,10 @@ def converge_rows(args):
         vals = [h["best_val"] for h in runs[best_lr]]
         results.append(dict(optimizer=name, lr=best_lr, sweep={str(lr): r[0]["best_val"] for lr, r in runs.items()},
                             mean=statistics.mean(vals), std=statistics.stdev(vals) if len(vals) > 1 else 0.0,
-                            seeds=vals, curve=runs[best_lr][0]["train"]))
-    adamw = next(r["mean"] for r in results if r["optimizer"] == "adamw")
+                            seeds=vals, curve=runs[best_lr][0]["val"]))
+    adamw = next((r["mean"] for r in results if r["optimizer"] == "adamw"), None)
     for r in results:
-        r["vs_adamw"] = r["mean"] / adamw
+        r["vs_adamw"] = r["mean"] / adamw if adamw else None
     return results, base
 
 
@@ -515,26 +516,35 @@ def _converge_run(train_gpt2, base, name, lr, seed):
 
 
 def print_converge(results, base, args):
-    n_seeds, sweep = (2, "1x") if args.quick else (3, "0.5x, 1x, 2x")
+    n_seeds = 2 if args.quick else args.seeds
+    sweep = "1x" if args.quick else ", ".join(f"{float(f):g}x" for f in args.factors.split(","))
     print(f"train_gpt2 default model{' (quick: tiny)' if args.quick else ''}, {base['max_iters']} iters, "
-          f"lr sweep at seed 0 ({sweep} DEFAULT_LR), best lr at {n_seeds} seeds; val loss (bytes, nats)")
+          f"lr sweep at seed 0 ({sweep} DEFAULT_LR), best lr at {n_seeds} seed(s); best val loss (bytes, nats)")
     print(f"{'optimizer':10s} {'best lr':>8s} {'val loss':>16s} {'vs AdamW':>9s}  sweep (lr: val)")
     for r in results:
-        sweep = ", ".join(f"{float(lr):g}: {v:.3f}" for lr, v in r["sweep"].items())
-        print(f"{r['optimizer']:10s} {r['lr']:8.3g} {r['mean']:9.4f} +- {r['std']:.4f} {r['vs_adamw']:8.3f}x  {sweep}")
+        sweep = ", ".join(f"{float(lr):g}: {v:.4f}" for lr, v in r["sweep"].items())
+        vs = f"{r['vs_adamw']:8.3f}x" if r["vs_adamw"] else f"{'':9s}"
+        print(f"{r['optimizer']:10s} {r['lr']:8.3g} {r['mean']:9.4f} +- {r['std']:.4f} {vs}  {sweep}")
+    plot_curves(results, base, args.plot)
+
+
+def plot_curves(results, base, path):
+    """Val loss against iteration, one line per optimizer at its best lr (matplotlib: optional)."""
     try:
         import matplotlib
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
     except ImportError:
-        print("(matplotlib not installed: no assets/loss_curves.png)")
+        print(f"(matplotlib not installed: no {path}; pip install matplotlib to draw it)")
         return
-    os.makedirs("assets", exist_ok=True)
+    fig, ax = plt.subplots(figsize=(7, 4.2))
     for r in results:
-        plt.plot(*zip(*r["curve"]), label=f"{r['optimizer']} (lr {r['lr']:g})")
-    plt.xlabel("iteration"), plt.ylabel("train loss"), plt.legend(), plt.title("train_gpt2 default model, seed 0")
-    plt.savefig("assets/loss_curves.png", dpi=120)
-    print("wrote assets/loss_curves.png")
+        ax.plot(*zip(*r["curve"]), marker="o", markersize=3, label=f"{r['optimizer']} (lr {r['lr']:g}): {r['mean']:.3f}")
+    ax.set_xlabel("iteration"), ax.set_ylabel("val loss (nats per byte)"), ax.grid(alpha=0.3), ax.legend()
+    ax.set_title(f"train_gpt2.py default model, {base['max_iters']} iterations, seed 1337")
+    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+    fig.tight_layout(), fig.savefig(path, dpi=110)
+    print(f"wrote {path}")
 
 
 # ---------------------------------------------------------------------------- plan: will it fit?
@@ -885,7 +895,11 @@ def main():
     ap.add_argument("--repeats", type=int, default=7, help="kernels: timed steps (the median is shown)")
     ap.add_argument("--shape", default="square", choices=list(KERNEL_SHAPES), help="kernels: which tensor set")
     ap.add_argument("--world", type=int, default=1, help="memory: ranks (torchrun, FSDP2-sharded model; per-rank figures)")
-    ap.add_argument("--iters", type=int, default=150, help="converge: iterations per run")
+    ap.add_argument("--iters", type=int, default=1500, help="converge: iterations per run (the default run's length)")
+    ap.add_argument("--factors", default="0.5,1,2", help="converge: the lr sweep, as multiples of DEFAULT_LR")
+    ap.add_argument("--seeds", type=int, default=3, help="converge: seeds at the best lr")
+    ap.add_argument("--optimizers", default="adamw,adam_mini,adalomo,lomo", help="converge: which (sgd = lomo's math)")
+    ap.add_argument("--plot", default="assets/loss_curves.png", help="converge: where the loss curves go (matplotlib)")
     ap.add_argument("--batch", type=int, default=8, help="plan: sequences per step")
     ap.add_argument("--seq", type=int, default=512, help="plan: tokens per sequence")
     ap.add_argument("--activation_checkpointing", type=_bool, default=False, help="plan: recompute each layer in backward")

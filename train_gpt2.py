@@ -56,7 +56,7 @@ activation_checkpointing = False  # recompute each block in backward: less activ
 # optimizer
 optimizer = "adamw"  # adamw | adam_mini | adalomo | lomo | sgd
 fused = None  # update inside backward (lowmem only); None: True for lomo/adalomo, else False
-learning_rate = None  # None: DEFAULT_LR[optimizer] (adamw 1e-2, adam_mini 1e-2, adalomo 0.05, lomo 0.1, sgd 0.1)
+learning_rate = None  # None: DEFAULT_LR[optimizer] (adamw 5e-3, adam_mini 4e-3, adalomo 0.05, lomo 0.1, sgd 0.1)
 weight_decay = None  # None: DEFAULT_WD[optimizer] (0.1 for adamw, adam_mini; 0 for the others)
 beta1 = 0.9  # adamw, adam_mini
 beta2 = 0.99  # adamw, adam_mini (0.99: a small model with few tokens per step, as nanoGPT's char runs)
@@ -79,7 +79,7 @@ seed = 1337  # model init, data order and the sample
 
 # Tuned on the default model: the lr sweeps of `python bench.py converge` and, for AdaLomo,
 # 1500-iteration default runs (lr 0.01 / 0.03 / 0.05 / 0.1 -> best val 2.41 / 1.84 / 1.77 / 2.09).
-DEFAULT_LR = {"adamw": 1e-2, "adam_mini": 1e-2, "adalomo": 0.05, "lomo": 0.1, "sgd": 0.1}
+DEFAULT_LR = {"adamw": 5e-3, "adam_mini": 4e-3, "adalomo": 0.05, "lomo": 0.1, "sgd": 0.1}
 # Decoupled decay as AdamW's p *= 1 - lr*wd: with SGD-scale lrs (0.1) the same 0.1 would shrink
 # every weight by 1% a step, so LOMO/AdaLomo/SGD default to none, as in the LOMO/AdaLomo papers.
 DEFAULT_WD = {"adamw": 0.1, "adam_mini": 0.1, "adalomo": 0.0, "lomo": 0.0, "sgd": 0.0}
