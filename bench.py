@@ -2,6 +2,7 @@
 
     python bench.py memory   [--model gpt|llama] [--size full|activations|plan] [--device cpu|cuda] [--dtype float32|bfloat16] [--world N] [--quick] [--json]
     python bench.py speed    [--device cpu|cuda] [--quick] [--json]
+    python bench.py ablation [--iters 1500] [--seeds 3]     # Adam-mini's partition and beta2, one change at a time
     python bench.py converge [--iters 1500] [--factors 0.5,1,2] [--seeds 3] [--optimizers ...] [--quick] [--json]
     python bench.py kernels  [--device cpu|cuda] [--dtype float32|bfloat16] [--params 50e6] [--shape square|llama|small] [--json]
     python bench.py gpu      [--report gpu_report.md]    # on a GPU machine: every GPU check, one report
@@ -547,6 +548,60 @@ def plot_curves(results, base, path):
     print(f"wrote {path}")
 
 
+def _rows_per_neuron(b):
+    rows = b.shape[b.axis]
+    return lowmem.Blocks(b.name, b.shape, "neuron", rows, b.axis, ((0, rows, 1),), b.decay)
+
+
+# Adam-mini variants on the default run: (optimizer, beta2, how a tensor's blocks change)
+ABLATION = {
+    "Adam-mini as is": ("adam_mini", None, None),
+    "embeddings: one v per tensor": ("adam_mini", None, lambda b: b.kind == "token" and lowmem.Blocks(
+        b.name, b.shape, "tensor", 1, decay=b.decay)),
+    "q/k: one v per neuron, not per head": ("adam_mini", None, lambda b: b.kind == "qkv" and _rows_per_neuron(b)),
+    "norm weights: one v per element": ("adam_mini", None, lambda b: b.kind == "tensor" and len(b.shape) == 1 and
+                                        lowmem.Blocks(b.name, b.shape, "element", math.prod(b.shape), decay=False)),
+    "every weight: one v per neuron": ("adam_mini", None, lambda b: b.kind in ("qkv", "head", "token") and
+                                       _rows_per_neuron(b)),
+    "beta2 0.95": ("adam_mini", 0.95, None),
+    "beta2 0.999": ("adam_mini", 0.999, None),
+    "AdamW (one v per element)": ("adamw", None, None),
+}
+
+
+def ablation_rows(args):
+    """train_gpt2's default run with each ABLATION variant at its optimizer's DEFAULT_LR."""
+    import train_gpt2
+    base = dict(max_iters=args.iters, eval_interval=max(args.iters // 6, 1), log_interval=25)
+    make = train_gpt2.make_optimizer
+    rows = []
+    for label, (name, beta2, change) in ABLATION.items():
+        def make_variant(model, cfg, change=change):
+            opt = make(model, cfg)
+            for info in getattr(opt, "_info", {}).values():
+                info.blocks = (change and change(info.blocks)) or info.blocks
+            return opt
+        train_gpt2.make_optimizer = make_variant
+        try:
+            extra = {} if beta2 is None else dict(beta2=beta2)
+            runs = [_converge_run(train_gpt2, dict(base, **extra), name, train_gpt2.DEFAULT_LR[name], s)
+                    for s in range(args.seeds)]
+        finally:
+            train_gpt2.make_optimizer = make
+        vals = [h["best_val"] for h in runs]
+        rows.append(dict(variant=label, optimizer=name, lr=train_gpt2.DEFAULT_LR[name], seeds=vals,
+                         mean=statistics.mean(vals), std=statistics.stdev(vals) if len(vals) > 1 else 0.0))
+    return rows, base
+
+
+def print_ablation(rows, base, args):
+    print(f"train_gpt2 default model, {base['max_iters']} iters, DEFAULT_LR, {args.seeds} seed(s); best val loss")
+    ref = rows[0]["mean"]
+    for r in rows:
+        print(f"{r['variant']:38s} {r['optimizer']:10s} lr {r['lr']:<7g} {r['mean']:.4f} +- {r['std']:.4f}  "
+              f"{r['mean'] / ref:.3f}x Adam-mini as is")
+
+
 # ---------------------------------------------------------------------------- plan: will it fit?
 
 # Published config.json shapes (nothing is downloaded): the LOMO paper's LLaMA-1 7B/13B/65B, Llama-2-70B, GPT-2.
@@ -882,7 +937,7 @@ def main():
         return
     formatter = type("Formatter", (argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter), {})
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=formatter)
-    ap.add_argument("command", choices=["memory", "speed", "converge", "kernels", "gpu", "plan"],
+    ap.add_argument("command", choices=["memory", "speed", "converge", "ablation", "kernels", "gpu", "plan"],
                     help="which table to measure (gpu: every GPU check in one report; plan: will it fit)")
     ap.add_argument("config", nargs="?", default="llama-7b",
                     help=f"plan: a config.json (GPT-2 or LLaMA) or one of {', '.join(PLAN_MODELS)}")
@@ -897,7 +952,7 @@ def main():
     ap.add_argument("--world", type=int, default=1, help="memory: ranks (torchrun, FSDP2-sharded model; per-rank figures)")
     ap.add_argument("--iters", type=int, default=1500, help="converge: iterations per run (the default run's length)")
     ap.add_argument("--factors", default="0.5,1,2", help="converge: the lr sweep, as multiples of DEFAULT_LR")
-    ap.add_argument("--seeds", type=int, default=3, help="converge: seeds at the best lr")
+    ap.add_argument("--seeds", type=int, default=3, help="converge, ablation: seeds (converge: at the best lr)")
     ap.add_argument("--optimizers", default="adamw,adam_mini,adalomo,lomo", help="converge: which (sgd = lomo's math)")
     ap.add_argument("--plot", default="assets/loss_curves.png", help="converge: where the loss curves go (matplotlib)")
     ap.add_argument("--batch", type=int, default=8, help="plan: sequences per step")
@@ -926,6 +981,9 @@ def main():
     elif args.command == "speed":
         rows, size, n_tensors = speed_rows(args)
         print(json.dumps(rows, indent=1)) if args.json else print_speed(rows, args, size, n_tensors)
+    elif args.command == "ablation":
+        rows, base = ablation_rows(args)
+        print(json.dumps(rows, indent=1)) if args.json else print_ablation(rows, base, args)
     elif args.command == "converge":
         results, base = converge_rows(args)
         print(json.dumps(results, indent=1)) if args.json else print_converge(results, base, args)

@@ -1445,6 +1445,35 @@ def test_plan_cli_errors_name_the_problem():
     assert bench.parse_bytes("24GB") == 24e9 and bench.parse_bytes("80GiB") == 80 * 2 ** 30
 
 
+def test_loss_curve_plot_is_written_or_its_absence_said(tmp_path, capsys):
+    results = [dict(optimizer="adamw", lr=5e-3, mean=1.6, curve=[(0, 5.5), (250, 2.6), (500, 2.0)]),
+               dict(optimizer="lomo", lr=0.1, mean=2.6, curve=[(0, 5.5), (250, 2.8), (500, 2.7)])]
+    path = tmp_path / "assets" / "curves.png"
+    bench.plot_curves(results, dict(max_iters=500), str(path))
+    out = capsys.readouterr().out
+    try:
+        import matplotlib  # noqa: F401  (an optional extra: CI runs without it)
+    except ImportError:
+        assert "matplotlib not installed" in out and not path.exists()
+    else:
+        assert f"wrote {path}" in out and path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_ablation_variants_change_only_what_they_name():
+    torch.manual_seed(0)
+    model = train_gpt2.GPT(train_gpt2.GPTConfig(32, 256, 1, 2, 32))
+    blocks = lowmem.partition(model)
+    for label, (name, beta2, change) in bench.ABLATION.items():
+        if change is None:
+            continue
+        changed = {b.name: change(b) for b in blocks if change(b)}
+        assert changed, label
+        for b in changed.values():
+            assert b.n_v == {"tensor": 1, "element": math.prod(b.shape), "neuron": b.shape[0]}[b.kind], (label, b)
+    assert {k for k, v in bench.ABLATION.items() if v[2] and v[2](next(b for b in blocks if b.kind == "qkv"))} == \
+        {"q/k: one v per neuron, not per head", "every weight: one v per neuron"}
+
+
 def test_bench_converge_quick_trains_every_listed_optimizer():
     results = run_bench("converge", "--quick")
     assert [r["optimizer"] for r in results] == ["adamw", "adam_mini", "lomo"]
@@ -1475,7 +1504,7 @@ def test_help_prints_every_key_with_its_default_and_exits_0():
     assert any(line.startswith("  --learning_rate=None") and "adalomo 0.05" in line for line in lines)
     run = script_cli("bench.py", "--help")
     text = " ".join(run.stdout.split())  # argparse wraps lines
-    assert run.returncode == 0 and "(default: 50000000.0)" in text and "iterations per run (default: 150)" in text
+    assert run.returncode == 0 and "(default: 50000000.0)" in text and "(the default run's length) (default: 1500)" in text
 
 
 def test_cli_user_error_is_one_line_without_traceback(tmp_path):
