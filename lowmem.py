@@ -30,6 +30,7 @@ import shutil
 import subprocess
 import sys
 import tempfile
+import threading
 from collections import defaultdict
 from dataclasses import dataclass
 
@@ -355,8 +356,9 @@ _KERNEL_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.int64)
 def _check_kernel_args(like, tensors):
     """Refuse, before any memory is touched, what the kernels cannot handle."""
     for t in tensors:
-        if type(t) in _PLAIN and t.is_contiguous() and t.device == like.device and t.dtype in _KERNEL_DTYPES:
-            continue  # the common case in one line: dense (plain tensors are strided when contiguous)
+        if type(t) in _PLAIN and t.layout == torch.strided and t.is_contiguous() and t.device == like.device \
+                and t.dtype in _KERNEL_DTYPES:
+            continue  # the common case, in one test
         if _is_dtensor(t) or t.layout != torch.strided:
             raise ValueError(f"fused kernel: a {type(t).__name__} with layout {t.layout} is not a plain dense tensor")
         if not t.is_contiguous():
@@ -383,8 +385,9 @@ def _call(like, name, *args):
     """Call kernel `name` on the library for `like`'s device, on torch's current stream; inside
     _batched(), a whole-update kernel's call is queued instead."""
     _check_kernel_args(like, [a for a in args if isinstance(a, torch.Tensor)])
-    if _queue is not None and name in _MULTI:
-        _queue.setdefault((like.device, name), []).append(args)
+    queue = getattr(_batch, "queue", None)
+    if queue is not None and name in _MULTI:
+        queue.setdefault((like.device, name), []).append(args)
         return
     ffi, lib = _libs[like.device.type]
     _check_err(name, getattr(lib, name)(*[_c_arg(ffi, a) for a in args], ffi.cast("void *", _stream(like.device))))
@@ -399,7 +402,7 @@ def _check_err(name, err):
         raise RuntimeError(f"fused kernel {name} failed with error {err}")
 
 
-_queue = None  # inside _batched(): {(device, kernel name): [the queued calls' arguments]}
+_batch = threading.local()  # .queue inside _batched(): {(device, kernel name): [queued calls' arguments]}
 
 
 @contextlib.contextmanager
@@ -408,17 +411,16 @@ def _batched():
     kernel's calls on a device go in one C call (lm_multi_* in fused_ext.c) as an array of
     argument structs, so a tensor costs the host a tuple instead of a cffi call. The queued
     updates are independent (one parameter each). If the step fails, nothing queued runs."""
-    global _queue
-    _queue = {}
+    _batch.queue = queue = {}
     try:
         yield
-        for (device, name), calls in _queue.items():
+        for (device, name), calls in queue.items():
             ffi, lib = _libs[device.type]
             tensors = _address_fields(ffi, _MULTI[name])
             items = ffi.new(f"{_MULTI[name]}[]", [_item(args, tensors) for args in calls])
             _check_err(name, getattr(lib, "lm_multi" + name[2:])(items, len(calls), ffi.cast("void *", _stream(device))))
     finally:
-        _queue = None
+        _batch.queue = None
 
 
 @functools.lru_cache(maxsize=None)
@@ -439,10 +441,10 @@ def _kernel_ok(p, grad):
     """Tensors the kernels handle; others (fp64, non-contiguous) use the torch path."""
     if _load(p.device.type) is None or grad.shape != p.shape:
         return False
-    return _dense_kernel_dtype(p) and _dense_kernel_dtype(grad)
+    return _kernel_tensor(p) and _kernel_tensor(grad)
 
 
-def _dense_kernel_dtype(t):
+def _kernel_tensor(t):
     return t.dtype in _DTYPE_CODE and not _is_dtensor(t) and t.layout == torch.strided and t.is_contiguous()
 
 
