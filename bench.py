@@ -700,6 +700,7 @@ def plan_peak(config, optimizer, fused, batch, seq, dtype, checkpointing=False, 
     """Peak bytes of two training steps on the meta device (the second one has the optimizer's
     state), and the parts: parameters, gradients, optimizer state. The optimizer is the training
     scripts' own (bench.make_opt): its state is what its own code allocates."""
+    import train_gpt2
     with torch.device("meta"):
         model = make_model(dict(config, activation_checkpointing=checkpointing)).to(dtype)
     sizes = [p.numel() * p.element_size() for p in model.parameters()]
@@ -712,7 +713,7 @@ def plan_peak(config, optimizer, fused, batch, seq, dtype, checkpointing=False, 
                 p.register_post_accumulate_grad_hook(lambda p: setattr(p, "grad", None))
         for _ in range(2):
             train_step(model, master or opt, batch_fn, fused)
-        state = 0 if opt is None else __import__("train_gpt2").state_bytes(opt) + (master.bytes() if master else 0)
+        state = 0 if opt is None else train_gpt2.state_bytes(opt) + (master.bytes() if master else 0)
     return dict(params=sum(sizes), grads=max(sizes) if fused or opt is None else sum(sizes), state=state,
                 peak=live.peak)
 
@@ -750,15 +751,29 @@ def parse_bytes(text):
         raise SystemExit(f"device_memory: {text!r} is not a size like 24GB or 80GiB") from None
 
 
+LLAMA_KEYS = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads")
+
+
 def plan_config(source):
-    """A PLAN_MODELS name or a config.json path (a Hugging Face model directory works too)."""
+    """A PLAN_MODELS name or a config.json path (a Hugging Face model directory works too),
+    checked to describe a model the plan can build (train_gpt2's GPT or train_llama's Llama)."""
     if source in PLAN_MODELS:
         return PLAN_MODELS[source]
     path = os.path.join(source, "config.json") if os.path.isdir(source) else source
     if not os.path.isfile(path):
         raise SystemExit(f"plan: {source!r} is neither a config.json nor one of {', '.join(PLAN_MODELS)}")
-    with open(path) as f:
-        return json.load(f)
+    try:
+        with open(path) as f:
+            config = json.load(f)
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise SystemExit(f"plan: {path} is not JSON ({e})") from None
+    if "block_size" in config or config.get("model_type") == "gpt2":
+        return config
+    missing = [k for k in LLAMA_KEYS if k not in config]
+    if missing or config.get("model_type", "llama") not in ("llama", "mistral"):
+        raise SystemExit(f"plan: {path} is not a LLaMA or GPT-2 config (model_type "
+                         f"{config.get('model_type')!r}{', missing ' + ', '.join(missing) if missing else ''})")
+    return config
 
 
 def print_plan(rows, args):
@@ -970,6 +985,8 @@ def main():
     if args.command == "gpu":
         sys.exit(gpu_report(args))
     if args.command == "plan":
+        if args.batch < 1 or args.seq < 1:
+            raise SystemExit(f"plan: --batch and --seq must be at least 1, got {args.batch} and {args.seq}")
         config = plan_config(args.config)
         args.model = args.config
         rows = plan_rows(config, args)

@@ -1437,12 +1437,18 @@ def test_train_llama_plan_prints_every_optimizer_and_loads_nothing(tmp_path):
     assert sorted(os.listdir(tmp_path)) == ["m"]  # no out_dir, no weights (there are none to read)
 
 
-def test_plan_cli_errors_name_the_problem():
+def test_plan_cli_errors_name_the_problem(tmp_path):
     run = script_cli("bench.py", "plan", "no-such-model")
     assert run.returncode != 0 and "neither a config.json nor one of llama-7b" in run.stderr
     run = script_cli("bench.py", "plan", "gpt2", "--device_memory=lots")
     assert run.returncode != 0 and "device_memory: 'lots' is not a size" in run.stderr
     assert bench.parse_bytes("24GB") == 24e9 and bench.parse_bytes("80GiB") == 80 * 2 ** 30
+    bert = tmp_path / "config.json"
+    bert.write_text(json.dumps(dict(model_type="bert", hidden_size=768)))
+    run = script_cli("bench.py", "plan", str(bert))
+    assert run.returncode != 0 and "is not a LLaMA or GPT-2 config (model_type 'bert'" in run.stderr
+    run = script_cli("bench.py", "plan", "gpt2", "--batch=0")
+    assert run.returncode != 0 and "--batch and --seq must be at least 1" in run.stderr
 
 
 def test_loss_curve_plot_is_written_or_its_absence_said(tmp_path, capsys):
