@@ -284,6 +284,19 @@ def _proc_kb(field):
         return next(int(line.split()[1]) for line in f if line.startswith(field + ":"))
 
 
+def _free_grads_on_arrival(model):
+    """The no-optimizer rows: each gradient is freed as soon as it is complete (activations only)."""
+    for p in model.parameters():
+        p.register_post_accumulate_grad_hook(lambda p: setattr(p, "grad", None))
+
+
+def _accounting(sizes, opt, fused):
+    """Parameter, gradient (the largest one for fused drivers and no optimizer) and state bytes."""
+    import train_gpt2
+    return dict(params=sum(sizes), grads=max(sizes) if fused or opt is None else sum(sizes),
+                state=0 if opt is None else train_gpt2.state_bytes(opt))
+
+
 def memory_row(spec):
     """Runs in a fresh process: build, note the baseline, 3 training steps, note the peak.
     With spec["world"] > 1 it is one rank under torchrun, the model sharded with FSDP2."""
@@ -306,15 +319,13 @@ def memory_row(spec):
             f.write("5")  # reset VmHWM to the current RSS
     opt = make_opt(spec["optimizer"], model)
     if opt is None:
-        for p in model.parameters():
-            p.register_post_accumulate_grad_hook(lambda p: setattr(p, "grad", None))
+        _free_grads_on_arrival(model)
     times = []
     for _ in range(spec["steps"]):
         times.append(timed(lambda: train_step(model, opt, batch_fn, spec["fused"]), device, 0))
     peak = torch.cuda.max_memory_allocated() if device == "cuda" else _proc_kb("VmHWM") * 1024
-    state = 0 if opt is None else train_gpt2.state_bytes(opt)
-    row = dict(params=sum(sizes), grads=max(sizes) if spec["fused"] else sum(sizes), state=state,
-               measured=peak - base, ms=statistics.median(times[1:]))  # the first step warms up
+    row = dict(_accounting(sizes, opt, spec["fused"]), measured=peak - base,
+               ms=statistics.median(times[1:]))  # the first step warms up
     if world > 1:  # the fullest rank's figures
         rows = [None] * world
         torch.distributed.all_gather_object(rows, row)
@@ -359,6 +370,10 @@ def memory_rows(args, size=None, names=None):
             if run.returncode:
                 raise SystemExit(f"memory row {label} {dtype} failed:\n{run.stderr[-2000:]}")
             rows.append(dict(json.loads(run.stdout.strip().splitlines()[-1]), name=label, dtype=dtype))
+            if args.world == 1:  # the plan of the same run, computed on the meta device
+                layers, width, block, batch = SIZES[args.model][size]
+                rows[-1]["plan"] = plan_peak(model_config(args.model, size), opt, fused, batch, block,
+                                             getattr(torch, dtype))["peak"]
     for dtype in {r["dtype"] for r in rows}:  # accounting: params + grads + state + activations
         group = [r for r in rows if r["dtype"] == dtype]
         act = group[0]["measured"] - group[0]["grads"]  # the no-optimizer row: activations + one grad
@@ -369,10 +384,6 @@ def memory_rows(args, size=None, names=None):
             r["accounted"] = r["params"] + r["grads"] + r["state"] + act
         for r in group:
             r["vs_adamw"] = r["total"] / adamw["total"]
-    layers, width, block, batch = SIZES[args.model][size]
-    for r, (label, opt, fused) in zip(rows, [m for m in MEMORY_ROWS if m[0] in {r["name"] for r in rows}]):
-        if args.world == 1:  # the plan of the same run, computed on the meta device
-            r["plan"] = plan_peak(model_config(args.model, size), opt, fused, batch, block, getattr(torch, r["dtype"]))["peak"]
     return rows, size
 
 
@@ -700,7 +711,6 @@ def plan_peak(config, optimizer, fused, batch, seq, dtype, checkpointing=False, 
     """Peak bytes of two training steps on the meta device (the second one has the optimizer's
     state), and the parts: parameters, gradients, optimizer state. The optimizer is the training
     scripts' own (bench.make_opt): its state is what its own code allocates."""
-    import train_gpt2
     with torch.device("meta"):
         model = make_model(dict(config, activation_checkpointing=checkpointing)).to(dtype)
     sizes = [p.numel() * p.element_size() for p in model.parameters()]
@@ -709,13 +719,12 @@ def plan_peak(config, optimizer, fused, batch, seq, dtype, checkpointing=False, 
         opt = make_opt(optimizer, model)
         master = MasterWeights(model, opt) if master_weights else None
         if opt is None:
-            for p in model.parameters():
-                p.register_post_accumulate_grad_hook(lambda p: setattr(p, "grad", None))
+            _free_grads_on_arrival(model)
         for _ in range(2):
             train_step(model, master or opt, batch_fn, fused)
-        state = 0 if opt is None else train_gpt2.state_bytes(opt) + (master.bytes() if master else 0)
-    return dict(params=sum(sizes), grads=max(sizes) if fused or opt is None else sum(sizes), state=state,
-                peak=live.peak)
+        parts = _accounting(sizes, opt, fused)
+    parts["state"] += master.bytes() if master else 0
+    return dict(parts, peak=live.peak)
 
 
 def plan_rows(config, args):
