@@ -494,36 +494,53 @@ def converge_rows(args):
     import train_gpt2
     quick = dict(n_layer=2, n_embd=64, n_head=2, block_size=64, max_iters=30, eval_interval=30,
                  log_interval=10, warmup_iters=5, eval_iters=4)
-    base = quick if args.quick else dict(max_iters=args.iters, eval_interval=max(args.iters // 6, 1), log_interval=25)
-    seeds = range(2 if args.quick else args.seeds)
-    factors = (1.0,) if args.quick else tuple(float(f) for f in args.factors.split(","))
+    base = quick if args.quick else _default_run(args.iters)
+    factors = (1.0,) if args.quick else _factors(args.factors)
     optimizers = ("adamw", "adam_mini", "lomo") if args.quick else args.optimizers.split(",")
-    results = []
-    for name in optimizers:
-        runs = {}
-        for f in factors:
-            lr = train_gpt2.DEFAULT_LR[name] * f
-            runs[lr] = [_converge_run(train_gpt2, base, name, lr, 0)]
-        best_lr = min(runs, key=lambda lr: runs[lr][0]["best_val"])
-        runs[best_lr] += [_converge_run(train_gpt2, base, name, best_lr, s) for s in seeds[1:]]
-        vals = [h["best_val"] for h in runs[best_lr]]
-        results.append(dict(optimizer=name, lr=best_lr, sweep={str(lr): r[0]["best_val"] for lr, r in runs.items()},
-                            mean=statistics.mean(vals), std=statistics.stdev(vals) if len(vals) > 1 else 0.0,
-                            seeds=vals, curve=runs[best_lr][0]["val"]))
+    results = tune({name: train_gpt2.DEFAULT_LR[name] for name in optimizers}, factors, 2 if args.quick else args.seeds,
+                   lambda name, lr, seed: _converge_run(train_gpt2, base, name, lr, seed))
+    results = [dict(optimizer=name, **r) for name, r in results.items()]
     adamw = next((r["mean"] for r in results if r["optimizer"] == "adamw"), None)
     for r in results:
         r["vs_adamw"] = r["mean"] / adamw if adamw else None
     return results, base
 
 
-def _converge_run(train_gpt2, base, name, lr, seed):
+def _default_run(iters):
+    return dict(max_iters=iters, eval_interval=max(iters // 6, 1), log_interval=25)
+
+
+def _factors(text):
+    return tuple(float(f) for f in text.split(","))
+
+
+def tune(arms, factors, n_seeds, run):
+    """For each arm (an optimizer or a variant) with its default lr: an lr sweep (factors x lr)
+    at seed 0, then the best lr at seeds 1.. . The seeds go round all the arms in turn, so an
+    interrupted run has every arm at the seeds it reached. run(arm, lr, seed) -> history."""
+    first = {arm: {lr * f: run(arm, lr * f, 0) for f in factors} for arm, lr in arms.items()}
+    best = {arm: min(runs, key=lambda lr: runs[lr]["best_val"]) for arm, runs in first.items()}
+    histories = {arm: [first[arm][best[arm]]] for arm in arms}
+    for seed in range(1, n_seeds):
+        for arm in arms:
+            histories[arm].append(run(arm, best[arm], seed))
+    results = {}
+    for arm, hs in histories.items():
+        vals = [h["best_val"] for h in hs]
+        results[arm] = dict(lr=best[arm], sweep={str(lr): h["best_val"] for lr, h in first[arm].items()}, seeds=vals,
+                            mean=statistics.mean(vals), std=statistics.stdev(vals) if len(vals) > 1 else 0.0,
+                            curve=hs[0]["val"])
+    return results
+
+
+def _converge_run(train_gpt2, base, name, lr, seed, label=None):
     import contextlib
     args = [f"--{k}={v}" for k, v in dict(base, optimizer=repr(name), learning_rate=lr, seed=1337 + seed,
                                           sample_tokens=0, out_dir=repr(f"/tmp/lowmem-converge-{os.getpid()}"), overwrite=True,
                                           device=repr("cpu")).items()]
     with contextlib.redirect_stdout(open(os.devnull, "w")):
         h = train_gpt2.train(train_gpt2.parse_config(args))
-    print(f"  {name:9s} lr {lr:<8.3g} seed {seed}: best val {h['best_val']:.4f}", file=sys.stderr)
+    print(f"  {label or name:9s} lr {lr:<8.3g} seed {seed}: best val {h['best_val']:.4f}", file=sys.stderr, flush=True)
     return h
 
 
@@ -564,16 +581,28 @@ def _rows_per_neuron(b):
     return lowmem.Blocks(b.name, b.shape, "neuron", rows, b.axis, ((0, rows, 1),), b.decay)
 
 
+def _per_element(b):
+    return lowmem.Blocks(b.name, b.shape, "element", math.prod(b.shape), decay=b.decay)
+
+
+def _per_tensor(b):
+    return lowmem.Blocks(b.name, b.shape, "tensor", 1, decay=b.decay)
+
+
+# The released adam-mini 1.1.1 matches names by substring (REFERENCE 3): in this GPT, wpe,
+# the fused attn.c_attn and attn.c_proj match none of its lists and get one v per tensor.
+OFFICIAL_PER_TENSOR = (".wpe.weight", ".attn.c_attn.weight", ".attn.c_proj.weight")
+
 # Adam-mini variants on the default run: (optimizer, beta2, how a tensor's blocks change)
 ABLATION = {
     "Adam-mini as is": ("adam_mini", None, None),
-    "embeddings: one v per tensor": ("adam_mini", None, lambda b: b.kind == "token" and lowmem.Blocks(
-        b.name, b.shape, "tensor", 1, decay=b.decay)),
+    "official 1.1.1 partition": ("adam_mini", None, lambda b: b.name.endswith(OFFICIAL_PER_TENSOR) and _per_tensor(b)),
+    "embeddings: one v per tensor": ("adam_mini", None, lambda b: b.kind == "token" and _per_tensor(b)),
+    "embeddings: one v per element": ("adam_mini", None, lambda b: b.kind == "token" and _per_element(b)),
     "q/k: one v per neuron, not per head": ("adam_mini", None, lambda b: b.kind == "qkv" and _rows_per_neuron(b)),
     "norm weights: one v per element": ("adam_mini", None, lambda b: b.kind == "tensor" and len(b.shape) == 1 and
-                                        lowmem.Blocks(b.name, b.shape, "element", math.prod(b.shape), decay=False)),
-    "every weight: one v per neuron": ("adam_mini", None, lambda b: b.kind in ("qkv", "head", "token") and
-                                       _rows_per_neuron(b)),
+                                        _per_element(b)),
+    "neuron blocks: one v per element": ("adam_mini", None, lambda b: b.kind == "neuron" and _per_element(b)),
     "beta2 0.95": ("adam_mini", 0.95, None),
     "beta2 0.999": ("adam_mini", 0.999, None),
     "AdamW (one v per element)": ("adamw", None, None),
@@ -581,36 +610,41 @@ ABLATION = {
 
 
 def ablation_rows(args):
-    """train_gpt2's default run with each ABLATION variant at its optimizer's DEFAULT_LR."""
+    """train_gpt2's default run with each ABLATION variant (--variants: those whose labels
+    contain one of the comma-separated words), tuned as converge tunes an optimizer."""
     import train_gpt2
-    base = dict(max_iters=args.iters, eval_interval=max(args.iters // 6, 1), log_interval=25)
-    make = train_gpt2.make_optimizer
-    rows = []
-    for label, (name, beta2, change) in ABLATION.items():
-        def make_variant(model, cfg, change=change):
+    base, make = _default_run(args.iters), train_gpt2.make_optimizer
+    wanted = args.variants.split(",") if args.variants else [""]
+    variants = {label: v for label, v in ABLATION.items() if any(w in label for w in wanted)}
+    if not variants:
+        raise SystemExit(f"ablation: no variant matches --variants={args.variants}; they are: {', '.join(ABLATION)}")
+
+    def run(label, lr, seed):
+        name, beta2, change = variants[label]
+
+        def make_variant(model, cfg):
             opt = make(model, cfg)
             for info in getattr(opt, "_info", {}).values():
                 info.blocks = (change and change(info.blocks)) or info.blocks
             return opt
         train_gpt2.make_optimizer = make_variant
         try:
-            extra = {} if beta2 is None else dict(beta2=beta2)
-            runs = [_converge_run(train_gpt2, dict(base, **extra), name, train_gpt2.DEFAULT_LR[name], s)
-                    for s in range(args.seeds)]
+            return _converge_run(train_gpt2, dict(base, **({} if beta2 is None else dict(beta2=beta2))), name, lr, seed, label)
         finally:
             train_gpt2.make_optimizer = make
-        vals = [h["best_val"] for h in runs]
-        rows.append(dict(variant=label, optimizer=name, lr=train_gpt2.DEFAULT_LR[name], seeds=vals,
-                         mean=statistics.mean(vals), std=statistics.stdev(vals) if len(vals) > 1 else 0.0))
-    return rows, base
+
+    results = tune({label: train_gpt2.DEFAULT_LR[v[0]] for label, v in variants.items()}, _factors(args.factors),
+                   args.seeds, run)
+    return [dict(variant=label, optimizer=variants[label][0], **r) for label, r in results.items()], base
 
 
 def print_ablation(rows, base, args):
-    print(f"train_gpt2 default model, {base['max_iters']} iters, DEFAULT_LR, {args.seeds} seed(s); best val loss")
+    print(f"train_gpt2 default model, {base['max_iters']} iters, lr sweep at seed 0 ({args.factors} x DEFAULT_LR), "
+          f"best lr at {args.seeds} seed(s); best val loss")
     ref = rows[0]["mean"]
     for r in rows:
         print(f"{r['variant']:38s} {r['optimizer']:10s} lr {r['lr']:<7g} {r['mean']:.4f} +- {r['std']:.4f}  "
-              f"{r['mean'] / ref:.3f}x Adam-mini as is")
+              f"{r['mean'] / ref:.3f}x {rows[0]['variant']}")
 
 
 # ---------------------------------------------------------------------------- plan: will it fit?
@@ -975,7 +1009,9 @@ def main():
     ap.add_argument("--shape", default="square", choices=list(KERNEL_SHAPES), help="kernels: which tensor set")
     ap.add_argument("--world", type=int, default=1, help="memory: ranks (torchrun, FSDP2-sharded model; per-rank figures)")
     ap.add_argument("--iters", type=int, default=1500, help="converge: iterations per run (the default run's length)")
-    ap.add_argument("--factors", default="0.5,1,2", help="converge: the lr sweep, as multiples of DEFAULT_LR")
+    ap.add_argument("--factors", default=None,
+                    help="converge, ablation: the lr sweep, as multiples of DEFAULT_LR (default 0.5,1,2; ablation 1)")
+    ap.add_argument("--variants", default="", help="ablation: only the variants whose labels contain one of these words")
     ap.add_argument("--seeds", type=int, default=3, help="converge, ablation: seeds (converge: at the best lr)")
     ap.add_argument("--optimizers", default="adamw,adam_mini,adalomo,lomo", help="converge: which (sgd = lomo's math)")
     ap.add_argument("--plot", default="assets/loss_curves.png", help="converge: where the loss curves go (matplotlib)")
@@ -991,6 +1027,7 @@ def main():
     ap.add_argument("--json", action="store_true", help="print the rows as JSON instead of a table")
     ap.add_argument("--report", default="gpu_report.md", help="gpu: where the markdown report is written")
     args = ap.parse_args()
+    args.factors = args.factors or ("1" if args.command == "ablation" else "0.5,1,2")
     if args.command == "gpu":
         sys.exit(gpu_report(args))
     if args.command == "plan":

@@ -1469,15 +1469,35 @@ def test_ablation_variants_change_only_what_they_name():
     torch.manual_seed(0)
     model = train_gpt2.GPT(train_gpt2.GPTConfig(32, 256, 1, 2, 32))
     blocks = lowmem.partition(model)
+    changed_by = {}
     for label, (name, beta2, change) in bench.ABLATION.items():
         if change is None:
             continue
         changed = {b.name: change(b) for b in blocks if change(b)}
         assert changed, label
+        changed_by[label] = set(changed)
         for b in changed.values():
             assert b.n_v == {"tensor": 1, "element": math.prod(b.shape), "neuron": b.shape[0]}[b.kind], (label, b)
+            assert b.decay == next(o for o in blocks if o.name == b.name).decay, (label, b)
     assert {k for k, v in bench.ABLATION.items() if v[2] and v[2](next(b for b in blocks if b.kind == "qkv"))} == \
-        {"q/k: one v per neuron, not per head", "every weight: one v per neuron"}
+        {"q/k: one v per neuron, not per head", "official 1.1.1 partition"}
+    assert changed_by["official 1.1.1 partition"] == {  # what the released name lists miss in this GPT
+        "transformer.wpe.weight", "transformer.h.0.attn.c_attn.weight", "transformer.h.0.attn.c_proj.weight"}
+    assert changed_by["neuron blocks: one v per element"] == {
+        "transformer.h.0.attn.c_proj.weight", "transformer.h.0.mlp.c_fc.weight", "transformer.h.0.mlp.c_proj.weight"}
+
+
+def test_tune_sweeps_at_seed_0_then_runs_the_best_lr_seed_by_seed_across_arms():
+    calls = []
+
+    def run(arm, lr, seed):
+        calls.append((arm, lr, seed))
+        return dict(best_val=abs(lr - {"a": 2.0, "b": 0.5}[arm]) + seed, val=[(0, lr)])
+    results = bench.tune({"a": 1.0, "b": 1.0}, (0.5, 1.0, 2.0), 3, run)
+    assert calls[:6] == [("a", 0.5, 0), ("a", 1.0, 0), ("a", 2.0, 0), ("b", 0.5, 0), ("b", 1.0, 0), ("b", 2.0, 0)]
+    assert calls[6:] == [("a", 2.0, 1), ("b", 0.5, 1), ("a", 2.0, 2), ("b", 0.5, 2)]
+    assert results["a"]["lr"] == 2.0 and results["a"]["seeds"] == [0.0, 1.0, 2.0] and results["a"]["mean"] == 1.0
+    assert results["b"]["sweep"] == {"0.5": 0.0, "1.0": 0.5, "2.0": 1.5} and results["b"]["curve"] == [(0, 0.5)]
 
 
 def test_bench_converge_quick_trains_every_listed_optimizer():
