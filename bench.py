@@ -727,9 +727,9 @@ def _planning(hf_eager):
     would be counted otherwise). Attention saves what a fused kernel saves or, with hf_eager,
     what the LOMO paper's transformers 4.28 saved (its attention and RMSNorm)."""
     import train_llama
-    saved = dict(lowmem._libs), lowmem._call, F.scaled_dot_product_attention, train_llama.RMSNorm.forward
+    saved = dict(lowmem._libs), lowmem._call, lowmem._run_multi, F.scaled_dot_product_attention, train_llama.RMSNorm.forward
     lowmem._libs["meta"] = "kernels: in place, no allocation"
-    lowmem._call = lambda like, name, *args: None
+    lowmem._call = lowmem._run_multi = lambda *args: None
     F.scaled_dot_product_attention = _eager_attention if hf_eager else _flash_attention
     if hf_eager:
         train_llama.RMSNorm.forward = _hf_rms_norm
@@ -737,7 +737,7 @@ def _planning(hf_eager):
         yield
     finally:
         lowmem._libs.clear(), lowmem._libs.update(saved[0])
-        lowmem._call, F.scaled_dot_product_attention, train_llama.RMSNorm.forward = saved[1:]
+        lowmem._call, lowmem._run_multi, F.scaled_dot_product_attention, train_llama.RMSNorm.forward = saved[1:]
 
 
 def plan_peak(config, optimizer, fused, batch, seq, dtype, checkpointing=False, hf_eager=False,

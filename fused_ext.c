@@ -101,13 +101,19 @@ HD float adam_w(float w, float m, float denom, adam_t h) { return w * h.decay + 
 /* ===================================== CPU ==========================================
    Work goes in chunks of CH elements: each chunk is converted into an L1-resident fp32
    buffer with the dtype switch outside the inner loops, so every inner loop is a plain
-   vectorizable loop. Reductions keep 16 independent partial sums (vectorizable without
-   -ffast-math) and add them up in double. */
+   vectorizable loop. Reductions keep 64 independent fp32 partial sums per chunk (vectorizable
+   without -ffast-math, and no one long dependency chain), added pairwise, then in double. */
 #define CH 2048
 #define MIN(a, b) ((a) < (b) ? (a) : (b))
 /* Below SMALL elements a kernel runs on the calling thread: starting and joining a parallel
    region costs more than updating the tensor (and many times more when cores are busy). */
 #define SMALL 65536
+/* The `loop` over a body in parallel, with OpenMP `clauses`, when `big`; else a plain loop. Not
+   an if() clause: a region that if() makes serial still costs about 0.5 us (1 us nested inside
+   lm_multi_*'s), more than a 64x64 tensor's whole update, and lm_adalomo enters five. */
+#define PRAGMA(x) _Pragma(#x)
+#define PARALLEL_FOR(big, clauses, loop, ...) do { \
+    if (big) { PRAGMA(omp parallel for clauses) loop __VA_ARGS__ } else { loop __VA_ARGS__ } } while (0)
 
 static void ld_chunk(float *d, const void *x, int dt, int64_t o, int64_t n) {
     if (dt == 0) { const float *s = (const float *)x + o; for (int64_t i = 0; i < n; i++) d[i] = s[i]; }
@@ -139,12 +145,13 @@ static const float *grad_view(float *buf, const void *g, int dt, int64_t o, int6
     return d;
 }
 static double sumsq_chunk(const float *d, int64_t n) {  /* sum of d^2 */
-    float part[16] = {0};
+    float part[64] = {0};  /* 64 partial sums: four independent vector chains, not one */
     int64_t i = 0;
+    for (; i + 64 <= n; i += 64) for (int j = 0; j < 64; j++) part[j] += d[i + j] * d[i + j];
     for (; i + 16 <= n; i += 16) for (int j = 0; j < 16; j++) part[j] += d[i + j] * d[i + j];
-    double s = 0.0;
+    for (int w = 32; w >= 1; w /= 2) for (int j = 0; j < w; j++) part[j] += part[j + w];  /* pairwise */
+    double s = part[0];
     for (; i < n; i++) s += (double)d[i] * d[i];
-    for (int j = 0; j < 16; j++) s += part[j];
     return s;
 }
 
@@ -152,25 +159,25 @@ static double sumsq_chunk(const float *d, int64_t n) {  /* sum of d^2 */
 int lm_sumsq(const void *x, int dt, int64_t n, float scale, float *out, void *stream) {
     double acc = 0.0;
     prep_t q = {scale, 0.0f, 1.0f};
-    #pragma omp parallel for reduction(+:acc) schedule(static) if(n >= SMALL)
-    for (int64_t o = 0; o < n; o += CH) {
+    PARALLEL_FOR(n >= SMALL, reduction(+:acc) schedule(static),
+                 for (int64_t o = 0; o < n; o += CH), {
         float buf[CH]; int64_t len = MIN(CH, n - o);
         acc += sumsq_chunk(grad_view(buf, x, dt, o, len, q), len);
-    }
+    });
     *out += (float)acc; (void)stream; return 0;
 }
 
 /* LOMO / SGD: p = p*decay - lr*g, decay = 1 - lr*wd */
 int lm_sgd(void *p, int pdt, const void *g, int gdt, int64_t n, prep_t q, float lr, float decay,
            int sr, uint64_t seed, void *stream) {
-    #pragma omp parallel for schedule(static) if(n >= SMALL)
-    for (int64_t o = 0; o < n; o += CH) {
+    PARALLEL_FOR(n >= SMALL, schedule(static),
+                 for (int64_t o = 0; o < n; o += CH), {
         float wbuf[CH], gbuf[CH]; int64_t len = MIN(CH, n - o);
         const float *d = grad_view(gbuf, g, gdt, o, len, q);
         float *w = view(wbuf, p, pdt, o, len);
         for (int64_t i = 0; i < len; i++) w[i] = w[i] * decay - lr * d[i];
         put(p, pdt, o, w, len, sr, seed);
-    }
+    });
     (void)stream; return 0;
 }
 
@@ -197,13 +204,13 @@ static void adam_chunk(void *p, int pdt, float *m, const float *d, const float *
 /* AdamW, one v per element (Adam-mini's bias blocks) */
 int lm_adam_elem(void *p, int pdt, const void *g, int gdt, float *m, float *v, int64_t n,
                  prep_t q, adam_t h, int sr, uint64_t seed, void *stream) {
-    #pragma omp parallel for schedule(static) if(n >= SMALL)
-    for (int64_t o = 0; o < n; o += CH) {
+    PARALLEL_FOR(n >= SMALL, schedule(static),
+                 for (int64_t o = 0; o < n; o += CH), {
         float gbuf[CH]; int64_t len = MIN(CH, n - o);
         const float *d = grad_view(gbuf, g, gdt, o, len, q);
         for (int64_t i = 0; i < len; i++) v[o + i] = adam_v(v[o + i], d[i] * d[i], h);
         adam_chunk(p, pdt, m, d, v + o, 1, o, len, h, sr, seed);
-    }
+    });
     (void)stream; return 0;
 }
 
@@ -213,8 +220,8 @@ int lm_adam_elem(void *p, int pdt, const void *g, int gdt, float *m, float *v, i
 int lm_adam_blocks(void *p, int pdt, const void *g, int gdt, float *m, float *v,
                    const int64_t *start, int64_t n_v, prep_t q, adam_t h, int sr, uint64_t seed,
                    void *stream) {
-    #pragma omp parallel for schedule(static) if(start[n_v] - start[0] >= SMALL)
-    for (int64_t b = 0; b < n_v; b++) {
+    PARALLEL_FOR(start[n_v] - start[0] >= SMALL, schedule(static),
+                 for (int64_t b = 0; b < n_v; b++), {
         float gbuf[CH]; int64_t a = start[b], e = start[b + 1];
         double acc = 0.0;
         for (int64_t o = a; o < e; o += CH) acc += sumsq_chunk(grad_view(gbuf, g, gdt, o, MIN(CH, e - o), q), MIN(CH, e - o));
@@ -222,31 +229,30 @@ int lm_adam_blocks(void *p, int pdt, const void *g, int gdt, float *m, float *v,
         v[b] = vb;
         for (int64_t o = a; o < e; o += CH)
             adam_chunk(p, pdt, m, grad_view(gbuf, g, gdt, o, MIN(CH, e - o), q), &vb, 0, o, MIN(CH, e - o), h, sr, seed);
-    }
+    });
     (void)stream; return 0;
 }
 
 /* AdaLomo pass 1 for batch x rows x cols: row sums and column sums of g^2 + add */
 int lm_rowcol_sumsq(const void *g, int gdt, int64_t batch, int64_t rows, int64_t cols, prep_t q,
                     float add, float *rowsum, float *colsum, void *stream) {
-    #pragma omp parallel for schedule(static) if(batch * rows * cols >= SMALL)
-    for (int64_t r = 0; r < batch * rows; r++) {
+    PARALLEL_FOR(batch * rows * cols >= SMALL, schedule(static),
+                 for (int64_t r = 0; r < batch * rows; r++), {
         float gbuf[CH]; double acc = 0.0;
         for (int64_t o = 0; o < cols; o += CH) acc += sumsq_chunk(grad_view(gbuf, g, gdt, r * cols + o, MIN(CH, cols - o), q), MIN(CH, cols - o));
         rowsum[r] = (float)(acc + (double)add * cols);
-    }
+    });
     int64_t tiles = (cols + 255) / 256;
-    #pragma omp parallel for schedule(static) collapse(2) if(batch * rows * cols >= SMALL)
-    for (int64_t b = 0; b < batch; b++)
-        for (int64_t t = 0; t < tiles; t++) {
-            double acc[256] = {0}; float gbuf[256];
-            int64_t c0 = t * 256, w = MIN(256, cols - c0);
-            for (int64_t r = 0; r < rows; r++) {
-                const float *d = grad_view(gbuf, g, gdt, (b * rows + r) * cols + c0, w, q);
-                for (int64_t j = 0; j < w; j++) acc[j] += d[j] * d[j];
-            }
-            for (int64_t j = 0; j < w; j++) colsum[b * cols + c0 + j] = (float)(acc[j] + (double)add * rows);
+    PARALLEL_FOR(batch * rows * cols >= SMALL, schedule(static) collapse(2),
+                 for (int64_t b = 0; b < batch; b++) for (int64_t t = 0; t < tiles; t++), {
+        double acc[256] = {0}; float gbuf[256];
+        int64_t c0 = t * 256, w = MIN(256, cols - c0);
+        for (int64_t r = 0; r < rows; r++) {
+            const float *d = grad_view(gbuf, g, gdt, (b * rows + r) * cols + c0, w, q);
+            for (int64_t j = 0; j < w; j++) acc[j] += d[j] * d[j];
         }
+        for (int64_t j = 0; j < w; j++) colsum[b * cols + c0 + j] = (float)(acc[j] + (double)add * rows);
+    });
     (void)stream; return 0;
 }
 
@@ -254,8 +260,8 @@ int lm_rowcol_sumsq(const void *g, int gdt, int64_t batch, int64_t rows, int64_t
 int lm_factored_sumsq(const void *g, int gdt, int64_t batch, int64_t rows, int64_t cols, prep_t q,
                       const float *r, const float *c, float *out, void *stream) {
     double acc = 0.0;
-    #pragma omp parallel for reduction(+:acc) schedule(static) if(batch * rows * cols >= SMALL)
-    for (int64_t i = 0; i < batch * rows; i++) {
+    PARALLEL_FOR(batch * rows * cols >= SMALL, reduction(+:acc) schedule(static),
+                 for (int64_t i = 0; i < batch * rows; i++), {
         const float *ci = c + (i / rows) * cols;
         float gbuf[CH], u[CH]; double s = 0.0;
         for (int64_t o = 0; o < cols; o += CH) {
@@ -265,7 +271,7 @@ int lm_factored_sumsq(const void *g, int gdt, int64_t batch, int64_t rows, int64
             s += sumsq_chunk(u, len);
         }
         acc += s * r[i] * r[i];
-    }
+    });
     *out += (float)acc; (void)stream; return 0;
 }
 
@@ -275,8 +281,8 @@ int lm_factored_apply(void *p, int pdt, const void *g, int gdt, int64_t batch, i
                       int64_t cols, prep_t q, const float *r, const float *c, const float *k,
                       int sr, uint64_t seed, void *stream) {
     float decay = k[0], step = k[1];
-    #pragma omp parallel for schedule(static) if(batch * rows * cols >= SMALL)
-    for (int64_t i = 0; i < batch * rows; i++) {
+    PARALLEL_FOR(batch * rows * cols >= SMALL, schedule(static),
+                 for (int64_t i = 0; i < batch * rows; i++), {
         const float *ci = c + (i / rows) * cols;
         float ri = step * r[i], gbuf[CH], wbuf[CH];
         for (int64_t o = 0; o < cols; o += CH) {
@@ -286,7 +292,7 @@ int lm_factored_apply(void *p, int pdt, const void *g, int gdt, int64_t batch, i
             for (int64_t j = 0; j < len; j++) w[j] = w[j] * decay - ri * ci[o + j] * d[j];
             put(p, pdt, e, w, len, sr, seed);
         }
-    }
+    });
     (void)stream; return 0;
 }
 
@@ -296,8 +302,8 @@ int lm_factored_apply(void *p, int pdt, const void *g, int gdt, int64_t batch, i
    tensors. (On the GPU lowmem.py launches the passes itself.) A batch x rows x cols tensor
    keeps row/col statistics; a 0-d / 1-D one (col == NULL, rows = n, cols = 1) keeps a full v
    in row. Returns 1, before anything is modified, if out of memory. */
-int lm_adalomo(void *p, int pdt, const void *g, int gdt, int64_t batch, int64_t rows, int64_t cols,
-               prep_t q, float *row, float *col, adalomo_t h, int sr, uint64_t seed, void *stream) {
+int lm_adalomo(void *p, int pdt, const void *g, int gdt, float *row, float *col, int64_t batch, int64_t rows,
+               int64_t cols, prep_t q, adalomo_t h, int sr, uint64_t seed, void *stream) {
     int64_t n = batch * rows * cols;
     float *r = (float *)malloc(sizeof(float) * batch * rows), *c = (float *)malloc(sizeof(float) * batch * cols);
     if (!r || !c) { free(r); free(c); return 1; }
@@ -461,9 +467,10 @@ EXPORT int lm_factored_apply(void *p, int pdt, const void *g, int gdt, int64_t b
 #endif
 
 /* ================================ multi-tensor calls ==================================
-   The classic driver's step() issues one call per kernel for all its tensors instead of one
-   call per tensor: each item holds one per-tensor call's arguments, in the same order (the
-   addresses as integers). The per-tensor kernels above do the math. On the CPU, tensors of
+   Every whole-update call goes through these: the classic driver's step() issues one call per
+   kernel for all its tensors, a hook one call with one item. Each item holds one per-tensor
+   call's arguments, in the same order (the addresses as integers): p, pdt, g, gdt, the state
+   tensors, the sizes, then the preparation and the per-step scalars. The per-tensor kernels above do the math. On the CPU, tensors of
    fewer than SMALL elements are spread over the threads one tensor per thread (a parallel
    region costs more than a tiny tensor's update); larger ones run in turn with every thread.
    On CUDA the items are launched in turn on the stream (the host cost per tensor is gone,
@@ -471,7 +478,7 @@ EXPORT int lm_factored_apply(void *p, int pdt, const void *g, int gdt, int64_t b
 typedef struct { uintptr_t p; int pdt; uintptr_t g; int gdt; int64_t n; prep_t q; float lr, decay; int sr; uint64_t seed; } sgd_call;
 typedef struct { uintptr_t p; int pdt; uintptr_t g; int gdt; uintptr_t m, v; int64_t n; prep_t q; adam_t h; int sr; uint64_t seed; } adam_elem_call;
 typedef struct { uintptr_t p; int pdt; uintptr_t g; int gdt; uintptr_t m, v, start; int64_t n_v; prep_t q; adam_t h; int sr; uint64_t seed; } adam_blocks_call;
-typedef struct { uintptr_t p; int pdt; uintptr_t g; int gdt; int64_t batch, rows, cols; prep_t q; uintptr_t row, col; adalomo_t h; int sr; uint64_t seed; } adalomo_call;
+typedef struct { uintptr_t p; int pdt; uintptr_t g; int gdt; uintptr_t row, col; int64_t batch, rows, cols; prep_t q; adalomo_t h; int sr; uint64_t seed; } adalomo_call;
 #define P(x) ((void *)(x))
 
 #ifdef __CUDACC__
@@ -485,7 +492,7 @@ EXPORT int lm_multi_##name(const type *items, int64_t count, void *stream) { \
 #define MULTI(name, type, size, call) \
 int lm_multi_##name(const type *items, int64_t count, void *stream) { \
     int err = 0; \
-    _Pragma("omp parallel for schedule(dynamic) reduction(|:err)") \
+    _Pragma("omp parallel for schedule(dynamic) reduction(|:err) if(count > 1)") \
     for (int64_t i = 0; i < count; i++) { const type *c = items + i; if ((size) < SMALL) err |= call; } \
     for (int64_t i = 0; i < count; i++) { const type *c = items + i; if ((size) >= SMALL) err |= call; } \
     return err; \
@@ -501,6 +508,6 @@ MULTI(adam_blocks, adam_blocks_call, ((const int64_t *)P(c->start))[c->n_v] - ((
                      c->n_v, c->q, c->h, c->sr, c->seed, stream))
 #ifndef __CUDACC__
 MULTI(adalomo, adalomo_call, c->batch * c->rows * c->cols,
-      lm_adalomo(P(c->p), c->pdt, P(c->g), c->gdt, c->batch, c->rows, c->cols, c->q, (float *)P(c->row), (float *)P(c->col),
-                 c->h, c->sr, c->seed, stream))
+      lm_adalomo(P(c->p), c->pdt, P(c->g), c->gdt, (float *)P(c->row), (float *)P(c->col), c->batch, c->rows, c->cols,
+                 c->q, c->h, c->sr, c->seed, stream))
 #endif

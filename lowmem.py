@@ -245,11 +245,11 @@ int lm_adam_blocks(void *p, int pdt, const void *g, int gdt, float *m, float *v,
 int lm_rowcol_sumsq(const void *g, int gdt, int64_t batch, int64_t rows, int64_t cols, prep_t q, float add, float *rowsum, float *colsum, void *stream);
 int lm_factored_sumsq(const void *g, int gdt, int64_t batch, int64_t rows, int64_t cols, prep_t q, const float *r, const float *c, float *out, void *stream);
 int lm_factored_apply(void *p, int pdt, const void *g, int gdt, int64_t batch, int64_t rows, int64_t cols, prep_t q, const float *r, const float *c, const float *k, int sr, uint64_t seed, void *stream);
-int lm_adalomo(void *p, int pdt, const void *g, int gdt, int64_t batch, int64_t rows, int64_t cols, prep_t q, float *row, float *col, adalomo_t h, int sr, uint64_t seed, void *stream);
+int lm_adalomo(void *p, int pdt, const void *g, int gdt, float *row, float *col, int64_t batch, int64_t rows, int64_t cols, prep_t q, adalomo_t h, int sr, uint64_t seed, void *stream);
 typedef struct { uintptr_t p; int pdt; uintptr_t g; int gdt; int64_t n; prep_t q; float lr, decay; int sr; uint64_t seed; } sgd_call;
 typedef struct { uintptr_t p; int pdt; uintptr_t g; int gdt; uintptr_t m, v; int64_t n; prep_t q; adam_t h; int sr; uint64_t seed; } adam_elem_call;
 typedef struct { uintptr_t p; int pdt; uintptr_t g; int gdt; uintptr_t m, v, start; int64_t n_v; prep_t q; adam_t h; int sr; uint64_t seed; } adam_blocks_call;
-typedef struct { uintptr_t p; int pdt; uintptr_t g; int gdt; int64_t batch, rows, cols; prep_t q; uintptr_t row, col; adalomo_t h; int sr; uint64_t seed; } adalomo_call;
+typedef struct { uintptr_t p; int pdt; uintptr_t g; int gdt; uintptr_t row, col; int64_t batch, rows, cols; prep_t q; adalomo_t h; int sr; uint64_t seed; } adalomo_call;
 int lm_multi_sgd(const sgd_call *items, int64_t count, void *stream);
 int lm_multi_adam_elem(const adam_elem_call *items, int64_t count, void *stream);
 int lm_multi_adam_blocks(const adam_blocks_call *items, int64_t count, void *stream);
@@ -257,8 +257,8 @@ int lm_multi_adalomo(const adalomo_call *items, int64_t count, void *stream);
 """
 # lm_adalomo (a whole AdaLomo update in one call) is CPU-only: CUDA runs the passes one by one.
 _CUDA_KERNELS = sorted(set(re.findall(r"int (lm_\w+)\(", _CDEF)) - {"lm_adalomo", "lm_multi_adalomo"})
-# Kernels that are a whole update of one tensor: step() batches their calls (_batched) into
-# arrays of these structs, whose fields are the kernel's arguments (tensors as uintptr_t).
+# Kernels that are a whole update of one tensor, called through lm_multi_* (_launch) with arrays
+# of these structs, whose fields are the kernel's arguments (tensors as uintptr_t).
 _MULTI = {"lm_sgd": "sgd_call", "lm_adam_elem": "adam_elem_call", "lm_adam_blocks": "adam_blocks_call",
           "lm_adalomo": "adalomo_call"}
 _DTYPE_CODE = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
@@ -382,13 +382,8 @@ def _c_arg(ffi, a):
 
 
 def _call(like, name, *args):
-    """Call kernel `name` on the library for `like`'s device, on torch's current stream; inside
-    _batched(), a whole-update kernel's call is queued instead."""
+    """Call kernel `name` on the library for `like`'s device, on torch's current stream."""
     _check_kernel_args(like, [a for a in args if isinstance(a, torch.Tensor)])
-    queue = getattr(_batch, "queue", None)
-    if queue is not None and name in _MULTI:
-        queue.setdefault((like.device, name), []).append(args)
-        return
     ffi, lib = _libs[like.device.type]
     _check_err(name, getattr(lib, name)(*[_c_arg(ffi, a) for a in args], ffi.cast("void *", _stream(like.device))))
 
@@ -402,44 +397,65 @@ def _check_err(name, err):
         raise RuntimeError(f"fused kernel {name} failed with error {err}")
 
 
+def _launch(name, p, grad, info, tensors, sizes, per_step):
+    """Whole-update kernel `name` on one parameter, as name(p, pdt, grad, gdt, *tensors, *sizes,
+    *per_step). The state tensors and sizes are the same from step to step: they are checked and
+    turned into addresses once (info.kernel_args), and again only when one of them is replaced
+    (loaded state); p and grad, which the caller has put through _kernel_ok, cost two addresses.
+    Inside step() (_batched) the call is queued; elsewhere (a hook) it runs at once."""
+    ids = tuple(map(id, tensors))
+    cached = info.kernel_args
+    if cached is None or cached[0] != ids or cached[1] != sizes:
+        _check_kernel_args(p, [t for t in tensors if t is not None])
+        addresses = tuple(0 if t is None else t.data_ptr() for t in tensors)
+        cached = info.kernel_args = (ids, sizes, addresses + sizes, tensors)  # tensors kept: ids stay theirs
+    device = p.device
+    if grad.device != device:
+        _check_kernel_args(p, [grad])  # raises, naming the device
+    item = (p.data_ptr(), _DTYPE_CODE[p.dtype], grad.data_ptr(), _DTYPE_CODE[grad.dtype], *cached[2], *per_step)
+    queue = getattr(_batch, "queue", None)
+    if queue is None:
+        _run_multi(device, name, [item])
+    else:
+        queue.setdefault((device, name), []).append(item)
+
+
+def _run_multi(device, name, items):
+    """One lm_multi_* call (fused_ext.c) for a list of `name` calls' argument tuples."""
+    kind = device.type
+    ffi, function, array_type = _multi_entry(kind, name)
+    stream = ffi.NULL if kind == "cpu" else ffi.cast("void *", _stream(device))
+    _check_err(name, function(ffi.new(array_type, items), len(items), stream))
+
+
+@functools.lru_cache(maxsize=None)
+def _multi_entry(device_type, name):
+    """(ffi, lm_multi_* function, its item array type) for a whole-update kernel, looked up once."""
+    ffi, lib = _libs[device_type]
+    return ffi, getattr(lib, "lm_multi" + name[2:]), ffi.typeof(_MULTI[name] + "[]")
+
+
 _batch = threading.local()  # .queue inside _batched(): {(device, kernel name): [queued calls' arguments]}
 
 
 @contextlib.contextmanager
 def _batched():
     """The classic step(): each tensor's whole-update kernel call is queued, then all of a
-    kernel's calls on a device go in one C call (lm_multi_* in fused_ext.c) as an array of
-    argument structs, so a tensor costs the host a tuple instead of a cffi call. The queued
-    updates are independent (one parameter each). If the step fails, nothing queued runs."""
+    kernel's calls on a device go in one C call as an array of argument structs, so a tensor
+    costs the host a tuple instead of a C call. The queued updates are independent (one
+    parameter each). If the step fails, nothing queued runs."""
     _batch.queue = queue = {}
     try:
         yield
-        for (device, name), calls in queue.items():
-            ffi, lib = _libs[device.type]
-            tensors = _address_fields(ffi, _MULTI[name])
-            items = ffi.new(f"{_MULTI[name]}[]", [_item(args, tensors) for args in calls])
-            _check_err(name, getattr(lib, "lm_multi" + name[2:])(items, len(calls), ffi.cast("void *", _stream(device))))
+        for (device, name), items in queue.items():
+            _run_multi(device, name, items)
     finally:
         _batch.queue = None
 
 
-@functools.lru_cache(maxsize=None)
-def _address_fields(ffi, ctype):
-    """Positions of the tensor arguments in an item struct: its uintptr_t fields."""
-    return tuple(i for i, (_, f) in enumerate(ffi.typeof(ctype).fields) if f.type.cname == "uintptr_t")
-
-
-def _item(args, tensors):
-    """One queued call's arguments as the fields of its item struct."""
-    item = list(args)
-    for i in tensors:
-        item[i] = 0 if item[i] is None else item[i].data_ptr()
-    return item
-
-
 def _kernel_ok(p, grad):
     """Tensors the kernels handle; others (fp64, non-contiguous) use the torch path."""
-    if _load(p.device.type) is None or grad.shape != p.shape:
+    if _load("cpu" if p.is_cpu else p.device.type) is None or grad.shape != p.shape:  # .device: 0.3 us
         return False
     return _kernel_tensor(p) and _kernel_tensor(grad)
 
@@ -461,6 +477,7 @@ class ParamInfo:
 
     def __init__(self, p, name, fsdp_managed):
         self.shape, self.blocks, self.group, self.row0 = tuple(p.shape), None, None, 0
+        self.kernel_args = None  # _launch's checked state addresses, kept between steps
         self.rows = p.shape[0] if p.dim() else 1
         if _is_dtensor(p):
             self._shard(p, name, fsdp_managed)
@@ -910,6 +927,8 @@ class _LowMemOptimizer(torch.optim.Optimizer):
             new_state[p] = {k: v.to(device=p.device, copy=True) if torch.is_tensor(v) else v
                             for k, v in s.items()}
         self.state = new_state
+        for info in self._info.values():
+            info.kernel_args = None  # the replaced state's addresses (and the tensors they keep alive)
         for s, g in zip(saved, self.param_groups):
             g.update({k: v for k, v in s.items() if k != "params"})
         extra = state_dict.get("lowmem", {})
@@ -942,8 +961,7 @@ class LOMO(_LowMemOptimizer):
     def _kernel_update(self, p, grad, prep, group, state, lr, info):  # elementwise: shards need nothing
         if not _kernel_ok(p, grad):
             return False
-        _call(p, "lm_sgd", p, _DTYPE_CODE[p.dtype], grad, _DTYPE_CODE[grad.dtype], p.numel(), prep,
-              lr, 1 - lr * group["weight_decay"], *self._sr_seed(p))
+        _launch("lm_sgd", p, grad, info, (), (p.numel(),), (prep, lr, 1 - lr * group["weight_decay"], *self._sr_seed(p)))
         return True
 
 
@@ -1027,9 +1045,9 @@ class AdaLomo(_LowMemOptimizer):
             factored = grad.dim() >= 2
             rows, cols = grad.shape[-2:] if factored else (p.numel(), 1)
             h = _AdaLomoArgs((beta2t, *group["eps"], lr, group["weight_decay"], group["clip_threshold"]))
-            _call(p, "lm_adalomo", p, _DTYPE_CODE[p.dtype], grad, _DTYPE_CODE[grad.dtype],
-                  p.numel() // (rows * cols), rows, cols, prep, state["row"] if factored else state["v"],
-                  state["col"] if factored else None, h, *self._sr_seed(p))
+            moments = (state["row"], state["col"]) if factored else (state["v"], None)
+            _launch("lm_adalomo", p, grad, info, moments, (p.numel() // (rows * cols), rows, cols),
+                    (prep, h, *self._sr_seed(p)))
         else:
             self._launch_passes(p, grad, prep, group, state, lr, beta2t, info)
         return True
@@ -1133,12 +1151,11 @@ class AdamMini(_LowMemOptimizer):
         t, m, v = self._begin(p, state, blocks)
         wd = group["weight_decay"] if blocks.decay else 0.0
         h = _Adam(lr, wd, *group["betas"], t, group["eps"])
-        pdt, gdt = _DTYPE_CODE[p.dtype], _DTYPE_CODE[grad.dtype]
         if blocks.kind == "element":
-            _call(p, "lm_adam_elem", p, pdt, grad, gdt, m, v, p.numel(), prep, h, *self._sr_seed(p))
+            _launch("lm_adam_elem", p, grad, info, (m, v), (p.numel(),), (prep, h, *self._sr_seed(p)))
         else:
-            _call(p, "lm_adam_blocks", p, pdt, grad, gdt, m, v, self._block_starts(p, blocks),
-                  blocks.n_v, prep, h, *self._sr_seed(p))
+            _launch("lm_adam_blocks", p, grad, info, (m, v, self._block_starts(p, blocks)), (blocks.n_v,),
+                    (prep, h, *self._sr_seed(p)))
         return True
 
     def _block_starts(self, p, blocks):

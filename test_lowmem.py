@@ -4,6 +4,7 @@ import copy
 import functools
 import io
 import json
+import contextlib
 import math
 import os
 import socket
@@ -672,8 +673,8 @@ def test_multi_tensor_step_is_one_call_per_kernel_and_equals_one_call_per_tensor
         calls = []
         with monkeypatch.context() as m:
             m.setattr(lowmem, "_check_err", lambda kernel, err: calls.append(kernel) or assert_ok(err))
-            if not multi:
-                m.setattr(lowmem, "_MULTI", {})
+            if not multi:  # outside _batched, each tensor's call runs at once, as in a hook
+                m.setattr(lowmem, "_batched", contextlib.nullcontext)
             gen = torch.Generator().manual_seed(1)
             for _ in range(3):
                 for p in params:
