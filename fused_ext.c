@@ -149,7 +149,12 @@ static double sumsq_chunk(const float *d, int64_t n) {  /* sum of d^2 */
     int64_t i = 0;
     for (; i + 64 <= n; i += 64) for (int j = 0; j < 64; j++) part[j] += d[i + j] * d[i + j];
     for (; i + 16 <= n; i += 16) for (int j = 0; j < 16; j++) part[j] += d[i + j] * d[i + j];
-    for (int w = 32; w >= 1; w /= 2) for (int j = 0; j < w; j++) part[j] += part[j + w];  /* pairwise */
+    /* pairwise, in loops of fixed length: they vectorize, so a short row costs a few cycles */
+    for (int j = 0; j < 32; j++) part[j] += part[j + 32];
+    for (int j = 0; j < 16; j++) part[j] += part[j + 16];
+    for (int j = 0; j < 8; j++) part[j] += part[j + 8];
+    for (int j = 0; j < 4; j++) part[j] += part[j + 4];
+    part[0] += part[2], part[1] += part[3], part[0] += part[1];
     double s = part[0];
     for (; i < n; i++) s += (double)d[i] * d[i];
     return s;
@@ -492,8 +497,8 @@ EXPORT int lm_multi_##name(const type *items, int64_t count, void *stream) { \
 #define MULTI(name, type, size, call) \
 int lm_multi_##name(const type *items, int64_t count, void *stream) { \
     int err = 0; \
-    _Pragma("omp parallel for schedule(dynamic) reduction(|:err) if(count > 1)") \
-    for (int64_t i = 0; i < count; i++) { const type *c = items + i; if ((size) < SMALL) err |= call; } \
+    PARALLEL_FOR(count > 1, schedule(dynamic) reduction(|:err), for (int64_t i = 0; i < count; i++), \
+                 { const type *c = items + i; if ((size) < SMALL) err |= call; }); \
     for (int64_t i = 0; i < count; i++) { const type *c = items + i; if ((size) >= SMALL) err |= call; } \
     return err; \
 }
