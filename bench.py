@@ -370,10 +370,9 @@ def memory_rows(args, size=None, names=None):
             if run.returncode:
                 raise SystemExit(f"memory row {label} {dtype} failed:\n{run.stderr[-2000:]}")
             rows.append(dict(json.loads(run.stdout.strip().splitlines()[-1]), name=label, dtype=dtype))
-            if args.world == 1:  # the plan of the same run, computed on the meta device
-                layers, width, block, batch = SIZES[args.model][size]
-                rows[-1]["plan"] = plan_peak(model_config(args.model, size), opt, fused, batch, block,
-                                             getattr(torch, dtype))["peak"]
+            layers, width, block, batch = SIZES[args.model][size]  # the plan of the same run, on the meta device
+            rows[-1]["plan"] = plan_peak(model_config(args.model, size), opt, fused, batch, block,
+                                         getattr(torch, dtype), world=args.world)["peak"]
     for dtype in {r["dtype"] for r in rows}:  # accounting: params + grads + state + activations
         group = [r for r in rows if r["dtype"] == dtype]
         act = group[0]["measured"] - group[0]["grads"]  # the no-optimizer row: activations + one grad
@@ -669,25 +668,31 @@ PLAN_ROWS = [("SGD", "sgd", False), ("AdamW", "adamw", False), ("Adam-mini class
 class LiveBytes(TorchDispatchMode):
     """Live and peak bytes of tensor storage while ops run on the meta device: every op's
     outputs are counted once per storage, and uncounted when the storage is freed. Meta
-    tensors have shapes, dtypes and lifetimes but no data, so a 70B step takes seconds."""
+    tensors have shapes, dtypes and lifetimes but no data, so a 70B step takes seconds.
+    A DTensor (FSDP2) counts as its local shard; storages that FSDP2 resizes in place (its
+    gathered parameters) are recounted through resized()."""
 
     def __init__(self, tensors=()):
         super().__init__()
-        self.live, self.peak, self._counted = 0, 0, set()
+        self.live, self.peak, self._bytes = 0, 0, {}
         for t in tensors:  # what exists before the mode: parameters, buffers
             self._count(t)
 
     def _count(self, t):
-        storage = t.untyped_storage()
-        if storage._cdata not in self._counted:
-            self._counted.add(storage._cdata)
-            self.live += storage.nbytes()
-            self.peak = max(self.peak, self.live)
-            weakref.finalize(storage, self._free, storage._cdata, storage.nbytes())
+        storage = _local(t).untyped_storage()
+        if storage._cdata not in self._bytes:
+            self._bytes[storage._cdata] = 0
+            weakref.finalize(storage, self._free, storage._cdata)
+            self.resized(storage)
 
-    def _free(self, key, nbytes):
-        self._counted.discard(key)
-        self.live -= nbytes
+    def resized(self, storage):
+        """Count `storage` at its current size (FSDP2 frees and re-allocates in place)."""
+        self.live += storage.nbytes() - self._bytes[storage._cdata]
+        self._bytes[storage._cdata] = storage.nbytes()
+        self.peak = max(self.peak, self.live)
+
+    def _free(self, key):
+        self.live -= self._bytes.pop(key)
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         out = func(*args, **(kwargs or {}))
@@ -695,6 +700,46 @@ class LiveBytes(TorchDispatchMode):
             if isinstance(t, torch.Tensor):
                 self._count(t)
         return out
+
+
+def _local(t):
+    return t.to_local() if hasattr(t, "to_local") else t
+
+
+@contextlib.contextmanager
+def _fake_ranks(world):
+    """FSDP2 on the meta device as rank 0 (the fullest) of `world` ranks, in this one process:
+    torch's fake process group (its testing backend: collectives return at once, move nothing),
+    FSDP2's device and streams taken as meta's and the CPU's, its meta-parameter check off, and
+    the storages it frees and re-allocates in place (gathered parameters) counted by LiveBytes.
+    Yields a list: put the LiveBytes in it."""
+    import torch.distributed as dist
+    import torch.distributed.fsdp._fully_shard._fsdp_param as fsdp_param
+    import torch.distributed.fsdp._fully_shard._fsdp_param_group as fsdp_group
+    import torch.distributed.fsdp._fully_shard._fully_shard as fsdp_api
+    from torch.testing._internal.distributed.fake_pg import FakeStore
+    counters, saved = [], (fsdp_api._get_device_from_mesh, fsdp_group.FSDPParamGroup._validate_no_meta_params,
+                           fsdp_param.alloc_storage, fsdp_param.free_storage, fsdp_group.alloc_storage)
+
+    def counted(resize):
+        def change(tensor):
+            resize(tensor)
+            for live in counters:
+                live.resized(tensor.untyped_storage())
+        return change
+    dist.init_process_group("fake", store=FakeStore(), rank=0, world_size=world)
+    fsdp_api._get_device_from_mesh = lambda mesh: torch.device("meta")
+    fsdp_group.FSDPParamGroup._validate_no_meta_params = lambda self: None
+    fsdp_param.alloc_storage = fsdp_group.alloc_storage = counted(saved[2])
+    fsdp_param.free_storage = counted(saved[3])
+    torch.meta = torch.cpu  # FSDP2's device handle: its streams and events (no-ops on the CPU)
+    try:
+        yield counters
+    finally:
+        del torch.meta
+        (fsdp_api._get_device_from_mesh, fsdp_group.FSDPParamGroup._validate_no_meta_params,
+         fsdp_param.alloc_storage, fsdp_param.free_storage, fsdp_group.alloc_storage) = saved
+        dist.destroy_process_group()
 
 
 def _flash_attention(q, k, v, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None, enable_gqa=False):
@@ -741,22 +786,31 @@ def _planning(hf_eager):
 
 
 def plan_peak(config, optimizer, fused, batch, seq, dtype, checkpointing=False, hf_eager=False,
-              master_weights=False):
+              master_weights=False, world=1):
     """Peak bytes of two training steps on the meta device (the second one has the optimizer's
     state), and the parts: parameters, gradients, optimizer state. The optimizer is the training
-    scripts' own (bench.make_opt): its state is what its own code allocates."""
-    with torch.device("meta"):
-        model = make_model(dict(config, activation_checkpointing=checkpointing)).to(dtype)
-    sizes = [p.numel() * p.element_size() for p in model.parameters()]
-    batch_fn = batch_fn_for(model, batch, seq, "meta")
-    with _planning(hf_eager), LiveBytes([*model.parameters(), *model.buffers()]) as live:
-        opt = make_opt(optimizer, model)
-        master = MasterWeights(model, opt) if master_weights else None
-        if opt is None:
-            _free_grads_on_arrival(model)
-        for _ in range(2):
-            train_step(model, master or opt, batch_fn, fused)
-        parts = _accounting(sizes, opt, fused)
+    scripts' own (bench.make_opt): its state is what its own code allocates. world > 1: one
+    rank's figures with the model sharded by FSDP2 as the scripts' --fsdp=True shards it (every
+    block and the root), `batch` sequences on this rank."""
+    import train_gpt2
+    with contextlib.ExitStack() as stack:
+        counters = stack.enter_context(_fake_ranks(world)) if world > 1 else []
+        with torch.device("meta"):
+            model = make_model(dict(config, activation_checkpointing=checkpointing)).to(dtype)
+        if world > 1:
+            train_gpt2.shard_model(model)
+        tensors = [_local(t) for t in (*model.parameters(), *model.buffers())]
+        sizes = [t.numel() * t.element_size() for t in tensors[:len(list(model.parameters()))]]
+        batch_fn = batch_fn_for(model, batch, seq, "meta")
+        with _planning(hf_eager), LiveBytes(tensors) as live:
+            counters.append(live)
+            opt = make_opt(optimizer, model)
+            master = MasterWeights(model, opt) if master_weights else None
+            if opt is None:
+                _free_grads_on_arrival(model)
+            for _ in range(2):
+                train_step(model, master or opt, batch_fn, fused)
+            parts = _accounting(sizes, opt, fused)
     parts["state"] += master.bytes() if master else 0
     return dict(parts, peak=live.peak)
 
@@ -768,7 +822,7 @@ def plan_rows(config, args):
     that a classic driver, whose peak may come at step() instead, can only beat."""
     dtype, memories = getattr(torch, args.dtype), [parse_bytes(m) for m in str(args.device_memory).split(",")]
     run = functools.partial(plan_peak, config, seq=args.seq, dtype=dtype, checkpointing=args.activation_checkpointing,
-                            hf_eager=args.hf_eager)
+                            hf_eager=args.hf_eager, world=args.world)
     act = [run("none", True, batch=b) for b in (args.batch, 2 * args.batch)]
     per_example = (act[1]["peak"] - act[0]["peak"]) / args.batch
     activations = act[0]["peak"] - act[0]["params"] - act[0]["grads"]
@@ -824,7 +878,9 @@ def print_plan(rows, args):
     size = lambda b: f"{b / scale:8.2f}"  # noqa: E731
     n = rows[0]["params"] / torch.tensor([], dtype=getattr(torch, args.dtype)).element_size()
     devices = str(args.device_memory).split(",")
-    print(f"{args.model}: {n / 1e6:,.1f}M parameters, {args.dtype}, batch {args.batch} x {args.seq}"
+    world = getattr(args, "world", 1)
+    ranks = f" (per rank of {world}: FSDP2 shards, rank 0, the fullest)" if world > 1 else ""
+    print(f"{args.model}: {n * world / 1e6:,.1f}M parameters{ranks}, {args.dtype}, batch {args.batch} x {args.seq}"
           f"{', activation checkpointing' if args.activation_checkpointing else ''}"
           f"{', transformers 4.28 eager attention + RMSNorm' if args.hf_eager else ''}; {unit}")
     print(f"{'optimizer':31s} {'params':>8s} {'grads':>8s} {'state':>8s} {'activ.':>8s} {'sum':>8s} {'peak':>8s}  "
@@ -1007,7 +1063,8 @@ def main():
     ap.add_argument("--params", type=float, default=50e6, help="kernels: parameters in the tensor set")
     ap.add_argument("--repeats", type=int, default=7, help="kernels: timed steps (the median is shown)")
     ap.add_argument("--shape", default="square", choices=list(KERNEL_SHAPES), help="kernels: which tensor set")
-    ap.add_argument("--world", type=int, default=1, help="memory: ranks (torchrun, FSDP2-sharded model; per-rank figures)")
+    ap.add_argument("--world", type=int, default=1,
+                    help="memory, plan: ranks, the model sharded with FSDP2 (memory: under torchrun); per-rank figures")
     ap.add_argument("--iters", type=int, default=1500, help="converge: iterations per run (the default run's length)")
     ap.add_argument("--factors", default=None,
                     help="converge, ablation: the lr sweep, as multiples of DEFAULT_LR (default 0.5,1,2; ablation 1)")

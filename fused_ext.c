@@ -238,15 +238,35 @@ int lm_adam_blocks(void *p, int pdt, const void *g, int gdt, float *m, float *v,
     (void)stream; return 0;
 }
 
-/* AdaLomo pass 1 for batch x rows x cols: row sums and column sums of g^2 + add */
-int lm_rowcol_sumsq(const void *g, int gdt, int64_t batch, int64_t rows, int64_t cols, prep_t q,
-                    float add, float *rowsum, float *colsum, void *stream) {
-    PARALLEL_FOR(batch * rows * cols >= SMALL, schedule(static),
-                 for (int64_t r = 0; r < batch * rows; r++), {
+/* Adam-mini under FSDP2, where a block can straddle two ranks: (1) lm_row_sumsq, each local
+   row's sum of g^2, (2) block means summed over the ranks and v in lowmem.py (tiny vectors),
+   (3) lm_adam_rows, the update with each row's v. */
+int lm_row_sumsq(const void *g, int gdt, int64_t rows, int64_t cols, prep_t q, float add, float *rowsum,
+                 void *stream) {
+    PARALLEL_FOR(rows * cols >= SMALL, schedule(static), for (int64_t r = 0; r < rows; r++), {
         float gbuf[CH]; double acc = 0.0;
         for (int64_t o = 0; o < cols; o += CH) acc += sumsq_chunk(grad_view(gbuf, g, gdt, r * cols + o, MIN(CH, cols - o), q), MIN(CH, cols - o));
         rowsum[r] = (float)(acc + (double)add * cols);
     });
+    (void)stream; return 0;
+}
+
+int lm_adam_rows(void *p, int pdt, const void *g, int gdt, float *m, const float *vrow, int64_t rows,
+                 int64_t cols, prep_t q, adam_t h, int sr, uint64_t seed, void *stream) {
+    PARALLEL_FOR(rows * cols >= SMALL, schedule(static), for (int64_t r = 0; r < rows; r++), {
+        float gbuf[CH];
+        for (int64_t o = r * cols; o < (r + 1) * cols; o += CH) {
+            int64_t len = MIN(CH, (r + 1) * cols - o);
+            adam_chunk(p, pdt, m, grad_view(gbuf, g, gdt, o, len, q), vrow + r, 0, o, len, h, sr, seed);
+        }
+    });
+    (void)stream; return 0;
+}
+
+/* AdaLomo pass 1 for batch x rows x cols: row sums and column sums of g^2 + add */
+int lm_rowcol_sumsq(const void *g, int gdt, int64_t batch, int64_t rows, int64_t cols, prep_t q,
+                    float add, float *rowsum, float *colsum, void *stream) {
+    lm_row_sumsq(g, gdt, batch * rows, cols, q, add, rowsum, stream);
     int64_t tiles = (cols + 255) / 256;
     PARALLEL_FOR(batch * rows * cols >= SMALL, schedule(static) collapse(2),
                  for (int64_t b = 0; b < batch; b++) for (int64_t t = 0; t < tiles; t++), {
@@ -399,6 +419,16 @@ __global__ void k_rowsum(const void *g, int gdt, int64_t cols, prep_t q, float a
     acc = block_sum(acc);
     if (threadIdx.x == 0) rowsum[blockIdx.x] = acc;
 }
+__global__ void k_adam_rows(void *p, int pdt, const void *g, int gdt, float *m, const float *vrow, int64_t rows, int64_t cols, prep_t q, adam_t h, int sr, uint64_t seed) {
+    for (int64_t i = blockIdx.x; i < rows; i += gridDim.x) {  /* one CUDA block per row */
+        float denom = adam_denom(vrow[i], h);
+        for (int64_t j = threadIdx.x; j < cols; j += blockDim.x) {
+            int64_t e = i * cols + j;
+            m[e] = adam_m(m[e], prep(g, gdt, e, q), h);
+            store(p, pdt, e, adam_w(load(p, pdt, e), m[e], denom, h), sr, seed);
+        }
+    }
+}
 __global__ void k_colsum(const void *g, int gdt, int64_t batch, int64_t rows, int64_t cols, prep_t q, float add, float *colsum) {
     /* work item = (batch, chunk of 32 rows, column): adjacent threads read adjacent columns
        (coalesced) and there is enough parallelism for tall matrices; colsum starts zeroed */
@@ -455,6 +485,12 @@ EXPORT int lm_adam_elem(void *p, int pdt, const void *g, int gdt, float *m, floa
 }
 EXPORT int lm_adam_blocks(void *p, int pdt, const void *g, int gdt, float *m, float *v, const int64_t *start, int64_t n_v, prep_t q, adam_t h, int sr, uint64_t seed, void *stream) {
     if (n_v > 0) k_adam_blocks<<<(unsigned)n_v, THREADS, 0, S>>>(p, pdt, g, gdt, m, v, start, q, h, sr, seed); DONE;
+}
+EXPORT int lm_row_sumsq(const void *g, int gdt, int64_t rows, int64_t cols, prep_t q, float add, float *rowsum, void *stream) {
+    if (rows * cols > 0) k_rowsum<<<(unsigned)rows, THREADS, 0, S>>>(g, gdt, cols, q, add, rowsum); DONE;
+}
+EXPORT int lm_adam_rows(void *p, int pdt, const void *g, int gdt, float *m, const float *vrow, int64_t rows, int64_t cols, prep_t q, adam_t h, int sr, uint64_t seed, void *stream) {
+    if (rows * cols > 0) k_adam_rows<<<(int)(rows < 8192 ? rows : 8192), THREADS, 0, S>>>(p, pdt, g, gdt, m, vrow, rows, cols, q, h, sr, seed); DONE;
 }
 EXPORT int lm_rowcol_sumsq(const void *g, int gdt, int64_t batch, int64_t rows, int64_t cols, prep_t q, float add, float *rowsum, float *colsum, void *stream) {
     if (batch * rows * cols == 0) DONE;

@@ -208,10 +208,14 @@ def _block_mean_sq(g, blocks, info):
     if blocks.kind == "tensor":
         return info.total((g * g).sum().reshape(1)) / info.numel
     other = [d for d in range(g.dim()) if d != blocks.axis]
-    sums = (g * g).sum(dim=other)
+    return _block_means((g * g).sum(dim=other), blocks, info)
+
+
+def _block_means(row_sums, blocks, info):
+    """Per-block means from the sums of g*g over each output row (this rank's rows under FSDP2)."""
     if blocks.axis == 0:
-        sums = info.place_rows(sums)
-    row = info.total(sums) / (info.numel // info.shape[blocks.axis])  # rows all have the same size
+        row_sums = info.place_rows(row_sums)
+    row = info.total(row_sums) / (info.numel // info.shape[blocks.axis])  # rows all have the same size
     return torch.cat([row[a:b].view(-1, k).mean(1) for a, b, k in blocks.segments])
 
 
@@ -242,6 +246,8 @@ int lm_sumsq(const void *x, int dt, int64_t n, float scale, float *out, void *st
 int lm_sgd(void *p, int pdt, const void *g, int gdt, int64_t n, prep_t q, float lr, float decay, int sr, uint64_t seed, void *stream);
 int lm_adam_elem(void *p, int pdt, const void *g, int gdt, float *m, float *v, int64_t n, prep_t q, adam_t h, int sr, uint64_t seed, void *stream);
 int lm_adam_blocks(void *p, int pdt, const void *g, int gdt, float *m, float *v, const int64_t *start, int64_t n_v, prep_t q, adam_t h, int sr, uint64_t seed, void *stream);
+int lm_row_sumsq(const void *g, int gdt, int64_t rows, int64_t cols, prep_t q, float add, float *rowsum, void *stream);
+int lm_adam_rows(void *p, int pdt, const void *g, int gdt, float *m, const float *vrow, int64_t rows, int64_t cols, prep_t q, adam_t h, int sr, uint64_t seed, void *stream);
 int lm_rowcol_sumsq(const void *g, int gdt, int64_t batch, int64_t rows, int64_t cols, prep_t q, float add, float *rowsum, float *colsum, void *stream);
 int lm_factored_sumsq(const void *g, int gdt, int64_t batch, int64_t rows, int64_t cols, prep_t q, const float *r, const float *c, float *out, void *stream);
 int lm_factored_apply(void *p, int pdt, const void *g, int gdt, int64_t batch, int64_t rows, int64_t cols, prep_t q, const float *r, const float *c, const float *k, int sr, uint64_t seed, void *stream);
@@ -511,10 +517,14 @@ class ParamInfo:
             dist.all_reduce(x, group=self.group)
         return x
 
-    def total_over_rows(self, x):
-        """total() for a sum over dim -2 of a matrix: only 2-D tensors have their rows split
-        (FSDP2 shards dim 0; for >2-D tensors that is a batch dim, each rank's slices are whole)."""
-        return self.total(x) if len(self.shape) == 2 else x
+    def totals_over_rows(self, *sums):
+        """total() of sums over dim -2 of a matrix, all in one collective: only 2-D tensors have
+        their rows split (FSDP2 shards dim 0; for >2-D tensors that is a batch dim, each rank's
+        slices are whole)."""
+        if self.group is None or len(self.shape) != 2:
+            return sums
+        flat = self.total(torch.cat([x.reshape(-1) for x in sums]))
+        return tuple(part.view(x.shape) for part, x in zip(flat.split([x.numel() for x in sums]), sums))
 
     def my_rows(self, x):
         """This rank's rows of a per-row vector of the whole tensor."""
@@ -1017,9 +1027,9 @@ class AdaLomo(_LowMemOptimizer):
             rows = info.shape[-2]  # of the whole matrix (under FSDP2 a rank holds some of them)
             row, col = state["row"], state["col"]
             row.mul_(beta2t).add_(u.mean(dim=-1), alpha=1 - beta2t)
-            col.mul_(beta2t).add_(info.total_over_rows(u.sum(dim=-2)) / rows, alpha=1 - beta2t)
-            row_mean = info.total_over_rows(row.sum(dim=-1, keepdim=True)) / rows
-            r = (row / row_mean).rsqrt_().unsqueeze(-1)
+            col_sums, row_sum = info.totals_over_rows(u.sum(dim=-2), row.sum(dim=-1, keepdim=True))
+            col.mul_(beta2t).add_(col_sums / rows, alpha=1 - beta2t)
+            r = (row / (row_sum / rows)).rsqrt_().unsqueeze(-1)
             update = (r * col.rsqrt().unsqueeze(-2)).mul_(g)
         else:
             state["v"].mul_(beta2t).add_(u, alpha=1 - beta2t)
@@ -1055,7 +1065,8 @@ class AdaLomo(_LowMemOptimizer):
     def _launch_passes(self, p, grad, prep, group, state, lr, beta2t, info):
         """GPU: one kernel per pass; only tiny row/col vectors are touched by torch ops. The CPU
         build has the same kernels, so the tests run this path there too (one_call_devices=()).
-        Under FSDP2: three collectives per matrix (columns, rows, both norms), one per vector."""
+        Under FSDP2: two collectives per matrix (the column and row sums, then both norms), one
+        per vector."""
         (eps1, eps2), n, f32 = group["eps"], p.numel(), dict(dtype=torch.float32, device=p.device)
         call = (lambda *args: _call(p, *args)) if n else (lambda *args: None)  # empty shard: no kernel
         if grad.dim() >= 2:
@@ -1065,9 +1076,9 @@ class AdaLomo(_LowMemOptimizer):
             call("lm_rowcol_sumsq", grad, _DTYPE_CODE[grad.dtype], batch, rows, cols, prep, eps1, rowsum, colsum)
             row, col = state["row"], state["col"]
             row.mul_(beta2t).add_(rowsum.view(row.shape) / cols, alpha=1 - beta2t)
-            col.mul_(beta2t).add_(info.total_over_rows(colsum.view(col.shape)) / whole_rows, alpha=1 - beta2t)
-            row_mean = info.total_over_rows(row.sum(dim=-1, keepdim=True)) / whole_rows
-            r, c = (row / row_mean).rsqrt_().reshape(-1), col.rsqrt().reshape(-1)
+            col_sums, row_sum = info.totals_over_rows(colsum.view(col.shape), row.sum(dim=-1, keepdim=True))
+            col.mul_(beta2t).add_(col_sums / whole_rows, alpha=1 - beta2t)
+            r, c = (row / (row_sum / whole_rows)).rsqrt_().reshape(-1), col.rsqrt().reshape(-1)
         else:  # 1-D / 0-d: small tensors, the v update stays in torch
             grad = _torch_grad(grad, prep).contiguous()
             prep, (batch, rows, cols) = _Prep(1, 0, 1), (1, n, 1)
@@ -1146,17 +1157,34 @@ class AdamMini(_LowMemOptimizer):
         """One pass: each block's mean g^2, v and update while the block is in cache."""
         blocks = info.blocks
         if blocks.axis == 1 or self.state_dtype != torch.float32 or not _kernel_ok(p, grad) or \
-                (info.sharded and blocks.kind != "element"):
-            return False  # HF Conv1D column blocks are not contiguous, FSDP2 blocks span ranks: torch path
+                (info.sharded and blocks.kind == "tensor"):
+            return False  # HF Conv1D column blocks are not contiguous; a sharded norm weight: torch path
         t, m, v = self._begin(p, state, blocks)
         wd = group["weight_decay"] if blocks.decay else 0.0
         h = _Adam(lr, wd, *group["betas"], t, group["eps"])
         if blocks.kind == "element":
             _launch("lm_adam_elem", p, grad, info, (m, v), (p.numel(),), (prep, h, *self._sr_seed(p)))
+        elif info.sharded:
+            self._sharded_rows_update(p, grad, prep, m, v, h, group["betas"][1], info)
         else:
             _launch("lm_adam_blocks", p, grad, info, (m, v, self._block_starts(p, blocks)), (blocks.n_v,),
                     (prep, h, *self._sr_seed(p)))
         return True
+
+    def _sharded_rows_update(self, p, grad, prep, m, v, h, b2, info):
+        """FSDP2: a block (an attention head) can straddle two ranks, so the one-pass kernel cannot
+        take its mean: one kernel sums g^2 over each of this rank's rows, the block means are
+        summed over the ranks (one collective) and v updated here (tiny vectors), then one kernel
+        applies each row's v. An empty shard runs the collective and no kernel."""
+        rows, pdt, gdt = info.rows, _DTYPE_CODE[p.dtype], _DTYPE_CODE[grad.dtype]
+        cols = p.numel() // rows if rows else 0
+        row_sums = torch.zeros(rows, dtype=torch.float32, device=p.device)
+        if p.numel():
+            _call(p, "lm_row_sumsq", grad, gdt, rows, cols, prep, 0.0, row_sums)
+        v.mul_(b2).add_(_block_means(row_sums, info.blocks, info), alpha=1 - b2)
+        if p.numel():
+            row_v = _expand_blocks(v, info.blocks, p.shape, info).reshape(-1)
+            _call(p, "lm_adam_rows", p, pdt, grad, gdt, m, row_v, rows, cols, prep, h, *self._sr_seed(p))
 
     def _block_starts(self, p, blocks):
         """Element offsets of the blocks (each a contiguous run of output rows), cached."""
