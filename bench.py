@@ -6,6 +6,7 @@
     python bench.py converge [--iters 1500] [--factors 0.5,1,2] [--seeds 3] [--optimizers ...] [--quick] [--json]
     python bench.py kernels  [--device cpu|cuda] [--dtype float32|bfloat16] [--params 50e6] [--shape square|llama|small] [--json]
     python bench.py gpu      [--report gpu_report.md]    # on a GPU machine: every GPU check, one report
+    python bench.py plan     [CONFIG] [--batch 8] [--seq 512] [--dtype ...] [--world N]   # will it fit (per rank: FSDP2)
 
 memory: peak memory of a few training steps per optimizer, each in a fresh process (CPU: peak
 RSS minus the RSS after the model is built, glibc told to return freed blocks; CUDA:
@@ -822,7 +823,7 @@ def plan_rows(config, args):
     that a classic driver, whose peak may come at step() instead, can only beat."""
     dtype, memories = getattr(torch, args.dtype), [parse_bytes(m) for m in str(args.device_memory).split(",")]
     run = functools.partial(plan_peak, config, seq=args.seq, dtype=dtype, checkpointing=args.activation_checkpointing,
-                            hf_eager=args.hf_eager, world=args.world)
+                            hf_eager=args.hf_eager, world=getattr(args, "world", 1))
     act = [run("none", True, batch=b) for b in (args.batch, 2 * args.batch)]
     per_example = (act[1]["peak"] - act[0]["peak"]) / args.batch
     activations = act[0]["peak"] - act[0]["params"] - act[0]["grads"]

@@ -68,7 +68,7 @@ amp = False  # bf16 autocast of forward/backward with fp32 parameters (CUDA)
 compile = False  # torch.compile the model (slow to start)
 fsdp = False  # under torchrun: shard parameters, gradients and optimizer state (FSDP2, each layer and the root)
 seed = 1337  # model init and data order
-plan = False  # print this run's memory plan (bench.py plan: every optimizer at batch_size x max_length) and exit
+plan = False  # print this run's memory plan (bench.py plan: every optimizer at batch_size x max_length; per rank with fsdp) and exit
 # ----------------------------------------------------------------------------------------
 
 DEFAULT_LR = {"adalomo": 5e-4, "lomo": 1e-2, "adam_mini": 1e-5, "adamw": 1e-5}  # real checkpoints
@@ -568,7 +568,8 @@ def print_plan(cfg):
         os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
     args = argparse.Namespace(model=base, batch=cfg["batch_size"], seq=cfg["max_length"], dtype=cfg["dtype"],
                               activation_checkpointing=cfg["activation_checkpointing"], device_memory=str(memory),
-                              hf_eager=False, master_weights=False)
+                              hf_eager=False, master_weights=False,  # --fsdp=True under torchrun: per rank
+                              world=int(os.environ.get("WORLD_SIZE", "1")) if cfg["fsdp"] else 1)
     bench.print_plan(bench.plan_rows(config, args), args)
 
 
