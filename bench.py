@@ -104,15 +104,18 @@ def kernel_rows(n_params, dtype, device, repeats, shape="square"):
 
     def add(name, kind, fn):
         ms = timed(fn, device, repeats)
-        rows.append(dict(name=name, kind=kind, ms=ms, gbps=BYTES[kind](pb, gb) * n / ms / 1e6))
+        rows.append(dict(name=name, kind=kind, ms=ms, gbps=BYTES[kind](pb, gb) * n / ms / 1e6, us_per_tensor=ms * 1e3 / len(params)))
 
     copies = [torch.empty_like(p) for p in params]
     add("torch copy_ (bandwidth reference)", "copy", lambda: [c.copy_(p) for c, p in zip(copies, params)])
     del copies
     mini = lowmem.AdamMini(model, lr=1e-4, **heads)
-    add(f"lowmem LOMO ({lowmem.kernels(device)})", "lomo", lowmem.LOMO(model, lr=1e-4).step)
-    add(f"lowmem AdaLomo ({lowmem.kernels(device)})", "adalomo", lowmem.AdaLomo(model, lr=1e-4).step)
+    lomo, adalomo = lowmem.LOMO(model, lr=1e-4), lowmem.AdaLomo(model, lr=1e-4)
+    add(f"lowmem LOMO ({lowmem.kernels(device)})", "lomo", lomo.step)
+    add(f"lowmem AdaLomo ({lowmem.kernels(device)})", "adalomo", adalomo.step)
     add(f"lowmem Adam-mini ({lowmem.kernels(device)})", "adam_mini", mini.step)
+    for name, kind, opt in (("LOMO", "lomo", lomo), ("AdaLomo", "adalomo", adalomo), ("Adam-mini", "adam_mini", mini)):
+        add(f"lowmem {name}, one call per tensor (as in a hook)", kind, hook_calls(opt, params))
     elementwise = lowmem.AdamMini([(f"{i}.bias", p) for i, p in enumerate(params)], lr=1e-4)
     add(f"lowmem AdamW-style, per-element v ({lowmem.kernels(device)})", "adamw", elementwise.step)
     del elementwise
@@ -125,6 +128,14 @@ def kernel_rows(n_params, dtype, device, repeats, shape="square"):
     del torch_mini
     add_official(add, model, device, official)
     return rows, n
+
+
+def hook_calls(opt, params):
+    """Every tensor updated the way the fused drivers' hook updates it: one kernel call each."""
+    def update():
+        for p in params:
+            opt._apply(p, p.grad, 1.0, None, None)
+    return update
 
 
 def add_official(add, model, device, heads):
@@ -175,6 +186,8 @@ def print_kernels(rows, n, args):
               f"{adamw_ms / r['ms']:8.2f}x {vs_off:>11s}")
     print("GB/s counts the bytes each update must move (bench.py BYTES); 'vs AdamW' and "
           "'vs official' are speedups (time of the other / time of this row).")
+    print("per tensor, one call each (what a fused driver's hook pays, host and kernel): " + ", ".join(
+        f"{r['name'].split(',')[0][7:]} {r['us_per_tensor']:.1f} us" for r in rows if "one call per tensor" in r["name"]))
 
 
 # ---------------------------------------------------------------------------- models for memory / speed
