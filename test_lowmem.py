@@ -1692,6 +1692,7 @@ def test_bench_gpu_quick_on_cpu_writes_every_section(tmp_path):
         assert section in text
     assert "FAILED" not in text and "1 passed" in text and text.count("| adamw | classic | False |") == 1
     assert "| adalomo | fused | False |" in text and "lowmem AdaLomo (c)" in text
+    assert "lowmem AdaLomo, one call per tensor (as in a hook)" in text and "per tensor, one call each" in text
     assert "no optimizer (grads freed)" in text and "x AdamW" in text
 
 
