@@ -1062,6 +1062,9 @@ def main():
         row = memory_row(json.loads(sys.argv[2]))
         if os.environ.get("RANK", "0") == "0":  # under torchrun: rank 0 prints for all
             print(json.dumps(row))
+        if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+            import train_gpt2
+            train_gpt2.end_rank()
         return
     formatter = type("Formatter", (argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter), {})
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=formatter)

@@ -482,7 +482,7 @@ class ParamInfo:
     of it this rank holds (all of them unless FSDP2 sharded it), and its Adam-mini blocks."""
 
     def __init__(self, p, name, fsdp_managed):
-        self.shape, self.blocks, self.group, self.row0 = tuple(p.shape), None, None, 0
+        self.shape, self.blocks, self.mesh, self.row0 = tuple(p.shape), None, None, 0
         self.kernel_args = None  # _launch's checked state addresses, kept between steps
         self.rows = p.shape[0] if p.dim() else 1
         if _is_dtensor(p):
@@ -496,7 +496,9 @@ class ParamInfo:
                 f"{'' if fsdp_managed else ' outside FSDP'}: lowmem updates FSDP2 parameters (fully_shard: "
                 "Shard(0) on a 1-D mesh), built from the model after sharding. Tensor parallel layouts "
                 "would need statistics lowmem cannot reduce exactly.")
-        self.group, rank, world = mesh.get_group(), mesh.get_local_rank(), mesh.size()
+        # The mesh, not its process group: a reference to the group would keep gloo's threads
+        # alive past destroy_process_group() into interpreter shutdown, where they abort.
+        self.mesh, rank, world = mesh, mesh.get_local_rank(), mesh.size()
         chunk = -(-self.shape[0] // world)  # torch.chunk's split, which FSDP2 uses
         self.row0 = min(rank * chunk, self.shape[0])
         self.rows = p.to_local().shape[0] if p.dim() else 1
@@ -505,7 +507,7 @@ class ParamInfo:
 
     @property
     def sharded(self):
-        return self.group is not None
+        return self.mesh is not None
 
     @property
     def numel(self):
@@ -513,15 +515,15 @@ class ParamInfo:
 
     def total(self, x):
         """Sum over the ranks of x, a statistic of this rank's rows (in place; no-op unsharded)."""
-        if self.group is not None:
-            dist.all_reduce(x, group=self.group)
+        if self.mesh is not None:
+            dist.all_reduce(x, group=self.mesh.get_group())
         return x
 
     def totals_over_rows(self, *sums):
         """total() of sums over dim -2 of a matrix, all in one collective: only 2-D tensors have
         their rows split (FSDP2 shards dim 0; for >2-D tensors that is a batch dim, each rank's
         slices are whole)."""
-        if self.group is None or len(self.shape) != 2:
+        if self.mesh is None or len(self.shape) != 2:
             return sums
         flat = self.total(torch.cat([x.reshape(-1) for x in sums]))
         return tuple(part.view(x.shape) for part, x in zip(flat.split([x.numel() for x in sums]), sums))
@@ -701,10 +703,10 @@ class _LowMemOptimizer(torch.optim.Optimizer):
             _check_update_in_backward(clip_grad_norm, loss_scale, fp16)
         managed = _fsdp_managed(model_or_params)
         self._info = {p: ParamInfo(p, self._names[p], id(p) in managed) for p in params}
-        groups_of_shards = {info.group for info in self._info.values() if info.sharded}
-        if len(groups_of_shards) > 1:
+        meshes = {info.mesh for info in self._info.values() if info.sharded}
+        if len(meshes) > 1:
             raise TypeError("parameters are sharded over different FSDP2 meshes; lowmem needs one")
-        self._shard_group = groups_of_shards.pop() if groups_of_shards else None
+        self._shard_mesh = meshes.pop() if meshes else None
         super().__init__(groups, defaults)
         self.clip_grad_norm, self.clip_grad_value = clip_grad_norm, clip_grad_value
         self.stochastic_rounding, self.seed = stochastic_rounding, seed
@@ -771,8 +773,8 @@ class _LowMemOptimizer(torch.optim.Optimizer):
 
     def _norm_from_sumsq(self):
         """The global gradient norm: one collective per step (not per tensor) sums the shards."""
-        if self._shard_group is not None:
-            dist.all_reduce(self._sumsq[1:], group=self._shard_group)
+        if self._shard_mesh is not None:
+            dist.all_reduce(self._sumsq[1:], group=self._shard_mesh.get_group())
         norm, self._sumsq = self._sumsq.sum().sqrt(), None
         return norm
 

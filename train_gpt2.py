@@ -425,6 +425,20 @@ def main(train_fn, script, defaults=None, optional=None, validate=None, argv=Non
         train_fn(parse_config(sys.argv[1:] if argv is None else argv, defaults, optional, validate, script))
     except InputError as e:
         raise SystemExit(f"error: {e}") from None
+    if argv is None and int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        end_rank()
+
+
+def end_rank():
+    """The end of a torchrun rank, once its work is done and its output written: exit without
+    Python's shutdown. fully_shard leaves a reference to the gloo group that Python cannot see
+    or drop (torch 2.13: the group's threads are still there after destroy_process_group() and
+    after the model is deleted, where without FSDP2 they end), and a gloo thread that needs the
+    GIL while the interpreter finalizes aborts the process ("terminate called without an
+    active exception"), now and then, after the run has succeeded."""
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
 
 
 def parse_config(argv, defaults=None, optional=None, validate=None, script=__file__):
