@@ -510,7 +510,7 @@ def converge_rows(args):
     base = quick if args.quick else _default_run(args.iters)
     factors = (1.0,) if args.quick else _factors(args.factors)
     optimizers = ("adamw", "adam_mini", "lomo") if args.quick else args.optimizers.split(",")
-    results = tune({name: train_gpt2.DEFAULT_LR[name] for name in optimizers}, factors, 2 if args.quick else args.seeds,
+    results = tune({name: train_gpt2.DEFAULT_LR[name] for name in optimizers}, factors, range(2 if args.quick else args.seeds),
                    lambda name, lr, seed: _converge_run(train_gpt2, base, name, lr, seed))
     results = [dict(optimizer=name, **r) for name, r in results.items()]
     adamw = next((r["mean"] for r in results if r["optimizer"] == "adamw"), None)
@@ -527,14 +527,15 @@ def _factors(text):
     return tuple(float(f) for f in text.split(","))
 
 
-def tune(arms, factors, n_seeds, run):
+def tune(arms, factors, seeds, run):
     """For each arm (an optimizer or a variant) with its default lr: an lr sweep (factors x lr)
-    at seed 0, then the best lr at seeds 1.. . The seeds go round all the arms in turn, so an
-    interrupted run has every arm at the seeds it reached. run(arm, lr, seed) -> history."""
-    first = {arm: {lr * f: run(arm, lr * f, 0) for f in factors} for arm, lr in arms.items()}
+    at the first seed, then the best lr at the other seeds. The seeds go round all the arms in
+    turn, so an interrupted run has every arm at the seeds it reached. run(arm, lr, seed) ->
+    history."""
+    first = {arm: {lr * f: run(arm, lr * f, seeds[0]) for f in factors} for arm, lr in arms.items()}
     best = {arm: min(runs, key=lambda lr: runs[lr]["best_val"]) for arm, runs in first.items()}
     histories = {arm: [first[arm][best[arm]]] for arm in arms}
-    for seed in range(1, n_seeds):
+    for seed in seeds[1:]:
         for arm in arms:
             histories[arm].append(run(arm, best[arm], seed))
     results = {}
@@ -647,13 +648,13 @@ def ablation_rows(args):
             train_gpt2.make_optimizer = make
 
     results = tune({label: train_gpt2.DEFAULT_LR[v[0]] for label, v in variants.items()}, _factors(args.factors),
-                   args.seeds, run)
+                   range(args.first_seed, args.first_seed + args.seeds), run)
     return [dict(variant=label, optimizer=variants[label][0], **r) for label, r in results.items()], base
 
 
 def print_ablation(rows, base, args):
-    print(f"train_gpt2 default model, {base['max_iters']} iters, lr sweep at seed 0 ({args.factors} x DEFAULT_LR), "
-          f"best lr at {args.seeds} seed(s); best val loss")
+    print(f"train_gpt2 default model, {base['max_iters']} iters, lr sweep at seed {args.first_seed} ({args.factors} x "
+          f"DEFAULT_LR), best lr at {args.seeds} seed(s) from {args.first_seed}; best val loss")
     ref = rows[0]["mean"]
     for r in rows:
         print(f"{r['variant']:38s} {r['optimizer']:10s} lr {r['lr']:<7g} {r['mean']:.4f} +- {r['std']:.4f}  "
@@ -1086,6 +1087,8 @@ def main():
     ap.add_argument("--factors", default=None,
                     help="converge, ablation: the lr sweep, as multiples of DEFAULT_LR (default 0.5,1,2; ablation 1)")
     ap.add_argument("--variants", default="", help="ablation: only the variants whose labels contain one of these words")
+    ap.add_argument("--first_seed", type=int, default=0,
+                    help="ablation: seeds first_seed .. first_seed+seeds-1 (the lr sweep at the first): runs can be split")
     ap.add_argument("--seeds", type=int, default=3, help="converge, ablation: seeds (converge: at the best lr)")
     ap.add_argument("--optimizers", default="adamw,adam_mini,adalomo,lomo", help="converge: which (sgd = lomo's math)")
     ap.add_argument("--plot", default="assets/loss_curves.png", help="converge: where the loss curves go (matplotlib)")

@@ -1532,7 +1532,7 @@ def test_tune_sweeps_at_seed_0_then_runs_the_best_lr_seed_by_seed_across_arms():
     def run(arm, lr, seed):
         calls.append((arm, lr, seed))
         return dict(best_val=abs(lr - {"a": 2.0, "b": 0.5}[arm]) + seed, val=[(0, lr)])
-    results = bench.tune({"a": 1.0, "b": 1.0}, (0.5, 1.0, 2.0), 3, run)
+    results = bench.tune({"a": 1.0, "b": 1.0}, (0.5, 1.0, 2.0), range(3), run)
     assert calls[:6] == [("a", 0.5, 0), ("a", 1.0, 0), ("a", 2.0, 0), ("b", 0.5, 0), ("b", 1.0, 0), ("b", 2.0, 0)]
     assert calls[6:] == [("a", 2.0, 1), ("b", 0.5, 1), ("a", 2.0, 2), ("b", 0.5, 2)]
     assert results["a"]["lr"] == 2.0 and results["a"]["seeds"] == [0.0, 1.0, 2.0] and results["a"]["mean"] == 1.0
