@@ -747,11 +747,15 @@ def _fake_ranks(world):
     fsdp_group.FSDPParamGroup._validate_no_meta_params = lambda self: None
     fsdp_param.alloc_storage = fsdp_group.alloc_storage = counted(saved[2])
     fsdp_param.free_storage = counted(saved[3])
+    meta_handle = getattr(torch, "meta", None)
     torch.meta = torch.cpu  # FSDP2's device handle: its streams and events (no-ops on the CPU)
     try:
         yield counters
     finally:
-        del torch.meta
+        if meta_handle is None:
+            del torch.meta
+        else:
+            torch.meta = meta_handle
         (fsdp_api._get_device_from_mesh, fsdp_group.FSDPParamGroup._validate_no_meta_params,
          fsdp_param.alloc_storage, fsdp_param.free_storage, fsdp_group.alloc_storage) = saved
         dist.destroy_process_group()
