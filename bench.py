@@ -187,7 +187,7 @@ def print_kernels(rows, n, args):
     print("GB/s counts the bytes each update must move (bench.py BYTES); 'vs AdamW' and "
           "'vs official' are speedups (time of the other / time of this row).")
     print("per tensor, one call each (what a fused driver's hook pays, host and kernel): " + ", ".join(
-        f"{r['name'].split(',')[0][7:]} {r['us_per_tensor']:.1f} us" for r in rows if "one call per tensor" in r["name"]))
+        f"{r['name'].removeprefix('lowmem ').split(',')[0]} {r['us_per_tensor']:.1f} us" for r in rows if "one call per tensor" in r["name"]))
 
 
 # ---------------------------------------------------------------------------- models for memory / speed

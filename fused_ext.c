@@ -494,7 +494,7 @@ EXPORT int lm_adam_rows(void *p, int pdt, const void *g, int gdt, float *m, cons
 }
 EXPORT int lm_rowcol_sumsq(const void *g, int gdt, int64_t batch, int64_t rows, int64_t cols, prep_t q, float add, float *rowsum, float *colsum, void *stream) {
     if (batch * rows * cols == 0) DONE;
-    k_rowsum<<<(unsigned)(batch * rows), THREADS, 0, S>>>(g, gdt, cols, q, add, rowsum);
+    lm_row_sumsq(g, gdt, batch * rows, cols, q, add, rowsum, stream);
     k_colsum<<<grid_for(batch * ((rows + 31) / 32) * cols), THREADS, 0, S>>>(g, gdt, batch, rows, cols, q, add, colsum); DONE;
 }
 EXPORT int lm_factored_sumsq(const void *g, int gdt, int64_t batch, int64_t rows, int64_t cols, prep_t q, const float *r, const float *c, float *out, void *stream) {

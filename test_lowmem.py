@@ -1438,7 +1438,7 @@ def test_per_rank_plan_beside_lomo_paper_table_2():
     for (model, world), paper in LOMO_TABLE_2.items():
         r = bench.plan_peak(bench.PLAN_MODELS[model], "lomo", True, batch=1, seq=1024, dtype=torch.bfloat16,
                             checkpointing=True, hf_eager=True, world=world)
-        n = sum(math.prod(s) for s in train_llama_shapes(bench.PLAN_MODELS[model]))
+        n = sum(math.prod(s) for s in param_shapes(bench.PLAN_MODELS[model]))
         assert r["params"] == pytest.approx(2 * n / world, rel=1e-3), model  # this rank's bf16 shard
         if world < 8:
             assert r["peak"] / 2 ** 30 == pytest.approx(paper, rel=0.10), (model, r["peak"] / 2 ** 30)
@@ -1446,7 +1446,7 @@ def test_per_rank_plan_beside_lomo_paper_table_2():
             assert 0 < r["peak"] / 2 ** 30 - paper < 5 * 1.51, (model, r["peak"] / 2 ** 30)
 
 
-def train_llama_shapes(config):
+def param_shapes(config):
     with torch.device("meta"):
         return [p.shape for p in bench.make_model(config).parameters()]
 
@@ -1456,7 +1456,7 @@ def test_bench_memory_two_ranks_is_sharded_and_planned_within_10_percent():
     model; its plan column is the per-rank plan (fake ranks on the meta device)."""
     rows = {r["name"]: r for r in run_bench("memory", "--quick", "--size", "plan", "--world", "2", "--device", "cpu")}
     adamw, lomo = rows["AdamW"], rows["LOMO fused"]
-    whole = 4 * sum(math.prod(s) for s in train_llama_shapes(bench.model_config("gpt", "plan")))
+    whole = 4 * sum(math.prod(s) for s in param_shapes(bench.model_config("gpt", "plan")))
     assert whole / 2 <= adamw["params"] < whole / 2 * 1.01  # rank 0's rows (FSDP2 pads the last rank)
     assert 0 <= adamw["state"] - 2 * adamw["params"] < 1024 and lomo["state"] == 0  # this rank's m and v
     assert lomo["total"] < rows["Adam-mini fused"]["total"] < adamw["total"]
