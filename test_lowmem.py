@@ -1123,8 +1123,8 @@ def _child_pids(pid):
 
 
 def _run_torchrun(cmd, timeout):
-    """One torchrun: its CompletedProcess, or None on a hang. Then SIGABRT makes each rank
-    print its threads' Python stacks (PYTHONFAULTHANDLER) as it dies; they go to `hung`."""
+    """One torchrun: (its CompletedProcess, None), or on a hang (None, a report): SIGABRT makes
+    each rank, then torchrun, print its threads' Python stacks (PYTHONFAULTHANDLER) as it dies."""
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONFAULTHANDLER": "1"}
     with subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env) as proc:
         try:
@@ -1134,7 +1134,7 @@ def _run_torchrun(cmd, timeout):
             for pid in _child_pids(proc.pid):  # torchrun starts each rank in its own session
                 os.kill(pid, signal.SIGABRT)
             time.sleep(5)  # the ranks write to torchrun's pipes: their stacks are there once they end
-            proc.kill()
+            proc.send_signal(signal.SIGABRT)  # and torchrun's own stack, should the hang be its own
             out, err = proc.communicate()
             return None, f"torchrun hung ({timeout} s); its last output:\n{out[-2000:]}\nstacks:\n{err[-8000:]}"
 
