@@ -568,7 +568,16 @@ def print_converge(results, base, args):
         sweep = ", ".join(f"{float(lr):g}: {v:.4f}" for lr, v in r["sweep"].items())
         vs = f"{r['vs_adamw']:8.3f}x" if r["vs_adamw"] else f"{'':9s}"
         print(f"{r['optimizer']:10s} {r['lr']:8.3g} {r['mean']:9.4f} +- {r['std']:.4f} {vs}  {sweep}")
+    print_curves(results)
     plot_curves(results, base, args.plot)
+
+
+def print_curves(results):
+    """The curves that plot_curves draws, as numbers: val loss by iteration at the best lr, seed 0."""
+    print("val loss by iteration (best lr, seed 0):")
+    print(f"{'optimizer':10s}" + "".join(f"{it:>8d}" for it, _ in results[0]["curve"]))
+    for r in results:
+        print(f"{r['optimizer']:10s}" + "".join(f"{v:8.4f}" for _, v in r["curve"]))
 
 
 def plot_curves(results, base, path):

@@ -1542,6 +1542,14 @@ def test_loss_curve_plot_is_written_or_its_absence_said(tmp_path, capsys):
         assert f"wrote {path}" in out and path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
+def test_converge_prints_the_curves_it_plots(capsys):
+    bench.print_curves([dict(optimizer="adamw", curve=[(0, 5.5), (250, 2.61234)]),
+                        dict(optimizer="lomo", curve=[(0, 5.5), (250, 2.8)])])
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[1].split() == ["optimizer", "0", "250"]
+    assert lines[2].split() == ["adamw", "5.5000", "2.6123"] and lines[3].split() == ["lomo", "5.5000", "2.8000"]
+
+
 def test_ablation_variants_change_only_what_they_name():
     torch.manual_seed(0)
     model = train_gpt2.GPT(train_gpt2.GPTConfig(32, 256, 1, 2, 32))
