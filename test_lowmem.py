@@ -1139,10 +1139,10 @@ def _run_torchrun(cmd, timeout):
             return None, f"torchrun hung ({timeout} s); its last output:\n{out[-2000:]}\nstacks:\n{err[-8000:]}"
 
 
-def torchrun_two_ranks(script, *args, timeout=150):
+def torchrun_two_ranks(script, *args, timeout=240):
     """Run `script` under torchrun with 2 CPU processes; asserts it succeeded, returns the run.
     A hang is retried once, its ranks' stacks in a warning: CI saw one gloo job (DDP, 10
-    iterations, 6 s here) hang past 300 s, which 80 runs here (on 2 cores, and on 1 core under
+    iterations, 6 s here) hang past 300 s, which 108 runs here (on 2 cores, on 1 core under
     load) did not reproduce. A second hang fails, with the stacks."""
     for attempt in (1, 2):
         cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port", str(_free_port()),
