@@ -404,7 +404,7 @@ def print_memory(rows, args, size):
     layers, width, block, batch = SIZES[args.model][size]
     mb = lambda b: f"{b / 2 ** 20:9.1f}"  # noqa: E731
     where = "peak RSS - RSS after build" if args.device == "cpu" else "max_memory_allocated - allocated after build"
-    ranks = f"; per rank of {args.world} (FSDP2), the fullest" if getattr(args, "world", 1) > 1 else ""
+    ranks = f"; per rank of {args.world} (FSDP2), the fullest" if args.world > 1 else ""
     print(f"{args.model} {layers}x{width}, context {block}, batch {batch} on {args.device}; {2 if args.quick else 3} steps; "
           f"measured = {where}{ranks}; MiB")
     print(f"{'optimizer':28s} {'dtype':9s} {'params':>9s} {'grads':>9s} {'opt state':>9s} {'act+other':>9s} "
@@ -850,7 +850,7 @@ def plan_rows(config, args):
     that a classic driver, whose peak may come at step() instead, can only beat."""
     dtype, memories = getattr(torch, args.dtype), [parse_bytes(m) for m in str(args.device_memory).split(",")]
     run = functools.partial(plan_peak, config, seq=args.seq, dtype=dtype, checkpointing=args.activation_checkpointing,
-                            hf_eager=args.hf_eager, world=getattr(args, "world", 1))
+                            hf_eager=args.hf_eager, world=args.world)
     act = [run("none", True, batch=b) for b in (args.batch, 2 * args.batch)]
     per_example = (act[1]["peak"] - act[0]["peak"]) / args.batch
     activations = act[0]["peak"] - act[0]["params"] - act[0]["grads"]
@@ -906,7 +906,7 @@ def print_plan(rows, args):
     size = lambda b: f"{b / scale:8.2f}"  # noqa: E731
     n = rows[0]["params"] / torch.tensor([], dtype=getattr(torch, args.dtype)).element_size()
     devices = str(args.device_memory).split(",")
-    world = getattr(args, "world", 1)
+    world = args.world
     ranks = f" (per rank of {world}: FSDP2 shards, rank 0, the fullest)" if world > 1 else ""
     print(f"{args.model}: {n * world / 1e6:,.1f}M parameters{ranks}, {args.dtype}, batch {args.batch} x {args.seq}"
           f"{', activation checkpointing' if args.activation_checkpointing else ''}"
