@@ -647,8 +647,9 @@ def ablation_rows(args):
 
         def make_variant(model, cfg):
             opt = make(model, cfg)
-            for info in getattr(opt, "_info", {}).values():
-                info.blocks = (change and change(info.blocks)) or info.blocks
+            blocks = getattr(opt, "_blocks", {})  # Adam-mini's blocks of each parameter
+            for p, b in blocks.items():
+                blocks[p] = (change and change(b)) or b
             return opt
         train_gpt2.make_optimizer = make_variant
         try:

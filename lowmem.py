@@ -5,19 +5,19 @@
     AdaLomo   LOMO + Adafactor's factored second moment + grouped update normalization.
     AdamMini  AdamW with one second-moment value per Hessian block (head, neuron, token).
 
-Every optimizer is a torch.optim.Optimizer with two drivers:
+The update rules come first, as functions of fp32 tensors that a reader can lift out whole:
+lomo_update, adalomo_update and adam_mini_update (section 1). Then the machinery: the Adam-mini
+block partitioner (2), the shared driver (3), the optimizer classes that call the rules (4),
+the C/CUDA kernels that do the same math in one pass (5), FSDP2 sharding (6), validation and
+checkpoints (7), and a tour (`python lowmem.py`). Every optimizer is a torch.optim.Optimizer:
 
     classic:  loss.backward(); opt.step(); opt.zero_grad(set_to_none=True)
     fused:    opt.fused_backward(loss)    # update inside backward, no gradient memory
 
-and the fused driver inside loops you did not write (HF Trainer, Lightning, nanoGPT):
-construct with update_in_backward=True and every loss.backward() is the update; step()
-and zero_grad() are then no-ops the loop may keep calling.
-
-Math is done in fp32 and written back to the parameter dtype (optionally with stochastic
-rounding for bf16). The file reads top to bottom: the Adam-mini block partitioner, the
-C/CUDA kernel loader, sharded (FSDP2) parameters, the shared driver, then one section per
-optimizer.
+and inside loops you did not write (HF Trainer, Lightning, nanoGPT), construct with
+update_in_backward=True: every loss.backward() is the update, step() and zero_grad() no-ops.
+Math is fp32, written back to the parameter dtype (bf16 optionally by stochastic rounding).
+The papers: LOMO arXiv 2306.09782, AdaLomo (Findings of ACL 2024), Adam-mini arXiv 2406.16793.
 """
 import contextlib
 import functools
@@ -38,11 +38,145 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-__all__ = ["LOMO", "AdaLomo", "AdamMini", "partition", "Partition", "Blocks", "DynamicLossScaler",
-           "kernels"]
+__all__ = ["lomo_update", "adalomo_update", "adam_mini_update", "LOMO", "AdaLomo", "AdamMini",
+           "partition", "Partition", "Blocks", "DynamicLossScaler", "kernels"]
 
 # ----------------------------------------------------------------------------------------
-# The Adam-mini block partitioner (paper section 2.3; released code 1.1.1 rules)
+# 1. The update rules. Each updates the fp32 weights p and its state in place from the fp32
+# gradient g, and returns p. They use only math and torch. `geo` says where sums over the
+# whole tensor come from: None is the whole tensor, here (FSDP2's version is in section 6).
+
+
+def lomo_update(p, g, lr, weight_decay=0.0):
+    """LOMO (LOMO paper, section 3.2): plain SGD, applied the moment g exists.
+
+        p <- p * (1 - lr*weight_decay) - lr * g"""
+    if weight_decay:
+        p.mul_(1 - lr * weight_decay)
+    return p.add_(g, alpha=-lr)
+
+
+class Whole:
+    """A tensor's statistics come from all of it, on this process: every sum is the identity.
+    Under FSDP2 a rank holds some rows, and `Shard` (section 6) sums over the ranks instead."""
+    sharded = False
+
+    def __init__(self, shape):
+        self.shape, self.numel = tuple(shape), math.prod(shape)
+
+    def total(self, x):  # the sum of x, a statistic of the rows held here, over the ranks
+        return x
+
+    def totals_over_rows(self, *sums):  # total() of a matrix's column sums, in one collective
+        return sums
+
+    def my_rows(self, x):  # the rows held here of a per-row vector of the whole tensor
+        return x
+
+    def place_rows(self, x):  # a per-row vector of the rows held here, in the whole tensor's
+        return x
+
+
+def ema_(x, new, beta):
+    """x <- beta*x + (1-beta)*new: every second moment below."""
+    return x.mul_(beta).add_(new, alpha=1 - beta)
+
+
+def rms(x, geo):
+    """Root mean square of the whole tensor: ||x|| / sqrt(numel)."""
+    return (geo.total(x.float().square().sum()) / max(geo.numel, 1)).sqrt()
+
+
+def adalomo_beta2(step, decay_rate):
+    """AdaLomo's (Adafactor's) second-moment decay at step t = 1, 2, ...: 1 - t**decay_rate."""
+    return 1.0 - step ** decay_rate
+
+
+def adalomo_factors(row, col, row_sums, col_sums, beta2t, geo):
+    """Adafactor's factored second moment of u = g*g + eps1 (over the last two dims), from u's
+    sums over each row and each column:
+        R <- ema(R, mean(u, -1)),  C <- ema(C, mean(u, -2))
+    Returns 1/sqrt(R / mean(R)) as a column and 1/sqrt(C) as a row: their product is the
+    rank-1 estimate of 1/sqrt(v), element by element."""
+    rows, cols = geo.shape[-2], col.shape[-1]  # rows of the whole matrix (a rank may hold some)
+    ema_(row, row_sums / cols, beta2t)
+    col_sums, row_total = geo.totals_over_rows(col_sums, row.sum(dim=-1, keepdim=True))
+    ema_(col, col_sums / rows, beta2t)
+    return (row / (row_total / rows)).rsqrt_().unsqueeze(-1), col.rsqrt().unsqueeze(-2)
+
+
+def adalomo_update(p, g, moments, step, lr, eps=(1e-30, 1e-3), clip_threshold=1.0, decay_rate=-0.8,
+                   weight_decay=0.0, geo=None):
+    """AdaLomo (AdaLomo paper, Algorithm 1): an adaptive LOMO without first moment.
+
+        u = g*g + eps1,  beta2_t = 1 - step**decay_rate
+        matrix: R, C factored moments of u (adalomo_factors),  update = g / sqrt(R/mean(R)) / sqrt(C)
+        vector: v <- beta2_t*v + (1-beta2_t)*u,                update = g / sqrt(v)
+        update <- update / max(1, RMS(update) / clip_threshold)   (grouped update normalization)
+        lr_t = lr * max(eps2, RMS(p));  p <- p*(1 - lr_t*weight_decay) - lr_t*update
+    moments: (R, C) for a tensor of two or more dims (its last two are factored), else (v,)."""
+    geo = geo or Whole(p.shape)
+    (eps1, eps2), beta2t = eps, adalomo_beta2(step, decay_rate)
+    u = g * g + eps1
+    if g.dim() >= 2:
+        r, c = adalomo_factors(*moments, u.sum(dim=-1), u.sum(dim=-2), beta2t, geo)
+        update = (r * c).mul_(g)
+    else:
+        update = ema_(moments[0], u, beta2t).rsqrt().mul_(g)
+    update.div_((rms(update, geo) / clip_threshold).clamp_(min=1.0))
+    lr_t = lr * rms(p, geo).clamp(min=eps2)  # RMS before decay; a tensor: no host sync
+    if weight_decay:
+        p.mul_(1 - lr_t * weight_decay)
+    return p.sub_(update.mul_(lr_t))
+
+
+def block_means(row_sums, blocks, geo):
+    """Adam-mini: mean(g*g) of each block from the sums of g*g over each output row (the rows
+    held here), so that a block (a head) split between two ranks still gets its exact mean."""
+    if blocks.axis == 0:
+        row_sums = geo.place_rows(row_sums)
+    row = geo.total(row_sums) / (geo.numel // geo.shape[blocks.axis])  # rows all have the same size
+    return torch.cat([row[a:b].view(-1, k).mean(1) for a, b, k in blocks.segments])
+
+
+def block_mean_sq(g, blocks, geo):
+    """mean(g*g) over each block: (n_v,), or g's shape for element blocks (plain Adam)."""
+    if blocks.kind == "element":
+        return g * g
+    if blocks.kind == "tensor":
+        return geo.total((g * g).sum().reshape(1)) / geo.numel
+    return block_means((g * g).sum(dim=[d for d in range(g.dim()) if d != blocks.axis]), blocks, geo)
+
+
+def expand_blocks(v, blocks, shape, geo):
+    """(n_v,) per-block values -> a tensor that broadcasts against the parameter (rows held here)."""
+    if blocks.kind in ("element", "tensor"):
+        return v
+    per_block = v.split([(b - a) // k for a, b, k in blocks.segments])
+    rows = torch.cat([part.repeat_interleave(k) for part, (_, _, k) in zip(per_block, blocks.segments)])
+    rows = geo.my_rows(rows) if blocks.axis == 0 else rows
+    return rows.view([-1 if d == blocks.axis else 1 for d in range(len(shape))])
+
+
+def adam_mini_update(p, g, m, v, blocks, step, lr, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0, geo=None):
+    """Adam-mini (Adam-mini paper, Algorithm 1): AdamW with one v per block of p (`partition`).
+
+        m   <- b1*m + (1-b1)*g
+        v_b <- b2*v_b + (1-b2)*mean(g*g over block b)
+        p   <- p*(1 - lr*weight_decay) - lr * (m / (1-b1^t)) / (sqrt(v_b / (1-b2^t)) + eps)
+    v holds blocks.n_v values (p's shape for element blocks, which is AdamW); t = step."""
+    geo = geo or Whole(p.shape)
+    b1, b2 = betas
+    m.lerp_(g, 1 - b1)
+    ema_(v, block_mean_sq(g, blocks, geo), b2)
+    if weight_decay:
+        p.mul_(1 - lr * weight_decay)
+    denom = (v.sqrt() / math.sqrt(1 - b2 ** step)).add_(eps)
+    return p.addcdiv_(m, expand_blocks(denom, blocks, p.shape, geo), value=-lr / (1 - b1 ** step))
+
+
+# ----------------------------------------------------------------------------------------
+# 2. The Adam-mini block partitioner (paper section 2.3; released code 1.1.1 rules)
 #
 # One second-moment value v is shared by every element of a block. Blocks by tensor:
 #   token   embedding / output head: one v per row (= per vocabulary token)
@@ -199,44 +333,394 @@ def partition(model_or_named_params, n_heads=None, n_kv_heads=None, head_dim=Non
     return Partition(_classify(n, p, owners.get(id(p)), heads) for n, p in named)
 
 
-def _block_mean_sq(g, blocks, info):
-    """mean(g*g) over each block -> (n_v,) (or g's shape for element blocks). Under FSDP2 g is
-    this rank's rows: the sums are placed in the whole tensor's rows and summed over the ranks,
-    so a block (an attention head) that straddles two ranks gets its exact mean."""
-    if blocks.kind == "element":
-        return g * g
-    if blocks.kind == "tensor":
-        return info.total((g * g).sum().reshape(1)) / info.numel
-    other = [d for d in range(g.dim()) if d != blocks.axis]
-    return _block_means((g * g).sum(dim=other), blocks, info)
+# ----------------------------------------------------------------------------------------
+# 3. The shared driver: the per-parameter pipeline (unscale, clip, the rule, write-back), the
+# classic step(), the fused drivers (hooks inside backward), clipping and fp16 loss scaling
 
 
-def _block_means(row_sums, blocks, info):
-    """Per-block means from the sums of g*g over each output row (this rank's rows under FSDP2)."""
-    if blocks.axis == 0:
-        row_sums = info.place_rows(row_sums)
-    row = info.total(row_sums) / (info.numel // info.shape[blocks.axis])  # rows all have the same size
-    return torch.cat([row[a:b].view(-1, k).mean(1) for a, b, k in blocks.segments])
+class DynamicLossScaler:
+    """fp16 loss scaling: halve on overflow (min 1), double after `window` clean steps.
+
+    Unlike the official LOMO scaler it grows back, and needs no torch.distributed."""
+
+    def __init__(self, init_scale=2.0 ** 16, factor=2.0, window=1000, min_scale=1.0):
+        self.scale, self.factor, self.window, self.min_scale = init_scale, factor, window, min_scale
+        self.clean_steps = 0
+
+    def update(self, overflow):
+        if overflow:
+            self.scale, self.clean_steps = max(self.scale / self.factor, self.min_scale), 0
+        else:
+            self.clean_steps += 1
+            if self.clean_steps >= self.window:
+                self.scale, self.clean_steps = self.scale * self.factor, 0
+
+    def state_dict(self):
+        return dict(vars(self))
+
+    def load_state_dict(self, state):
+        vars(self).update(state)
 
 
-def _expand_blocks(v, blocks, shape, info):
-    """(n_v,) per-block values -> a tensor broadcastable against the parameter (this rank's rows)."""
-    if blocks.kind in ("element", "tensor"):
-        return v
-    out, start = [], 0
-    for a, b, k in blocks.segments:
-        n = (b - a) // k
-        out.append(v[start:start + n].repeat_interleave(k) if k > 1 else v[start:start + n])
-        start += n
-    rows = torch.cat(out) if len(out) > 1 else out[0]
-    rows = info.my_rows(rows) if blocks.axis == 0 else rows
-    return rows.view([-1 if d == blocks.axis else 1 for d in range(len(shape))])
+def _prepare_grad(grad, prep):
+    """The gradient a rule sees, in this order: g = grad * inv_scale (fp16
+    loss scaling), clamped to +-clip (clip_grad_value), times coef (clip_grad_norm)."""
+    inv_scale, clip, coef = prep
+    g = grad.float() if grad.dtype != torch.float32 else grad
+    if inv_scale != 1.0:
+        g = g * inv_scale
+    if clip:
+        g = g.clamp(-clip, clip)
+    return g * coef if coef != 1.0 else g
+
+
+def _stochastic_round_bf16(x, generator):
+    """Round fp32 -> bf16 up or down with probability proportional to the distance, so
+    updates below half a bf16 ulp survive on average (plain rounding would drop them)."""
+    noise = torch.randint(0, 1 << 16, x.shape, dtype=torch.int32, device=x.device, generator=generator)
+    bits = (x.view(torch.int32) + noise) & -65536  # add to the 16 dropped bits, then truncate
+    return bits.view(torch.float32).to(torch.bfloat16)  # exact: the low 16 bits are zero
+
+
+class _LowMemOptimizer(torch.optim.Optimizer):
+    """Shared driver. A subclass creates its state lazily and calls its rule in
+    `_update(p, w, g, group, state, lr)`: w is p's data (or this rank's rows of it) in fp32, g
+    the prepared fp32 gradient; w is written back to p's dtype afterwards. `_kernel_update`
+    (section 5) does the same on the C/CUDA kernels and returns False where they cannot."""
+
+    def __init__(self, model_or_params, defaults, clip_grad_norm=None, clip_grad_value=None,
+                 loss_scale=None, stochastic_rounding=False, seed=0, update_in_backward=False):
+        groups, self._names = _param_groups(model_or_params)
+        params = _check_driver_args(groups, self._names, defaults, clip_grad_norm, clip_grad_value,
+                                    loss_scale, update_in_backward)
+        self._geo = _geometries(model_or_params, params, self._names)  # Whole, or Shard (FSDP2)
+        self._shard_mesh = _one_mesh(self._geo.values())
+        self._kernel_args = {}  # section 5: each parameter's checked state addresses, kept between steps
+        super().__init__(groups, defaults)
+        self.clip_grad_norm, self.clip_grad_value = clip_grad_norm, clip_grad_value
+        self.stochastic_rounding, self.seed = stochastic_rounding, seed
+        for device_type in {p.device.type for p in params}:
+            _load(device_type)  # build/choose kernels now: a bad LOWMEM_KERNELS fails here, not mid-backward
+        fp16 = any(p.dtype == torch.float16 for p in params)
+        self.loss_scaler = DynamicLossScaler() if (loss_scale is None and fp16) else None
+        self.static_loss_scale = loss_scale or 1.0
+        self._group_of = {p: g for g in self.param_groups for p in g["params"]}
+        self._generators, self._sr_calls = {}, 0
+        self._mode, self._lr, self._clip_coef, self._sumsq, self._pending_norm = None, None, None, None, None
+        # The hook is registered once. Unless update_in_backward=True it does nothing outside
+        # fused_backward/grad_norm (the official code's hooks are permanent: any backward
+        # updated weights, so nobody could run a plain backward on the model).
+        self.update_in_backward = update_in_backward
+        self._in_caller_backward, self._unstepped_backward = False, False
+        self._hooks = [p.register_post_accumulate_grad_hook(self._hook) for p in params if p.requires_grad]
+
+    # -- per-parameter pipeline shared by both drivers --------------------------------
+
+    @property
+    def loss_scale(self):
+        return self.loss_scaler.scale if self.loss_scaler else self.static_loss_scale
+
+    def _apply(self, p, grad, scale, lr, clip_coef):
+        """Unscale, value clip, norm-clip coefficient, then the rule: in one fused kernel when
+        possible, else the PyTorch rule. A sharded parameter is updated through its local rows
+        (grad is already local)."""
+        group, state = self._group_of[p], self.state[p]
+        lr = group["lr"] if lr is None else lr
+        prep = _Prep(1.0 / scale, self.clip_grad_value or 0.0, 1.0 if clip_coef is None else clip_coef)
+        x = p.to_local() if self._geo[p].sharded else p
+        if _kernel_ok(x, grad) and self._kernel_update(p, x, grad, prep, group, state, lr):
+            return
+        w = x.float() if x.dtype != torch.float32 else x
+        self._update(p, w, _prepare_grad(grad, prep), group, state, lr)
+        if w is not x:
+            self._write_back(x, w)
+
+    def _kernel_update(self, p, x, grad, prep, group, state, lr):
+        return False  # the optimizers point this at their kernel path (section 5)
+
+    def _write_back(self, x, w):
+        if self.stochastic_rounding and x.dtype == torch.bfloat16:
+            x.copy_(_stochastic_round_bf16(w, self._generator(x.device)))
+        else:
+            x.copy_(w)
+
+    def _generator(self, device):
+        key = str(device)
+        if key not in self._generators:
+            self._generators[key] = torch.Generator(device=device).manual_seed(self.seed)
+        return self._generators[key]
+
+    def _sr_seed(self, x):
+        """Per-call seed for the kernels' stochastic rounding (0 = round to nearest)."""
+        if not (self.stochastic_rounding and x.dtype == torch.bfloat16):
+            return 0, 0
+        self._sr_calls += 1
+        return 1, (self.seed * 0x9E3779B97F4A7C15 + self._sr_calls) % 2 ** 64
+
+    def _reduce_across_ranks(self, p, grad, scale):
+        """Fused driver under torch.distributed: average the (unscaled, fp32) gradient. FSDP2
+        has averaged a sharded parameter's gradient already (its reduce-scatter): this rank's
+        rows are used as they are, so nothing is reduced twice."""
+        if self._geo[p].sharded:
+            return grad.to_local(), scale
+        if not (dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1):
+            return grad, scale
+        g = grad.float() / scale
+        dist.all_reduce(g, op=dist.ReduceOp.SUM)  # SUM then divide: gloo has no AVG
+        return g.div_(dist.get_world_size()), 1.0
+
+    # -- clipping by global norm ------------------------------------------------------------
+
+    def _add_sumsq(self, p, grad, scale):
+        """Norm pass: add grad's squared norm on the device, sharded and replicated apart."""
+        self._sumsq[1 if self._geo[p].sharded else 0] += _grad_sumsq(grad, scale)
+
+    def _norm_from_sumsq(self):
+        """The global gradient norm: one collective per step (not per tensor) sums the shards."""
+        if self._shard_mesh is not None:
+            dist.all_reduce(self._sumsq[1:], group=self._shard_mesh.get_group())
+        norm, self._sumsq = self._sumsq.sum().sqrt(), None
+        return norm
+
+    def _clip_coef_from(self, total_norm):
+        if self.clip_grad_norm is None:
+            return None
+        return min(1.0, self.clip_grad_norm / (float(total_norm) + 1e-6))  # one sync per step
+
+    # -- classic driver -----------------------------------------------------------------
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        """Classic driver: apply the rule to every parameter holding a .grad.
+
+        The user owns loss scaling here (no scaler is applied); clipping is applied."""
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()  # update_in_backward: the closure's backward is the update
+        self._unstepped_backward = False
+        grads = {p: p.grad.to_local() if self._geo[p].sharded else p.grad
+                 for g in self.param_groups for p in g["params"] if p.grad is not None}
+        clip_coef = None  # replicated .grad is synced by DDP in this driver, sharded by FSDP2
+        if self.clip_grad_norm is not None and grads:
+            self._sumsq = torch.zeros(2, device=next(iter(grads.values())).device)
+            for p, grad in grads.items():
+                self._add_sumsq(p, grad, 1.0)
+            clip_coef = self._clip_coef_from(self._norm_from_sumsq())
+        with _batched():  # one kernel call per kernel for all the tensors
+            for p, grad in grads.items():
+                self._apply(p, grad, 1.0, None, clip_coef)
+        return loss
+
+    # -- fused driver -------------------------------------------------------------------
+
+    @torch.no_grad()
+    def _hook(self, p):
+        if self._mode is None:  # the caller's own loss.backward()
+            if not self.update_in_backward:
+                return  # let .grad accumulate as usual
+            self._caller_backward_starts()
+        grad, scale = self._reduce_across_ranks(p, p.grad, self.loss_scale)
+        p.grad = None  # freed once applied: peak gradient memory is one tensor
+        if self._mode == "norm":
+            self._add_sumsq(p, grad, scale)  # on device: no sync
+        else:
+            self._apply(p, grad, scale, self._lr, self._clip_coef)
+
+    def _caller_backward_starts(self):
+        """update_in_backward: the first hook of each backward of the caller's. A backward
+        whose predecessor was not followed by step() is gradient accumulation, which cannot
+        work when every backward applies its gradients: refused before its first update."""
+        if self._in_caller_backward:
+            return
+        if self._unstepped_backward:
+            raise RuntimeError(
+                "update_in_backward=True: a second backward() ran without optimizer.step() after "
+                "the first. Every backward already updates the weights, so gradients cannot be "
+                "accumulated over micro-batches (e.g. the HF Trainer's gradient_accumulation_steps "
+                "> 1): use 1 and a larger batch, or the classic driver (update_in_backward=False).")
+        self._in_caller_backward = True
+        torch.autograd.Variable._execution_engine.queue_callback(self._caller_backward_ends)
+
+    def _caller_backward_ends(self):
+        self._in_caller_backward, self._unstepped_backward = False, True
+
+    def _backward(self, loss, mode, retain_graph=False):
+        _check_no_grads(self._group_of, self._names)
+        self._mode = mode
+        try:
+            (loss * self.loss_scale if self.loss_scale != 1.0 else loss).backward(retain_graph=retain_graph)
+        finally:
+            self._mode = None
+
+    def grad_norm(self, loss):
+        """Pass 1 of two: backward (graph retained) that only measures the global gradient
+        L2 norm (unscaled, before value clipping). Returns it as a 0-d tensor; it is inf/nan
+        if any gradient overflowed. The next fused_backward(loss) uses it."""
+        self._sumsq = torch.zeros(2, device=loss.device, dtype=torch.float32)  # replicated, sharded
+        self._backward(loss, "norm", retain_graph=True)
+        self._pending_norm = self._norm_from_sumsq()
+        return self._pending_norm
+
+    def fused_backward(self, loss, lr=None):
+        """Backward with every parameter updated (and its gradient freed) the moment its
+        gradient is complete. `lr` overrides the param_groups lr for this step only.
+
+        Clipping by global norm (clip_grad_norm=) and fp16 overflow checks need the norm
+        before any update, so they cost one extra backward (grad_norm) unless the caller
+        ran grad_norm(loss) already. Returns False if the step was skipped on overflow.
+        Do not wrap the model in DDP: under torch.distributed each gradient is averaged
+        across ranks inside the hook."""
+        if lr is not None:
+            _check_positive("lr", lr, allow_none=False, allow_zero=True)
+        norm, self._pending_norm = self._pending_norm, None
+        if norm is None and (self.clip_grad_norm is not None or self.loss_scaler):
+            norm, self._pending_norm = self.grad_norm(loss), None
+        if self.loss_scaler and not torch.isfinite(norm).item():  # one sync per step, fp16 only
+            self.loss_scaler.update(overflow=True)
+            return False
+        self._lr, self._clip_coef = lr, (self._clip_coef_from(norm) if norm is not None else None)
+        try:
+            self._backward(loss, "update")
+        finally:
+            self._lr, self._clip_coef = None, None
+        if self.loss_scaler:
+            self.loss_scaler.update(overflow=False)
+        self._opt_called = True  # tells torch's lr schedulers that a step happened
+        return True
+
+    # -- state (section 7 has the checks and the loading) ---------------------------------
+
+    def state_bytes(self):
+        """Bytes held as optimizer state (all tensors in self.state)."""
+        return sum(t.numel() * t.element_size() for s in self.state.values()
+                   for t in s.values() if torch.is_tensor(t))
+
+    def state_dict(self):
+        sd = super().state_dict()
+        sd["lowmem"] = {"loss_scaler": self.loss_scaler.state_dict() if self.loss_scaler else None,
+                        "generators": {k: g.get_state() for k, g in self._generators.items()},
+                        "sr_calls": self._sr_calls}
+        return sd
+
+    def load_state_dict(self, state_dict):
+        """Load state exactly (dtype kept: torch's loader would cast fp32 state to bf16)."""
+        _load_state(self, state_dict)
 
 
 # ----------------------------------------------------------------------------------------
-# Fused C / CUDA kernels (fused_ext.c), compiled on first use and loaded with cffi.
-# The PyTorch code in each optimizer is the readable reference; the kernels do the same math
-# in one pass per tensor. LOWMEM_KERNELS=torch forces the reference, =c requires the kernels.
+# 4. The optimizers: arguments, lazy state, one call to the rule of section 1
+
+
+class LOMO(_LowMemOptimizer):
+    """p <- p * (1 - lr*wd) - lr * g (lomo_update). No optimizer state. `step()` is plain SGD."""
+
+    def __init__(self, model_or_params, lr=1e-3, weight_decay=0.0, clip_grad_norm=None,
+                 clip_grad_value=None, loss_scale=None, stochastic_rounding=False, seed=0,
+                 update_in_backward=False):
+        super().__init__(model_or_params, dict(lr=lr, weight_decay=weight_decay), clip_grad_norm,
+                         clip_grad_value, loss_scale, stochastic_rounding, seed, update_in_backward)
+
+    def _update(self, p, w, g, group, state, lr):
+        lomo_update(w, g, lr, group["weight_decay"])
+
+    def _kernel_update(self, p, x, grad, prep, group, state, lr):
+        return _lomo_kernel(self, p, x, grad, prep, group, lr)
+
+
+class AdaLomo(_LowMemOptimizer):
+    """Adafactor-style adaptive LOMO, without first moment (adalomo_update).
+
+    Matrices (and the last two dims of >2-D tensors) keep row and column means of g^2;
+    0-d and 1-D tensors keep a full v. The update is normalized by its RMS and scaled by
+    the parameter's RMS (grouped update normalization). The step counter starts at 1 at
+    the first update of each tensor, so no NaN can come from step 0 (an official defect)."""
+
+    one_call_devices = ("cpu",)  # devices whose kernels do a whole update in one call (lm_adalomo)
+
+    def __init__(self, model_or_params, lr=1e-3, eps=(1e-30, 1e-3), clip_threshold=1.0,
+                 decay_rate=-0.8, weight_decay=0.0, clip_grad_norm=None, clip_grad_value=None,
+                 loss_scale=None, stochastic_rounding=False, seed=0, update_in_backward=False):
+        _check_adalomo_args(eps, clip_threshold, decay_rate)
+        defaults = dict(lr=lr, eps=tuple(eps), clip_threshold=clip_threshold,
+                        decay_rate=decay_rate, weight_decay=weight_decay)
+        super().__init__(model_or_params, defaults, clip_grad_norm, clip_grad_value, loss_scale,
+                         stochastic_rounding, seed, update_in_backward)
+
+    def _begin(self, g, state):
+        """Create state on first use, advance the step; returns (step, moments)."""
+        if not state:
+            state["step"] = 0
+            f32 = dict(dtype=torch.float32, device=g.device)
+            if g.dim() >= 2:
+                state["row"], state["col"] = torch.zeros(g.shape[:-1], **f32), torch.zeros(g.shape[:-2] + g.shape[-1:], **f32)
+            else:
+                state["v"] = torch.zeros(g.shape, **f32)
+        state["step"] += 1
+        return state["step"], ((state["row"], state["col"]) if g.dim() >= 2 else (state["v"],))
+
+    def _update(self, p, w, g, group, state, lr):
+        step, moments = self._begin(g, state)
+        adalomo_update(w, g, moments, step, lr, group["eps"], group["clip_threshold"], group["decay_rate"],
+                       group["weight_decay"], self._geo[p])
+
+    def _kernel_update(self, p, x, grad, prep, group, state, lr):
+        return _adalomo_kernel(self, p, x, grad, prep, group, state, lr)
+
+
+class AdamMini(_LowMemOptimizer):
+    """AdamW with one second-moment value per block (see `partition`; adam_mini_update).
+
+    m = b1*m + (1-b1)*g;  v_b = b2*v_b + (1-b2)*mean_block(g*g)
+    p = p*(1 - lr*wd) - lr * m_hat / (sqrt(v_hat_b) + eps)
+    Weight decay is skipped on 1-D tensors (norms, biases). State is fp32 by default
+    whatever the parameter dtype (`state_dtype`)."""
+
+    def __init__(self, model_or_named_params, lr=1e-3, betas=(0.9, 0.999), eps=1e-8,
+                 weight_decay=0.0, n_heads=None, n_kv_heads=None, head_dim=None,
+                 clip_grad_norm=None, clip_grad_value=None, loss_scale=None,
+                 stochastic_rounding=False, seed=0, state_dtype=torch.float32, update_in_backward=False):
+        _check_adam_mini_args(betas, eps, state_dtype)
+        is_module = isinstance(model_or_named_params, nn.Module)
+        named = [(n, p) for n, p in (model_or_named_params.named_parameters() if is_module
+                                     else model_or_named_params) if p.requires_grad]
+        self.partition = partition(model_or_named_params if is_module else named,
+                                   n_heads, n_kv_heads, head_dim)
+        self.state_dtype = state_dtype
+        defaults = dict(lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay)
+        super().__init__(model_or_named_params if is_module else named, defaults, clip_grad_norm,
+                         clip_grad_value, loss_scale, stochastic_rounding, seed, update_in_backward)
+        self._blocks = {p: b for (_, p), b in zip(named, self.partition)}
+        self._starts = {}  # section 5: each blocked tensor's block offsets, for the kernel
+
+    def _begin(self, x, state, blocks):
+        if not state:
+            state["step"] = 0
+            state["m"] = torch.zeros_like(x, dtype=self.state_dtype)
+            v_shape = x.shape if blocks.kind == "element" else (blocks.n_v,)
+            state["v"] = torch.zeros(v_shape, dtype=self.state_dtype, device=x.device)
+        state["step"] += 1
+        return state["step"], state["m"], state["v"]
+
+    def _update(self, p, w, g, group, state, lr):
+        blocks = self._blocks[p]
+        t, m, v = self._begin(w, state, blocks)
+        m32, v32 = m.float(), v.float()  # the tensors themselves in fp32 (the default)
+        wd = group["weight_decay"] if blocks.decay else 0.0
+        adam_mini_update(w, g, m32, v32, blocks, t, lr, group["betas"], group["eps"], wd, self._geo[p])
+        if m32 is not m:  # state_dtype=bf16: rounded back
+            m.copy_(m32)
+            v.copy_(v32)
+
+    def _kernel_update(self, p, x, grad, prep, group, state, lr):
+        return _adam_mini_kernel(self, p, x, grad, prep, group, state, lr)
+
+
+# ----------------------------------------------------------------------------------------
+# 5. The fused C / CUDA kernels (fused_ext.c), compiled on first use and loaded with cffi.
+# The rules of section 1 are the reference; the kernels do the same math in one pass per
+# tensor. LOWMEM_KERNELS=torch forces the reference, =c requires the kernels. Below: loading,
+# the one argument check, the multi-tensor queue, then each optimizer's kernel path.
 
 _CDEF = """
 typedef struct { float inv_scale, clip, coef; } prep_t;
@@ -403,22 +887,22 @@ def _check_err(name, err):
         raise RuntimeError(f"fused kernel {name} failed with error {err}")
 
 
-def _launch(name, p, grad, info, tensors, sizes, per_step):
-    """Whole-update kernel `name` on one parameter, as name(p, pdt, grad, gdt, *tensors, *sizes,
+def _launch(opt, key, name, x, grad, tensors, sizes, per_step):
+    """Whole-update kernel `name` on one parameter, as name(x, xdt, grad, gdt, *tensors, *sizes,
     *per_step). The state tensors and sizes are the same from step to step: they are checked and
-    turned into addresses once (info.kernel_args), and again only when one of them is replaced
-    (loaded state); p and grad, which the caller has put through _kernel_ok, cost two addresses.
-    Inside step() (_batched) the call is queued; elsewhere (a hook) it runs at once."""
+    turned into addresses once (opt._kernel_args[key]), and again only when one of them is
+    replaced (loaded state); x and grad, which the caller has put through _kernel_ok, cost two
+    addresses. Inside step() (_batched) the call is queued; elsewhere (a hook) it runs at once."""
     ids = tuple(map(id, tensors))
-    cached = info.kernel_args
+    cached = opt._kernel_args.get(key)
     if cached is None or cached[0] != ids or cached[1] != sizes:
-        _check_kernel_args(p, [t for t in tensors if t is not None])
+        _check_kernel_args(x, [t for t in tensors if t is not None])
         addresses = tuple(0 if t is None else t.data_ptr() for t in tensors)
-        cached = info.kernel_args = (ids, sizes, addresses + sizes, tensors)  # tensors kept: ids stay theirs
-    device = p.device
+        cached = opt._kernel_args[key] = (ids, sizes, addresses + sizes, tensors)  # tensors kept: ids stay theirs
+    device = x.device
     if grad.device != device:
-        _check_kernel_args(p, [grad])  # raises, naming the device
-    item = (p.data_ptr(), _DTYPE_CODE[p.dtype], grad.data_ptr(), _DTYPE_CODE[grad.dtype], *cached[2], *per_step)
+        _check_kernel_args(x, [grad])  # raises, naming the device
+    item = (x.data_ptr(), _DTYPE_CODE[x.dtype], grad.data_ptr(), _DTYPE_CODE[grad.dtype], *cached[2], *per_step)
     queue = getattr(_batch, "queue", None)
     if queue is None:
         _run_multi(device, name, [item])
@@ -470,165 +954,6 @@ def _kernel_tensor(t):
     return t.dtype in _DTYPE_CODE and not _is_dtensor(t) and t.layout == torch.strided and t.is_contiguous()
 
 
-# ----------------------------------------------------------------------------------------
-# Sharded parameters (FSDP2's fully_shard): each rank holds a block of rows (dim 0) of every
-# parameter and updates only that block. Elementwise rules need nothing more; statistics over
-# the whole tensor (an RMS, AdaLomo's column means, an Adam-mini block that straddles two
-# ranks) are summed over the ranks: ParamInfo.total. Unsharded, total is the identity.
-
-
-class ParamInfo:
-    """What an update rule needs beyond a tensor's values: the whole tensor's shape, which rows
-    of it this rank holds (all of them unless FSDP2 sharded it), and its Adam-mini blocks."""
-
-    def __init__(self, p, name, fsdp_managed):
-        self.shape, self.blocks, self.mesh, self.row0 = tuple(p.shape), None, None, 0
-        self.kernel_args = None  # _launch's checked state addresses, kept between steps
-        self.rows = p.shape[0] if p.dim() else 1
-        if _is_dtensor(p):
-            self._shard(p, name, fsdp_managed)
-
-    def _shard(self, p, name, fsdp_managed):
-        mesh, placements = p.device_mesh, tuple(p.placements)
-        if not fsdp_managed or mesh.ndim != 1 or len(placements) != 1 or not placements[0].is_shard(0):
-            raise TypeError(
-                f"parameter '{name}' is a DTensor with placements {placements} on a {mesh.ndim}-D mesh"
-                f"{'' if fsdp_managed else ' outside FSDP'}: lowmem updates FSDP2 parameters (fully_shard: "
-                "Shard(0) on a 1-D mesh), built from the model after sharding. Tensor parallel layouts "
-                "would need statistics lowmem cannot reduce exactly.")
-        # The mesh, not its process group: a reference to the group would keep gloo's threads
-        # alive past destroy_process_group() into interpreter shutdown, where they abort.
-        self.mesh, rank, world = mesh, mesh.get_local_rank(), mesh.size()
-        chunk = -(-self.shape[0] // world)  # torch.chunk's split, which FSDP2 uses
-        self.row0 = min(rank * chunk, self.shape[0])
-        self.rows = p.to_local().shape[0] if p.dim() else 1
-        if self.rows != max(0, min(chunk, self.shape[0] - self.row0)):
-            raise TypeError(f"parameter '{name}': unexpected FSDP2 shard of {self.rows} rows at row {self.row0}")
-
-    @property
-    def sharded(self):
-        return self.mesh is not None
-
-    @property
-    def numel(self):
-        return math.prod(self.shape)
-
-    def total(self, x):
-        """Sum over the ranks of x, a statistic of this rank's rows (in place; no-op unsharded)."""
-        if self.mesh is not None:
-            dist.all_reduce(x, group=self.mesh.get_group())
-        return x
-
-    def totals_over_rows(self, *sums):
-        """total() of sums over dim -2 of a matrix, all in one collective: only 2-D tensors have
-        their rows split (FSDP2 shards dim 0; for >2-D tensors that is a batch dim, each rank's
-        slices are whole)."""
-        if self.mesh is None or len(self.shape) != 2:
-            return sums
-        flat = self.total(torch.cat([x.reshape(-1) for x in sums]))
-        return tuple(part.view(x.shape) for part, x in zip(flat.split([x.numel() for x in sums]), sums))
-
-    def my_rows(self, x):
-        """This rank's rows of a per-row vector of the whole tensor."""
-        return x[self.row0:self.row0 + self.rows] if self.sharded else x
-
-    def place_rows(self, x):
-        """A per-row vector of this rank's rows, placed in the whole tensor's (zeros elsewhere)."""
-        if not self.sharded:
-            return x
-        whole = x.new_zeros(self.shape[0])
-        whole[self.row0:self.row0 + self.rows] = x
-        return whole
-
-
-def _is_fsdp_module(module):
-    """A module that FSDP2's fully_shard wrapped (by class name: no torch.distributed import)."""
-    return any(c.__name__ == "FSDPModule" for c in type(module).__mro__)
-
-
-def _fsdp_managed(model_or_params):
-    """ids of the parameters that FSDP2 manages (under a module that fully_shard wrapped)."""
-    if not isinstance(model_or_params, nn.Module):
-        return set()
-    return {id(p) for m in model_or_params.modules() if _is_fsdp_module(m) for p in m.parameters()}
-
-
-# ----------------------------------------------------------------------------------------
-# The shared driver: parameter handling, fused-in-backward updates, clipping, loss scaling
-
-
-class DynamicLossScaler:
-    """fp16 loss scaling: halve on overflow (min 1), double after `window` clean steps.
-
-    Unlike the official LOMO scaler it grows back, and needs no torch.distributed."""
-
-    def __init__(self, init_scale=2.0 ** 16, factor=2.0, window=1000, min_scale=1.0):
-        self.scale, self.factor, self.window, self.min_scale = init_scale, factor, window, min_scale
-        self.clean_steps = 0
-
-    def update(self, overflow):
-        if overflow:
-            self.scale, self.clean_steps = max(self.scale / self.factor, self.min_scale), 0
-        else:
-            self.clean_steps += 1
-            if self.clean_steps >= self.window:
-                self.scale, self.clean_steps = self.scale * self.factor, 0
-
-    def state_dict(self):
-        return dict(vars(self))
-
-    def load_state_dict(self, state):
-        vars(self).update(state)
-
-
-def _check_positive(name, value, allow_none=True, allow_zero=False):
-    if value is None and allow_none:
-        return
-    if not isinstance(value, (int, float)) or math.isnan(value) or value < 0 or (value == 0 and not allow_zero):
-        raise ValueError(f"{name} must be a {'non-negative' if allow_zero else 'positive'} number, got {value!r}")
-
-
-def _param_groups(model_or_params):
-    """(param groups, {param: name}) from a module, params, (name, param) pairs or groups."""
-    if isinstance(model_or_params, nn.Module):
-        items = [(n, p) for n, p in model_or_params.named_parameters() if p.requires_grad]
-        groups = [{"params": [p for _, p in items]}]
-        return groups, {p: n for n, p in items}
-    if isinstance(model_or_params, torch.Tensor):
-        raise TypeError("params must be an iterable of tensors or an nn.Module, got a single tensor")
-    items, names = list(model_or_params), {}
-    if items and isinstance(items[0], tuple):  # (name, param) pairs
-        names = {p: n for n, p in items}
-        items = [p for _, p in items]
-    groups = items if items and isinstance(items[0], dict) else [{"params": items}]
-    for gi, group in enumerate(groups):
-        group["params"] = list(group["params"])
-        for pi, p in enumerate(group["params"]):
-            names.setdefault(p, f"param_groups[{gi}][{pi}]")
-    return groups, names
-
-
-def _check_params(groups, names):
-    params = [p for g in groups for p in g["params"]]
-    if not params:
-        raise ValueError("optimizer got an empty parameter list")
-    for p in params:
-        if not isinstance(p, torch.Tensor):
-            raise TypeError(f"optimizer can only optimize tensors, got {type(p).__name__}")
-        if not p.is_floating_point():
-            raise TypeError(f"parameter '{names[p]}' has dtype {p.dtype}; only floating point "
-                            "parameters can be optimized")
-        if p.is_sparse:
-            raise TypeError(f"parameter '{names[p]}' is sparse; lowmem supports dense parameters only")
-
-
-def _stochastic_round_bf16(x, generator):
-    """Round fp32 -> bf16 up or down with probability proportional to the distance, so
-    updates below half a bf16 ulp survive on average (plain rounding would drop them)."""
-    noise = torch.randint(0, 1 << 16, x.shape, dtype=torch.int32, device=x.device, generator=generator)
-    bits = (x.view(torch.int32) + noise) & -65536  # add to the 16 dropped bits, then truncate
-    return bits.view(torch.float32).to(torch.bfloat16)  # exact: the low 16 bits are zero
-
 
 class _CStruct(tuple):
     """Scalars passed to a kernel as the C struct `ctype` (fused_ext.c), field by field."""
@@ -659,14 +984,245 @@ class _Adam(_CStruct):
                                      math.sqrt(1 - b2 ** t), eps))
 
 
-def _torch_grad(grad, prep):
-    inv_scale, clip, coef = prep
-    g = grad.float() if grad.dtype != torch.float32 else grad
-    if inv_scale != 1.0:
-        g = g * inv_scale
-    if clip:
-        g = g.clamp(-clip, clip)
-    return g * coef if coef != 1.0 else g
+def _grad_sumsq(grad, scale):
+    """Squared L2 norm of grad/scale as a 0-d fp32 device tensor (no host sync)."""
+    if _kernel_ok(grad, grad):
+        out = torch.zeros(1, dtype=torch.float32, device=grad.device)
+        _call(grad, "lm_sumsq", grad, _DTYPE_CODE[grad.dtype], grad.numel(), 1.0 / scale, out)
+        return out[0]
+    return (grad.float() / scale).square().sum()
+
+
+def _lomo_kernel(opt, p, x, grad, prep, group, lr):  # elementwise: shards need nothing more
+    _launch(opt, p, "lm_sgd", x, grad, (), (x.numel(),), (prep, lr, 1 - lr * group["weight_decay"], *opt._sr_seed(x)))
+    return True
+
+
+def _adalomo_kernel(opt, p, x, grad, prep, group, state, lr):
+    """adalomo_update in three streaming passes: (1) the second-moment statistics, (2) the
+    update's squared norm, (3) apply. On the CPU the three are one C call (lm_adalomo: a call
+    costs more than a small tensor's passes). Nothing waits for the device. Under FSDP2 the
+    statistics between the passes are summed over the ranks, so every rank runs them, even on
+    an empty shard."""
+    step, moments = opt._begin(grad, state)
+    geo, beta2t = opt._geo[p], adalomo_beta2(step, group["decay_rate"])
+    if x.numel() == 0 and not geo.sharded:
+        return True
+    if x.device.type in opt.one_call_devices and not geo.sharded:
+        rows, cols = grad.shape[-2:] if grad.dim() >= 2 else (x.numel(), 1)
+        h = _AdaLomoArgs((beta2t, *group["eps"], lr, group["weight_decay"], group["clip_threshold"]))
+        _launch(opt, p, "lm_adalomo", x, grad, moments if len(moments) == 2 else (moments[0], None), (x.numel() // (rows * cols), rows, cols),
+                (prep, h, *opt._sr_seed(x)))
+    else:
+        _adalomo_passes(opt, x, grad, prep, group, moments, lr, beta2t, geo)
+    return True
+
+
+def _adalomo_passes(opt, x, grad, prep, group, moments, lr, beta2t, geo):
+    """GPU: one kernel per pass; only tiny row/col vectors are touched by torch ops, through the
+    rule's own adalomo_factors. The CPU build has the same kernels, so the tests run this path
+    there too (one_call_devices=()). Under FSDP2: two collectives per matrix (the column and row
+    sums, then both norms), one per vector."""
+    (eps1, eps2), n, f32 = group["eps"], x.numel(), dict(dtype=torch.float32, device=x.device)
+    call = (lambda *args: _call(x, *args)) if n else (lambda *args: None)  # empty shard: no kernel
+    if grad.dim() >= 2:
+        row, col = moments
+        rows, cols = grad.shape[-2:]
+        batch = n // (rows * cols) if rows * cols else 1
+        rowsum, colsum = torch.zeros(batch * rows, **f32), torch.zeros(batch * cols, **f32)
+        call("lm_rowcol_sumsq", grad, _DTYPE_CODE[grad.dtype], batch, rows, cols, prep, eps1, rowsum, colsum)
+        r, c = adalomo_factors(row, col, rowsum.view(row.shape), colsum.view(col.shape), beta2t, geo)
+        r, c = r.reshape(-1), c.reshape(-1)
+    else:  # 1-D / 0-d: small tensors, the v update stays in torch
+        grad = _prepare_grad(grad, prep).contiguous()
+        prep, (batch, rows, cols) = _Prep(1, 0, 1), (1, n, 1)
+        r, c = ema_(moments[0], grad * grad + eps1, beta2t).rsqrt().reshape(-1), torch.ones(1, **f32)
+    gdt, usq, psq = _DTYPE_CODE[grad.dtype], torch.zeros(1, **f32), torch.zeros(1, **f32)
+    call("lm_factored_sumsq", grad, gdt, batch, rows, cols, prep, r, c, usq)
+    call("lm_sumsq", x, _DTYPE_CODE[x.dtype], n, 1.0, psq)
+    usq, psq = geo.total(torch.cat([usq, psq])).split(1)  # the update's and the weights' squares
+    lr_t = lr * (psq / geo.numel).sqrt().clamp(min=eps2)
+    clip_div = ((usq / geo.numel).sqrt() / group["clip_threshold"]).clamp(min=1.0)
+    k = torch.cat([1 - lr_t * group["weight_decay"], lr_t / clip_div])
+    call("lm_factored_apply", x, _DTYPE_CODE[x.dtype], grad, gdt, batch, rows, cols, prep,
+         r, c, k, *opt._sr_seed(x))
+
+
+def _adam_mini_kernel(opt, p, x, grad, prep, group, state, lr):
+    """adam_mini_update in one pass: each block's mean g^2, v and update while the block is in
+    cache. HF Conv1D's column blocks are not contiguous and a sharded norm weight is one block
+    across ranks: those take the PyTorch rule, as does state_dtype other than fp32."""
+    blocks, geo = opt._blocks[p], opt._geo[p]
+    if blocks.axis == 1 or opt.state_dtype != torch.float32 or (geo.sharded and blocks.kind == "tensor"):
+        return False
+    t, m, v = opt._begin(x, state, blocks)
+    wd = group["weight_decay"] if blocks.decay else 0.0
+    h = _Adam(lr, wd, *group["betas"], t, group["eps"])
+    if blocks.kind == "element":
+        _launch(opt, p, "lm_adam_elem", x, grad, (m, v), (x.numel(),), (prep, h, *opt._sr_seed(x)))
+    elif geo.sharded:
+        _adam_mini_sharded_rows(opt, x, grad, prep, m, v, h, group["betas"][1], blocks, geo)
+    else:
+        _launch(opt, p, "lm_adam_blocks", x, grad, (m, v, _block_starts(opt, p, x, blocks)), (blocks.n_v,),
+                (prep, h, *opt._sr_seed(x)))
+    return True
+
+
+def _adam_mini_sharded_rows(opt, x, grad, prep, m, v, h, b2, blocks, geo):
+    """FSDP2: a block (an attention head) can straddle two ranks, so the one-pass kernel cannot
+    take its mean: one kernel sums g^2 over each of this rank's rows, the block means are
+    summed over the ranks (one collective, block_means) and v updated in torch (tiny vectors),
+    then one kernel applies each row's v. An empty shard runs the collective and no kernel."""
+    rows, pdt, gdt = geo.rows, _DTYPE_CODE[x.dtype], _DTYPE_CODE[grad.dtype]
+    cols = x.numel() // rows if rows else 0
+    row_sums = torch.zeros(rows, dtype=torch.float32, device=x.device)
+    if x.numel():
+        _call(x, "lm_row_sumsq", grad, gdt, rows, cols, prep, 0.0, row_sums)
+    ema_(v, block_means(row_sums, blocks, geo), b2)
+    if x.numel():
+        row_v = expand_blocks(v, blocks, x.shape, geo).reshape(-1)
+        _call(x, "lm_adam_rows", x, pdt, grad, gdt, m, row_v, rows, cols, prep, h, *opt._sr_seed(x))
+
+
+def _block_starts(opt, p, x, blocks):
+    """Element offsets of the blocks (each a contiguous run of output rows), cached."""
+    if p not in opt._starts:
+        row_len = x.numel() // max(x.shape[0], 1) if blocks.axis == 0 else x.numel()
+        segments = blocks.segments if blocks.axis == 0 else ((0, 1, 1),)
+        offsets = [a + i * k for a, b, k in segments for i in range((b - a) // k)] + [segments[-1][1]]
+        opt._starts[p] = torch.tensor(offsets, dtype=torch.int64, device=x.device) * row_len
+    return opt._starts[p]
+
+
+# ----------------------------------------------------------------------------------------
+# 6. Sharded parameters (FSDP2's fully_shard): each rank holds a block of rows (dim 0) of every
+# parameter and updates only that block. Elementwise rules need nothing more; statistics over
+# the whole tensor (an RMS, AdaLomo's column means, an Adam-mini block that straddles two
+# ranks) are summed over the ranks: Shard.total, where the rules' default Whole has the identity.
+
+
+class Shard(Whole):
+    """A tensor's geometry under FSDP2: its whole shape, and the rows row0:row0+rows that this
+    rank holds. The sums of section 1 are all-reduced over the rank's FSDP2 mesh."""
+    sharded = True
+
+    def __init__(self, p, name, fsdp_managed):
+        super().__init__(p.shape)
+        mesh, placements = p.device_mesh, tuple(p.placements)
+        if not fsdp_managed or mesh.ndim != 1 or len(placements) != 1 or not placements[0].is_shard(0):
+            raise TypeError(
+                f"parameter '{name}' is a DTensor with placements {placements} on a {mesh.ndim}-D mesh"
+                f"{'' if fsdp_managed else ' outside FSDP'}: lowmem updates FSDP2 parameters (fully_shard: "
+                "Shard(0) on a 1-D mesh), built from the model after sharding. Tensor parallel layouts "
+                "would need statistics lowmem cannot reduce exactly.")
+        # The mesh, not its process group: a reference to the group would keep gloo's threads
+        # alive past destroy_process_group() into interpreter shutdown, where they abort.
+        self.mesh, rank, world = mesh, mesh.get_local_rank(), mesh.size()
+        chunk = -(-self.shape[0] // world)  # torch.chunk's split, which FSDP2 uses
+        self.row0 = min(rank * chunk, self.shape[0])
+        self.rows = p.to_local().shape[0] if p.dim() else 1
+        if self.rows != max(0, min(chunk, self.shape[0] - self.row0)):
+            raise TypeError(f"parameter '{name}': unexpected FSDP2 shard of {self.rows} rows at row {self.row0}")
+
+    def total(self, x):
+        dist.all_reduce(x, group=self.mesh.get_group())  # in place
+        return x
+
+    def totals_over_rows(self, *sums):
+        """Only 2-D tensors have their rows split (FSDP2 shards dim 0; for >2-D tensors that is a
+        batch dim, each rank's slices are whole)."""
+        if len(self.shape) != 2:
+            return sums
+        flat = self.total(torch.cat([x.reshape(-1) for x in sums]))
+        return tuple(part.view(x.shape) for part, x in zip(flat.split([x.numel() for x in sums]), sums))
+
+    def my_rows(self, x):
+        return x[self.row0:self.row0 + self.rows]
+
+    def place_rows(self, x):
+        whole = x.new_zeros(self.shape[0])
+        whole[self.row0:self.row0 + self.rows] = x
+        return whole
+
+
+def _geometries(model_or_params, params, names):
+    """{parameter: Whole or Shard}: FSDP2's DTensor parameters are Shards."""
+    managed = _fsdp_managed(model_or_params)
+    return {p: Shard(p, names[p], id(p) in managed) if _is_dtensor(p) else Whole(p.shape) for p in params}
+
+
+def _one_mesh(geometries):
+    meshes = {geo.mesh for geo in geometries if geo.sharded}
+    if len(meshes) > 1:
+        raise TypeError("parameters are sharded over different FSDP2 meshes; lowmem needs one")
+    return meshes.pop() if meshes else None
+
+
+def _is_fsdp_module(module):
+    """A module that FSDP2's fully_shard wrapped (by class name: no torch.distributed import)."""
+    return any(c.__name__ == "FSDPModule" for c in type(module).__mro__)
+
+
+def _fsdp_managed(model_or_params):
+    """ids of the parameters that FSDP2 manages (under a module that fully_shard wrapped)."""
+    if not isinstance(model_or_params, nn.Module):
+        return set()
+    return {id(p) for m in model_or_params.modules() if _is_fsdp_module(m) for p in m.parameters()}
+
+
+# ----------------------------------------------------------------------------------------
+# 7. Validation (every check runs before any parameter, state or file is touched) and
+# checkpoints (state_dict/load_state_dict: exact resume)
+
+
+def _check_positive(name, value, allow_none=True, allow_zero=False):
+    if value is None and allow_none:
+        return
+    if not isinstance(value, (int, float)) or math.isnan(value) or value < 0 or (value == 0 and not allow_zero):
+        raise ValueError(f"{name} must be a {'non-negative' if allow_zero else 'positive'} number, got {value!r}")
+
+
+def _param_groups(model_or_params):
+    """(param groups, {param: name}) from a module, params, (name, param) pairs or groups."""
+    if isinstance(model_or_params, nn.Module):
+        items = [(n, p) for n, p in model_or_params.named_parameters() if p.requires_grad]
+        groups = [{"params": [p for _, p in items]}]
+        return groups, {p: n for n, p in items}
+    if isinstance(model_or_params, torch.Tensor):
+        raise TypeError("params must be an iterable of tensors or an nn.Module, got a single tensor")
+    items, names = list(model_or_params), {}
+    if items and isinstance(items[0], tuple):  # (name, param) pairs
+        names = {p: n for n, p in items}
+        items = [p for _, p in items]
+    groups = items if items and isinstance(items[0], dict) else [{"params": items}]
+    for gi, group in enumerate(groups):
+        group["params"] = list(group["params"])
+        for pi, p in enumerate(group["params"]):
+            names.setdefault(p, f"param_groups[{gi}][{pi}]")
+    return groups, names
+
+
+def _check_driver_args(groups, names, defaults, clip_grad_norm, clip_grad_value, loss_scale, update_in_backward):
+    """The shared driver's arguments and parameters; returns the parameters."""
+    params = [p for g in groups for p in g["params"]]
+    if not params:
+        raise ValueError("optimizer got an empty parameter list")
+    for p in params:
+        if not isinstance(p, torch.Tensor):
+            raise TypeError(f"optimizer can only optimize tensors, got {type(p).__name__}")
+        if not p.is_floating_point():
+            raise TypeError(f"parameter '{names[p]}' has dtype {p.dtype}; only floating point "
+                            "parameters can be optimized")
+        if p.is_sparse:
+            raise TypeError(f"parameter '{names[p]}' is sparse; lowmem supports dense parameters only")
+    _check_positive("lr", defaults["lr"], allow_none=False, allow_zero=True)
+    _check_positive("weight_decay", defaults["weight_decay"], allow_none=False, allow_zero=True)
+    _check_positive("clip_grad_norm", clip_grad_norm)
+    _check_positive("clip_grad_value", clip_grad_value)
+    _check_positive("loss_scale", loss_scale)
+    if update_in_backward:
+        _check_update_in_backward(clip_grad_norm, loss_scale, any(p.dtype == torch.float16 for p in params))
+    return params
 
 
 def _check_update_in_backward(clip_grad_norm, loss_scale, fp16):
@@ -684,518 +1240,56 @@ def _check_update_in_backward(clip_grad_norm, loss_scale, fp16):
             "fp32 parameters, or opt.fused_backward(loss), which scales and unscales for you.")
 
 
-class _LowMemOptimizer(torch.optim.Optimizer):
-    """Shared driver. Subclasses implement `_update(p, g, group, state, lr)` on an fp32
-    gradient g and return the new fp32 weights (or p itself when updated in place)."""
-
-    def __init__(self, model_or_params, defaults, clip_grad_norm=None, clip_grad_value=None,
-                 loss_scale=None, stochastic_rounding=False, seed=0, update_in_backward=False):
-        groups, self._names = _param_groups(model_or_params)
-        _check_params(groups, self._names)
-        _check_positive("lr", defaults["lr"], allow_none=False, allow_zero=True)
-        _check_positive("weight_decay", defaults["weight_decay"], allow_none=False, allow_zero=True)
-        _check_positive("clip_grad_norm", clip_grad_norm)
-        _check_positive("clip_grad_value", clip_grad_value)
-        _check_positive("loss_scale", loss_scale)
-        params = [p for g in groups for p in g["params"]]
-        fp16 = any(p.dtype == torch.float16 for p in params)
-        if update_in_backward:
-            _check_update_in_backward(clip_grad_norm, loss_scale, fp16)
-        managed = _fsdp_managed(model_or_params)
-        self._info = {p: ParamInfo(p, self._names[p], id(p) in managed) for p in params}
-        meshes = {info.mesh for info in self._info.values() if info.sharded}
-        if len(meshes) > 1:
-            raise TypeError("parameters are sharded over different FSDP2 meshes; lowmem needs one")
-        self._shard_mesh = meshes.pop() if meshes else None
-        super().__init__(groups, defaults)
-        self.clip_grad_norm, self.clip_grad_value = clip_grad_norm, clip_grad_value
-        self.stochastic_rounding, self.seed = stochastic_rounding, seed
-        for device_type in {p.device.type for p in params}:
-            _load(device_type)  # build/choose kernels now: a bad LOWMEM_KERNELS fails here, not mid-backward
-        self.loss_scaler = DynamicLossScaler() if (loss_scale is None and fp16) else None
-        self.static_loss_scale = loss_scale or 1.0
-        self._group_of = {p: g for g in self.param_groups for p in g["params"]}
-        self._generators, self._sr_calls = {}, 0
-        self._mode, self._lr, self._clip_coef, self._sumsq, self._pending_norm = None, None, None, None, None
-        # The hook is registered once. Unless update_in_backward=True it does nothing outside
-        # fused_backward/grad_norm (the official code's hooks are permanent: any backward
-        # updated weights, so nobody could run a plain backward on the model).
-        self.update_in_backward = update_in_backward
-        self._in_caller_backward, self._unstepped_backward = False, False
-        self._hooks = [p.register_post_accumulate_grad_hook(self._hook) for p in params if p.requires_grad]
-
-    # -- per-parameter pipeline shared by both drivers --------------------------------
-
-    @property
-    def loss_scale(self):
-        return self.loss_scaler.scale if self.loss_scaler else self.static_loss_scale
-
-    def _reduce_across_ranks(self, p, grad, scale):
-        """Fused driver under torch.distributed: average the (unscaled, fp32) gradient. FSDP2
-        has averaged a sharded parameter's gradient already (its reduce-scatter): this rank's
-        rows are used as they are, so nothing is reduced twice."""
-        if self._info[p].sharded:
-            return grad.to_local(), scale
-        if not (dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1):
-            return grad, scale
-        g = grad.float() / scale
-        dist.all_reduce(g, op=dist.ReduceOp.SUM)  # SUM then divide: gloo has no AVG
-        return g.div_(dist.get_world_size()), 1.0
-
-    def _grad_sumsq(self, grad, scale):
-        """Squared L2 norm of grad/scale as a 0-d fp32 device tensor (no host sync)."""
-        if _kernel_ok(grad, grad):
-            out = torch.zeros(1, dtype=torch.float32, device=grad.device)
-            _call(grad, "lm_sumsq", grad, _DTYPE_CODE[grad.dtype], grad.numel(), 1.0 / scale, out)
-            return out[0]
-        return (grad.float() / scale).square().sum()
-
-    def _apply(self, p, grad, scale, lr, clip_coef):
-        """Unscale, value clip, norm-clip coefficient (REFERENCE 1 order), then the rule:
-        in one fused kernel when possible, else with the PyTorch reference. A sharded
-        parameter is updated through its local rows (grad is already local)."""
-        group, state, info = self._group_of[p], self.state[p], self._info[p]
-        lr = group["lr"] if lr is None else lr
-        prep = _Prep(1.0 / scale, self.clip_grad_value or 0.0, 1.0 if clip_coef is None else clip_coef)
-        p = p.to_local() if info.sharded else p
-        if self._kernel_update(p, grad, prep, group, state, lr, info):
-            return
-        new = self._update(p, _torch_grad(grad, prep), group, state, lr, info)
-        if new is not p:
-            self._write_back(p, new)
-
-    def _kernel_update(self, p, grad, prep, group, state, lr, info):
-        return False  # optimizers with a C path override this
-
-    def _add_sumsq(self, p, grad, scale):
-        """Norm pass: add grad's squared norm on the device, sharded and replicated apart."""
-        self._sumsq[1 if self._info[p].sharded else 0] += self._grad_sumsq(grad, scale)
-
-    def _norm_from_sumsq(self):
-        """The global gradient norm: one collective per step (not per tensor) sums the shards."""
-        if self._shard_mesh is not None:
-            dist.all_reduce(self._sumsq[1:], group=self._shard_mesh.get_group())
-        norm, self._sumsq = self._sumsq.sum().sqrt(), None
-        return norm
-
-    def _sr_seed(self, p):
-        """Per-call seed for the kernels' stochastic rounding (0 = round to nearest)."""
-        if not (self.stochastic_rounding and p.dtype == torch.bfloat16):
-            return 0, 0
-        self._sr_calls += 1
-        return 1, (self.seed * 0x9E3779B97F4A7C15 + self._sr_calls) % 2 ** 64
-
-    def _write_back(self, p, w):
-        if self.stochastic_rounding and p.dtype == torch.bfloat16:
-            p.copy_(_stochastic_round_bf16(w, self._generator(p.device)))
-        else:
-            p.copy_(w)
-
-    def _generator(self, device):
-        key = str(device)
-        if key not in self._generators:
-            self._generators[key] = torch.Generator(device=device).manual_seed(self.seed)
-        return self._generators[key]
-
-    def _clip_coef_from(self, total_norm):
-        if self.clip_grad_norm is None:
-            return None
-        return min(1.0, self.clip_grad_norm / (float(total_norm) + 1e-6))  # one sync per step
-
-    # -- classic driver -----------------------------------------------------------------
-
-    @torch.no_grad()
-    def step(self, closure=None):
-        """Classic driver: apply the rule to every parameter holding a .grad.
-
-        The user owns loss scaling here (no scaler is applied); clipping is applied."""
-        loss = None
-        if closure is not None:
-            with torch.enable_grad():
-                loss = closure()  # update_in_backward: the closure's backward is the update
-        self._unstepped_backward = False
-        grads = {p: p.grad.to_local() if self._info[p].sharded else p.grad
-                 for g in self.param_groups for p in g["params"] if p.grad is not None}
-        clip_coef = None  # replicated .grad is synced by DDP in this driver, sharded by FSDP2
-        if self.clip_grad_norm is not None and grads:
-            self._sumsq = torch.zeros(2, device=next(iter(grads.values())).device)
-            for p, grad in grads.items():
-                self._add_sumsq(p, grad, 1.0)
-            clip_coef = self._clip_coef_from(self._norm_from_sumsq())
-        with _batched():  # one kernel call per kernel for all the tensors
-            for p, grad in grads.items():
-                self._apply(p, grad, 1.0, None, clip_coef)
-        return loss
-
-    # -- fused driver -------------------------------------------------------------------
-
-    @torch.no_grad()
-    def _hook(self, p):
-        if self._mode is None:  # the caller's own loss.backward()
-            if not self.update_in_backward:
-                return  # let .grad accumulate as usual
-            self._caller_backward_starts()
-        grad, scale = self._reduce_across_ranks(p, p.grad, self.loss_scale)
-        p.grad = None  # freed once applied: peak gradient memory is one tensor
-        if self._mode == "norm":
-            self._add_sumsq(p, grad, scale)  # on device: no sync
-        else:
-            self._apply(p, grad, scale, self._lr, self._clip_coef)
-
-    def _caller_backward_starts(self):
-        """update_in_backward: the first hook of each backward of the caller's. A backward
-        whose predecessor was not followed by step() is gradient accumulation, which cannot
-        work when every backward applies its gradients: refused before its first update."""
-        if self._in_caller_backward:
-            return
-        if self._unstepped_backward:
-            raise RuntimeError(
-                "update_in_backward=True: a second backward() ran without optimizer.step() after "
-                "the first. Every backward already updates the weights, so gradients cannot be "
-                "accumulated over micro-batches (e.g. the HF Trainer's gradient_accumulation_steps "
-                "> 1): use 1 and a larger batch, or the classic driver (update_in_backward=False).")
-        self._in_caller_backward = True
-        torch.autograd.Variable._execution_engine.queue_callback(self._caller_backward_ends)
-
-    def _caller_backward_ends(self):
-        self._in_caller_backward, self._unstepped_backward = False, True
-
-    def _backward(self, loss, mode, retain_graph=False):
-        for p in self._group_of:
-            if p.grad is not None:
-                raise ValueError(
-                    f"fused_backward: parameter '{self._names[p]}' already holds a .grad. The "
-                    "fused driver applies each gradient inside backward and frees it, so "
-                    "gradients cannot be accumulated over micro-batches (each backward is one "
-                    "optimizer step). Call opt.zero_grad(set_to_none=True) first, or use the "
-                    "classic driver (loss.backward(); opt.step()) for gradient accumulation.")
-        self._mode = mode
-        try:
-            (loss * self.loss_scale if self.loss_scale != 1.0 else loss).backward(retain_graph=retain_graph)
-        finally:
-            self._mode = None
-
-    def grad_norm(self, loss):
-        """Pass 1 of two: backward (graph retained) that only measures the global gradient
-        L2 norm (unscaled, before value clipping). Returns it as a 0-d tensor; it is inf/nan
-        if any gradient overflowed. The next fused_backward(loss) uses it."""
-        self._sumsq = torch.zeros(2, device=loss.device, dtype=torch.float32)  # replicated, sharded
-        self._backward(loss, "norm", retain_graph=True)
-        self._pending_norm = self._norm_from_sumsq()
-        return self._pending_norm
-
-    def fused_backward(self, loss, lr=None):
-        """Backward with every parameter updated (and its gradient freed) the moment its
-        gradient is complete. `lr` overrides the param_groups lr for this step only.
-
-        Clipping by global norm (clip_grad_norm=) and fp16 overflow checks need the norm
-        before any update, so they cost one extra backward (grad_norm) unless the caller
-        ran grad_norm(loss) already. Returns False if the step was skipped on overflow.
-        Do not wrap the model in DDP: under torch.distributed each gradient is averaged
-        across ranks inside the hook."""
-        if lr is not None:
-            _check_positive("lr", lr, allow_none=False, allow_zero=True)
-        norm, self._pending_norm = self._pending_norm, None
-        if norm is None and (self.clip_grad_norm is not None or self.loss_scaler):
-            norm, self._pending_norm = self.grad_norm(loss), None
-        if self.loss_scaler and not torch.isfinite(norm).item():  # one sync per step, fp16 only
-            self.loss_scaler.update(overflow=True)
-            return False
-        self._lr, self._clip_coef = lr, (self._clip_coef_from(norm) if norm is not None else None)
-        try:
-            self._backward(loss, "update")
-        finally:
-            self._lr, self._clip_coef = None, None
-        if self.loss_scaler:
-            self.loss_scaler.update(overflow=False)
-        self._opt_called = True  # tells torch's lr schedulers that a step happened
-        return True
-
-    # -- state ----------------------------------------------------------------------------
-
-    def state_bytes(self):
-        """Bytes held as optimizer state (all tensors in self.state)."""
-        return sum(t.numel() * t.element_size() for s in self.state.values()
-                   for t in s.values() if torch.is_tensor(t))
-
-    def state_dict(self):
-        sd = super().state_dict()
-        sd["lowmem"] = {"loss_scaler": self.loss_scaler.state_dict() if self.loss_scaler else None,
-                        "generators": {k: g.get_state() for k, g in self._generators.items()},
-                        "sr_calls": self._sr_calls}
-        return sd
-
-    def load_state_dict(self, state_dict):
-        """Load state exactly (dtype kept: torch's loader would cast fp32 state to bf16)."""
-        saved = state_dict["param_groups"]
-        if len(saved) != len(self.param_groups) or any(
-                len(s["params"]) != len(g["params"]) for s, g in zip(saved, self.param_groups)):
-            raise ValueError("load_state_dict: the saved parameter groups do not match this "
-                             "optimizer's (different number of groups or parameters)")
-        by_id = {i: p for s, g in zip(saved, self.param_groups) for i, p in zip(s["params"], g["params"])}
-        new_state = defaultdict(dict)
-        for i, s in state_dict["state"].items():
-            p = by_id[i]
-            new_state[p] = {k: v.to(device=p.device, copy=True) if torch.is_tensor(v) else v
-                            for k, v in s.items()}
-        self.state = new_state
-        for info in self._info.values():
-            info.kernel_args = None  # the replaced state's addresses (and the tensors they keep alive)
-        for s, g in zip(saved, self.param_groups):
-            g.update({k: v for k, v in s.items() if k != "params"})
-        extra = state_dict.get("lowmem", {})
-        if self.loss_scaler and extra.get("loss_scaler"):
-            self.loss_scaler.load_state_dict(extra["loss_scaler"])
-        self._sr_calls = extra.get("sr_calls", 0)
-        for key, rng in extra.get("generators", {}).items():
-            self._generator(torch.device(key)).set_state(rng.cpu() if torch.is_tensor(rng) else rng)
+def _check_adalomo_args(eps, clip_threshold, decay_rate):
+    if len(eps) != 2 or any(not isinstance(e, (int, float)) or e <= 0 for e in eps):
+        raise ValueError(f"eps must be two positive numbers (eps1, eps2), got {eps!r}")
+    _check_positive("clip_threshold", clip_threshold, allow_none=False)
+    if not isinstance(decay_rate, (int, float)) or not decay_rate < 0:
+        raise ValueError(f"decay_rate must be negative (beta2_t = 1 - t**decay_rate), got {decay_rate!r}")
 
 
-# ----------------------------------------------------------------------------------------
-# LOMO (LOMO paper, section 3.2): SGD, fused into backward
+def _check_adam_mini_args(betas, eps, state_dtype):
+    if len(betas) != 2 or any(not isinstance(b, (int, float)) or not 0.0 <= b < 1.0 for b in betas):
+        raise ValueError(f"betas must be two numbers in [0, 1), got {betas!r}")
+    _check_positive("eps", eps, allow_none=False)
+    if not state_dtype.is_floating_point:
+        raise TypeError(f"state_dtype must be a floating point dtype, got {state_dtype}")
 
 
-class LOMO(_LowMemOptimizer):
-    """p <- p * (1 - lr*wd) - lr * g. No optimizer state. `step()` is plain SGD."""
-
-    def __init__(self, model_or_params, lr=1e-3, weight_decay=0.0, clip_grad_norm=None,
-                 clip_grad_value=None, loss_scale=None, stochastic_rounding=False, seed=0,
-                 update_in_backward=False):
-        super().__init__(model_or_params, dict(lr=lr, weight_decay=weight_decay), clip_grad_norm,
-                         clip_grad_value, loss_scale, stochastic_rounding, seed, update_in_backward)
-
-    def _update(self, p, g, group, state, lr, info):
-        w = p.float() if p.dtype != torch.float32 else p
-        if group["weight_decay"]:
-            w.mul_(1 - lr * group["weight_decay"])
-        return w.add_(g, alpha=-lr)
-
-    def _kernel_update(self, p, grad, prep, group, state, lr, info):  # elementwise: shards need nothing
-        if not _kernel_ok(p, grad):
-            return False
-        _launch("lm_sgd", p, grad, info, (), (p.numel(),), (prep, lr, 1 - lr * group["weight_decay"], *self._sr_seed(p)))
-        return True
+def _check_no_grads(params, names):
+    for p in params:
+        if p.grad is not None:
+            raise ValueError(
+                f"fused_backward: parameter '{names[p]}' already holds a .grad. The "
+                "fused driver applies each gradient inside backward and frees it, so "
+                "gradients cannot be accumulated over micro-batches (each backward is one "
+                "optimizer step). Call opt.zero_grad(set_to_none=True) first, or use the "
+                "classic driver (loss.backward(); opt.step()) for gradient accumulation.")
 
 
-# ----------------------------------------------------------------------------------------
-# AdaLomo (AdaLomo paper, Algorithm 1): factored second moment + grouped update normalization
-
-
-def _rms(x, info):
-    """Root mean square of the whole tensor (summed over the shards under FSDP2)."""
-    return (info.total(x.float().square().sum()) / max(info.numel, 1)).sqrt()
-
-
-class AdaLomo(_LowMemOptimizer):
-    """Adafactor-style adaptive LOMO, without first moment.
-
-    Matrices (and the last two dims of >2-D tensors) keep row and column means of g^2;
-    0-d and 1-D tensors keep a full v. The update is normalized by its RMS and scaled by
-    the parameter's RMS (grouped update normalization). The step counter starts at 1 at
-    the first update of each tensor, so no NaN can come from step 0 (an official defect)."""
-
-    one_call_devices = ("cpu",)  # devices whose kernels do a whole update in one call (lm_adalomo)
-
-    def __init__(self, model_or_params, lr=1e-3, eps=(1e-30, 1e-3), clip_threshold=1.0,
-                 decay_rate=-0.8, weight_decay=0.0, clip_grad_norm=None, clip_grad_value=None,
-                 loss_scale=None, stochastic_rounding=False, seed=0, update_in_backward=False):
-        if len(eps) != 2 or any(not isinstance(e, (int, float)) or e <= 0 for e in eps):
-            raise ValueError(f"eps must be two positive numbers (eps1, eps2), got {eps!r}")
-        _check_positive("clip_threshold", clip_threshold, allow_none=False)
-        if not isinstance(decay_rate, (int, float)) or not decay_rate < 0:
-            raise ValueError(f"decay_rate must be negative (beta2_t = 1 - t**decay_rate), got {decay_rate!r}")
-        defaults = dict(lr=lr, eps=tuple(eps), clip_threshold=clip_threshold,
-                        decay_rate=decay_rate, weight_decay=weight_decay)
-        super().__init__(model_or_params, defaults, clip_grad_norm, clip_grad_value, loss_scale,
-                         stochastic_rounding, seed, update_in_backward)
-
-    def _begin(self, g, state, group):
-        """Create state on first use, advance the step; returns beta2_t."""
-        if not state:
-            state["step"] = 0
-            if g.dim() >= 2:
-                state["row"] = torch.zeros(g.shape[:-1], dtype=torch.float32, device=g.device)
-                state["col"] = torch.zeros(g.shape[:-2] + g.shape[-1:], dtype=torch.float32, device=g.device)
-            else:
-                state["v"] = torch.zeros(g.shape, dtype=torch.float32, device=g.device)
-        state["step"] += 1
-        return 1.0 - state["step"] ** group["decay_rate"]
-
-    def _update(self, p, g, group, state, lr, info):
-        eps1, eps2 = group["eps"]
-        beta2t = self._begin(g, state, group)
-        u = g * g + eps1
-        if g.dim() >= 2:
-            rows = info.shape[-2]  # of the whole matrix (under FSDP2 a rank holds some of them)
-            row, col = state["row"], state["col"]
-            row.mul_(beta2t).add_(u.mean(dim=-1), alpha=1 - beta2t)
-            col_sums, row_sum = info.totals_over_rows(u.sum(dim=-2), row.sum(dim=-1, keepdim=True))
-            col.mul_(beta2t).add_(col_sums / rows, alpha=1 - beta2t)
-            r = (row / (row_sum / rows)).rsqrt_().unsqueeze(-1)
-            update = (r * col.rsqrt().unsqueeze(-2)).mul_(g)
-        else:
-            state["v"].mul_(beta2t).add_(u, alpha=1 - beta2t)
-            update = state["v"].rsqrt().mul_(g)
-        update.div_((_rms(update, info) / group["clip_threshold"]).clamp_(min=1.0))
-        w = p.float() if p.dtype != torch.float32 else p
-        lr_t = lr * _rms(w, info).clamp(min=eps2)  # RMS before decay; a tensor: no host sync
-        if group["weight_decay"]:
-            w.mul_(1 - lr_t * group["weight_decay"])
-        return w.sub_(update.mul_(lr_t))
-
-    def _kernel_update(self, p, grad, prep, group, state, lr, info):
-        """Same math in three streaming passes: (1) the second-moment statistics, (2) the
-        update's squared norm, (3) apply. Nothing waits for the device. Under FSDP2 the
-        statistics between the passes are summed over the ranks, so every rank runs them,
-        even on an empty shard."""
-        if not _kernel_ok(p, grad):
-            return False
-        beta2t = self._begin(grad, state, group)
-        if p.numel() == 0 and not info.sharded:
-            return True
-        if p.device.type in self.one_call_devices and not info.sharded:  # one C call: on a CPU a call costs more than a small tensor's passes
-            factored = grad.dim() >= 2
-            rows, cols = grad.shape[-2:] if factored else (p.numel(), 1)
-            h = _AdaLomoArgs((beta2t, *group["eps"], lr, group["weight_decay"], group["clip_threshold"]))
-            moments = (state["row"], state["col"]) if factored else (state["v"], None)
-            _launch("lm_adalomo", p, grad, info, moments, (p.numel() // (rows * cols), rows, cols),
-                    (prep, h, *self._sr_seed(p)))
-        else:
-            self._launch_passes(p, grad, prep, group, state, lr, beta2t, info)
-        return True
-
-    def _launch_passes(self, p, grad, prep, group, state, lr, beta2t, info):
-        """GPU: one kernel per pass; only tiny row/col vectors are touched by torch ops. The CPU
-        build has the same kernels, so the tests run this path there too (one_call_devices=()).
-        Under FSDP2: two collectives per matrix (the column and row sums, then both norms), one
-        per vector."""
-        (eps1, eps2), n, f32 = group["eps"], p.numel(), dict(dtype=torch.float32, device=p.device)
-        call = (lambda *args: _call(p, *args)) if n else (lambda *args: None)  # empty shard: no kernel
-        if grad.dim() >= 2:
-            (rows, cols), whole_rows = grad.shape[-2:], info.shape[-2]
-            batch = n // (rows * cols) if rows * cols else 1
-            rowsum, colsum = torch.zeros(batch * rows, **f32), torch.zeros(batch * cols, **f32)
-            call("lm_rowcol_sumsq", grad, _DTYPE_CODE[grad.dtype], batch, rows, cols, prep, eps1, rowsum, colsum)
-            row, col = state["row"], state["col"]
-            row.mul_(beta2t).add_(rowsum.view(row.shape) / cols, alpha=1 - beta2t)
-            col_sums, row_sum = info.totals_over_rows(colsum.view(col.shape), row.sum(dim=-1, keepdim=True))
-            col.mul_(beta2t).add_(col_sums / whole_rows, alpha=1 - beta2t)
-            r, c = (row / (row_sum / whole_rows)).rsqrt_().reshape(-1), col.rsqrt().reshape(-1)
-        else:  # 1-D / 0-d: small tensors, the v update stays in torch
-            grad = _torch_grad(grad, prep).contiguous()
-            prep, (batch, rows, cols) = _Prep(1, 0, 1), (1, n, 1)
-            state["v"].mul_(beta2t).add_(grad * grad + eps1, alpha=1 - beta2t)
-            r, c = state["v"].rsqrt().reshape(-1), torch.ones(1, **f32)
-        gdt, usq, psq = _DTYPE_CODE[grad.dtype], torch.zeros(1, **f32), torch.zeros(1, **f32)
-        call("lm_factored_sumsq", grad, gdt, batch, rows, cols, prep, r, c, usq)
-        call("lm_sumsq", p, _DTYPE_CODE[p.dtype], n, 1.0, psq)
-        usq, psq = info.total(torch.cat([usq, psq])).split(1)  # the update's and the weights' squares
-        lr_t = lr * (psq / info.numel).sqrt().clamp(min=eps2)
-        clip_div = ((usq / info.numel).sqrt() / group["clip_threshold"]).clamp(min=1.0)
-        k = torch.cat([1 - lr_t * group["weight_decay"], lr_t / clip_div])
-        call("lm_factored_apply", p, _DTYPE_CODE[p.dtype], grad, gdt, batch, rows, cols, prep,
-             r, c, k, *self._sr_seed(p))
-
-
-# ----------------------------------------------------------------------------------------
-# Adam-mini (Adam-mini paper, Algorithm 1 with the released 1.1.1 partition)
-
-
-class AdamMini(_LowMemOptimizer):
-    """AdamW with one second-moment value per block (see `partition`).
-
-    m = b1*m + (1-b1)*g;  v_b = b2*v_b + (1-b2)*mean_block(g*g)
-    p = p*(1 - lr*wd) - lr * m_hat / (sqrt(v_hat_b) + eps)
-    Weight decay is skipped on 1-D tensors (norms, biases). State is fp32 by default
-    whatever the parameter dtype (`state_dtype`)."""
-
-    def __init__(self, model_or_named_params, lr=1e-3, betas=(0.9, 0.999), eps=1e-8,
-                 weight_decay=0.0, n_heads=None, n_kv_heads=None, head_dim=None,
-                 clip_grad_norm=None, clip_grad_value=None, loss_scale=None,
-                 stochastic_rounding=False, seed=0, state_dtype=torch.float32, update_in_backward=False):
-        if len(betas) != 2 or any(not isinstance(b, (int, float)) or not 0.0 <= b < 1.0 for b in betas):
-            raise ValueError(f"betas must be two numbers in [0, 1), got {betas!r}")
-        _check_positive("eps", eps, allow_none=False)
-        if not state_dtype.is_floating_point:
-            raise TypeError(f"state_dtype must be a floating point dtype, got {state_dtype}")
-        is_module = isinstance(model_or_named_params, nn.Module)
-        named = [(n, p) for n, p in (model_or_named_params.named_parameters() if is_module
-                                     else model_or_named_params) if p.requires_grad]
-        self.partition = partition(model_or_named_params if is_module else named,
-                                   n_heads, n_kv_heads, head_dim)
-        self.state_dtype = state_dtype
-        defaults = dict(lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay)
-        super().__init__(model_or_named_params if is_module else named, defaults, clip_grad_norm,
-                         clip_grad_value, loss_scale, stochastic_rounding, seed, update_in_backward)
-        for (_, p), b in zip(named, self.partition):
-            self._info[p].blocks = b
-        self._starts = {}
-
-    def _begin(self, p, state, blocks):
-        if not state:
-            state["step"] = 0
-            state["m"] = torch.zeros_like(p, dtype=self.state_dtype)
-            v_shape = p.shape if blocks.kind == "element" else (blocks.n_v,)
-            state["v"] = torch.zeros(v_shape, dtype=self.state_dtype, device=p.device)
-        state["step"] += 1
-        return state["step"], state["m"], state["v"]
-
-    def _update(self, p, g, group, state, lr, info):
-        blocks = info.blocks
-        b1, b2 = group["betas"]
-        t, m, v = self._begin(p, state, blocks)
-        m32 = m.float() if m.dtype != torch.float32 else m
-        m32.lerp_(g, 1 - b1)
-        v.mul_(b2).add_(_block_mean_sq(g, blocks, info).to(v.dtype), alpha=1 - b2)
-        if m32 is not m:
-            m.copy_(m32)
-        w = p.float() if p.dtype != torch.float32 else p
-        if group["weight_decay"] and blocks.decay:
-            w.mul_(1 - lr * group["weight_decay"])
-        denom = (v.float().sqrt() / math.sqrt(1 - b2 ** t)).add_(group["eps"])
-        return w.addcdiv_(m32, _expand_blocks(denom, blocks, p.shape, info), value=-lr / (1 - b1 ** t))
-
-    def _kernel_update(self, p, grad, prep, group, state, lr, info):
-        """One pass: each block's mean g^2, v and update while the block is in cache."""
-        blocks = info.blocks
-        if blocks.axis == 1 or self.state_dtype != torch.float32 or not _kernel_ok(p, grad) or \
-                (info.sharded and blocks.kind == "tensor"):
-            return False  # HF Conv1D column blocks are not contiguous; a sharded norm weight: torch path
-        t, m, v = self._begin(p, state, blocks)
-        wd = group["weight_decay"] if blocks.decay else 0.0
-        h = _Adam(lr, wd, *group["betas"], t, group["eps"])
-        if blocks.kind == "element":
-            _launch("lm_adam_elem", p, grad, info, (m, v), (p.numel(),), (prep, h, *self._sr_seed(p)))
-        elif info.sharded:
-            self._sharded_rows_update(p, grad, prep, m, v, h, group["betas"][1], info)
-        else:
-            _launch("lm_adam_blocks", p, grad, info, (m, v, self._block_starts(p, blocks)), (blocks.n_v,),
-                    (prep, h, *self._sr_seed(p)))
-        return True
-
-    def _sharded_rows_update(self, p, grad, prep, m, v, h, b2, info):
-        """FSDP2: a block (an attention head) can straddle two ranks, so the one-pass kernel cannot
-        take its mean: one kernel sums g^2 over each of this rank's rows, the block means are
-        summed over the ranks (one collective) and v updated here (tiny vectors), then one kernel
-        applies each row's v. An empty shard runs the collective and no kernel."""
-        rows, pdt, gdt = info.rows, _DTYPE_CODE[p.dtype], _DTYPE_CODE[grad.dtype]
-        cols = p.numel() // rows if rows else 0
-        row_sums = torch.zeros(rows, dtype=torch.float32, device=p.device)
-        if p.numel():
-            _call(p, "lm_row_sumsq", grad, gdt, rows, cols, prep, 0.0, row_sums)
-        v.mul_(b2).add_(_block_means(row_sums, info.blocks, info), alpha=1 - b2)
-        if p.numel():
-            row_v = _expand_blocks(v, info.blocks, p.shape, info).reshape(-1)
-            _call(p, "lm_adam_rows", p, pdt, grad, gdt, m, row_v, rows, cols, prep, h, *self._sr_seed(p))
-
-    def _block_starts(self, p, blocks):
-        """Element offsets of the blocks (each a contiguous run of output rows), cached."""
-        if p not in self._starts:
-            row_len = p.numel() // max(p.shape[0], 1) if blocks.axis == 0 else p.numel()
-            segments = blocks.segments if blocks.axis == 0 else ((0, 1, 1),)
-            offsets = [a + i * k for a, b, k in segments for i in range((b - a) // k)] + [segments[-1][1]]
-            self._starts[p] = torch.tensor(offsets, dtype=torch.int64, device=p.device) * row_len
-        return self._starts[p]
+def _load_state(opt, state_dict):
+    """load_state_dict: state kept in its saved dtype, on each parameter's device."""
+    saved = state_dict["param_groups"]
+    if len(saved) != len(opt.param_groups) or any(
+            len(s["params"]) != len(g["params"]) for s, g in zip(saved, opt.param_groups)):
+        raise ValueError("load_state_dict: the saved parameter groups do not match this "
+                         "optimizer's (different number of groups or parameters)")
+    by_id = {i: p for s, g in zip(saved, opt.param_groups) for i, p in zip(s["params"], g["params"])}
+    new_state = defaultdict(dict)
+    for i, s in state_dict["state"].items():
+        p = by_id[i]
+        new_state[p] = {k: v.to(device=p.device, copy=True) if torch.is_tensor(v) else v
+                        for k, v in s.items()}
+    opt.state = new_state
+    opt._kernel_args.clear()  # the replaced state's addresses (and the tensors they keep alive)
+    for s, g in zip(saved, opt.param_groups):
+        g.update({k: v for k, v in s.items() if k != "params"})
+    extra = state_dict.get("lowmem", {})
+    if opt.loss_scaler and extra.get("loss_scaler"):
+        opt.loss_scaler.load_state_dict(extra["loss_scaler"])
+    opt._sr_calls = extra.get("sr_calls", 0)
+    for key, rng in extra.get("generators", {}).items():
+        opt._generator(torch.device(key)).set_state(rng.cpu() if torch.is_tensor(rng) else rng)
 
 
 if __name__ == "__main__":  # python lowmem.py: a tour of a few seconds on a toy language model
