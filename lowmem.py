@@ -150,8 +150,10 @@ def block_mean_sq(g, blocks, geo):
 
 def expand_blocks(v, blocks, shape, geo):
     """(n_v,) per-block values -> a tensor that broadcasts against the parameter (rows held here)."""
-    if blocks.kind in ("element", "tensor"):
+    if blocks.kind == "element":
         return v
+    if blocks.kind == "tensor":  # one value, shaped to broadcast in place (a 0-d p included)
+        return v.reshape([1] * len(shape))
     per_block = v.split([(b - a) // k for a, b, k in blocks.segments])
     rows = torch.cat([part.repeat_interleave(k) for part, (_, _, k) in zip(per_block, blocks.segments)])
     rows = geo.my_rows(rows) if blocks.axis == 0 else rows

@@ -87,6 +87,133 @@ def tiny_llama(seed=0, **kw):
     return transformers.LlamaForCausalLM(transformers.LlamaConfig(**cfg)).float()
 
 
+# ---------------------------------------------------------------------------- the rules, alone
+# lowmem.py's section 1: each rule function, called on plain tensors, is one step of its
+# optimizer class on the PyTorch path, bit for bit.
+
+
+def torch_path(opt):
+    opt._kernel_update = lambda *a: False  # the class's PyTorch path: the rule itself
+    return opt
+
+
+def class_steps(opt, params, grads):
+    """Feed each step's gradients to the optimizer's classic step(); returns the weights."""
+    for step_grads in grads:
+        for p, g in zip(params, step_grads):
+            p.grad = g.clone()
+        opt.step()
+    return [p.detach() for p in params]
+
+
+def rule_grads(shapes, steps=3, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    return [[torch.randn(s, generator=gen) for s in shapes] for _ in range(steps)]
+
+
+RULE_SHAPES = [(), (1,), (7,), (5, 6), (1, 9), (3, 4, 5), (2, 3, 4, 2)]
+
+
+def test_lomo_update_is_one_step_of_lomo():
+    torch.manual_seed(0)
+    params = [nn.Parameter(torch.randn(s)) for s in RULE_SHAPES]
+    mine = [p.detach().clone() for p in params]
+    grads = rule_grads(RULE_SHAPES)
+    opt = torch_path(lowmem.LOMO(params, lr=0.05, weight_decay=0.1))
+    expected = class_steps(opt, params, grads)
+    for step_grads in grads:
+        for p, g in zip(mine, step_grads):
+            assert lowmem.lomo_update(p, g, lr=0.05, weight_decay=0.1) is p
+    assert all(torch.equal(a, b) for a, b in zip(mine, expected))
+
+
+def test_adalomo_update_is_one_step_of_adalomo():
+    torch.manual_seed(0)
+    params = [nn.Parameter(torch.randn(s)) for s in RULE_SHAPES]
+    mine = [p.detach().clone() for p in params]
+    grads = rule_grads(RULE_SHAPES)
+    opt = torch_path(lowmem.AdaLomo(params, lr=0.05, weight_decay=0.1))
+    expected = class_steps(opt, params, grads)
+    moments = [(torch.zeros(s[:-1]), torch.zeros(s[:-2] + s[-1:])) if len(s) >= 2 else (torch.zeros(s),)
+               for s in RULE_SHAPES]
+    for step, step_grads in enumerate(grads, start=1):
+        for p, g, mom in zip(mine, step_grads, moments):
+            lowmem.adalomo_update(p, g, mom, step, lr=0.05, weight_decay=0.1)
+    assert all(torch.equal(a, b) for a, b in zip(mine, expected))
+    for p, mom in zip(params, moments):  # the state is the optimizer's, too
+        state = opt.state[p]
+        assert state["step"] == 3
+        assert all(torch.equal(x, state[k]) for x, k in zip(mom, ("row", "col") if p.dim() >= 2 else ("v",)))
+
+
+class EveryBlockKind(nn.Module):
+    """One tensor of each Adam-mini block kind: token, head (GQA), qkv, neuron, element, tensor."""
+
+    def __init__(self):
+        super().__init__()
+        self.embed = nn.Embedding(11, 8)
+        self.q_proj, self.k_proj = nn.Linear(8, 8, bias=False), nn.Linear(8, 4, bias=True)
+        self.c_attn = nn.Linear(8, 20)  # q (8 rows) | k (4) | v (8): n_heads 4, n_kv_heads 2, head_dim 2
+        self.mlp = nn.Linear(8, 6)
+        self.norm = nn.LayerNorm(8)
+        self.gate = nn.Parameter(torch.randn(()))
+
+
+def test_adam_mini_update_is_one_step_of_adam_mini_for_every_block_kind():
+    torch.manual_seed(0)
+    model = EveryBlockKind()
+    part = lowmem.partition(model, n_heads=4, n_kv_heads=2)
+    assert {b.kind for b in part} == {"token", "head", "qkv", "neuron", "element", "tensor"}
+    params = [p for p in model.parameters()]
+    mine = [p.detach().clone() for p in params]
+    grads = rule_grads([p.shape for p in params])
+    opt = torch_path(lowmem.AdamMini(model, lr=0.01, weight_decay=0.1, n_heads=4, n_kv_heads=2))
+    expected = class_steps(opt, params, grads)
+    state = [(torch.zeros(p.shape), torch.zeros(p.shape if b.kind == "element" else (b.n_v,))) for p, b in zip(mine, part)]
+    for step, step_grads in enumerate(grads, start=1):
+        for p, g, (m, v), b in zip(mine, step_grads, state, part):
+            lowmem.adam_mini_update(p, g, m, v, b, step, lr=0.01, weight_decay=0.1 if b.decay else 0.0)
+    assert all(torch.equal(a, b) for a, b in zip(mine, expected))
+    for p, (m, v) in zip(params, state):
+        assert torch.equal(m, opt.state[p]["m"]) and torch.equal(v, opt.state[p]["v"])
+
+
+def test_adalomo_worked_examples_with_the_rule_alone():
+    """DESIGN.md "AdaLomo": the two worked examples, one step of the function at lr 0.1."""
+    w, g = torch.tensor([[0.5, -0.5], [1.0, 2.0]]), torch.tensor([[1.0, 0.0], [0.0, 2.0]])
+    lowmem.adalomo_update(w, g, (torch.zeros(2), torch.zeros(2)), step=1, lr=0.1)
+    assert torch.allclose(w, torch.tensor([[0.290238, -0.5], [1.0, 1.895119]]), atol=1e-6), w
+    p, g = torch.tensor([0.5, -2.0, 1e-4, 3.0]), torch.tensor([2.0, -3.0, 5.0, 0.0])
+    lowmem.adalomo_update(p, g, (torch.zeros(4),), step=1, lr=0.1)
+    assert torch.allclose(p, torch.tensor([0.317997, -1.817997, -0.181903, 3.0]), atol=1e-6), p
+
+
+def test_rules_are_first_in_lowmem_py_and_need_only_torch():
+    """The rules are the file's first definitions, say their formulas, and run where cffi is
+    missing (an import of it fails) with only torch: nothing else is needed to read or use them."""
+    source = open(lowmem.__file__).read().splitlines()
+    first = {name: next(i + 1 for i, line in enumerate(source) if line.startswith(f"def {name}("))
+             for name in ("lomo_update", "adalomo_update", "adam_mini_update")}
+    assert first["lomo_update"] <= 80 and max(first.values()) < 200, first
+    first_def = next(i + 1 for i, line in enumerate(source) if line.startswith(("def ", "class ")))
+    assert first_def == first["lomo_update"]
+    for rule, formula in ((lowmem.lomo_update, "p <- p * (1 - lr*weight_decay) - lr * g"),
+                          (lowmem.adalomo_update, "beta2_t = 1 - step**decay_rate"),
+                          (lowmem.adam_mini_update, "v_b <- b2*v_b + (1-b2)*mean(g*g over block b)")):
+        assert formula in rule.__doc__
+    script = (
+        "import sys; sys.modules['cffi'] = None\n"  # import cffi now raises ImportError
+        "import torch, lowmem\n"
+        "p = torch.ones(3, 4); lowmem.lomo_update(p, torch.ones(3, 4), lr=0.5)\n"
+        "lowmem.adalomo_update(p, torch.ones(3, 4), (torch.zeros(3), torch.zeros(4)), step=1, lr=0.1)\n"
+        "b = lowmem.Blocks('mlp.weight', (3, 4), 'neuron', 3, axis=0, segments=((0, 3, 1),))\n"
+        "lowmem.adam_mini_update(p, torch.ones(3, 4), torch.zeros(3, 4), torch.zeros(3), b, step=1, lr=0.1)\n"
+        "print(lowmem.kernels('cpu'), p.sum().item())\n")
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, cwd=ROOT)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.split()[0] == "torch" and "cffi is not installed" in out.stderr
+
+
 # ---------------------------------------------------------------------------- AdaLomo math
 
 
