@@ -5,7 +5,9 @@
      nvcc -O3 --fmad=false -x cu -arch=native -shared -Xcompiler -fPIC fused_ext.c -o fused_ext_cuda.so
    (--fmad=false: no contraction into FMA, so results round exactly as PyTorch's ops do)
 
-   One exported C ABI for both builds. Tensors are contiguous; lowmem checks shape, dtype and
+   One exported C ABI for both builds. lowmem.py reads its cffi declarations from this file:
+   keep each struct typedef on one line, and each CPU entry point as "int lm_name(...) {".
+   Tensors are contiguous; lowmem checks shape, dtype and
    device before calling. dtype codes: 0 fp32, 1 bf16 (uint16_t), 2 fp16 (uint16_t). Math is
    fp32; optimizer state is fp32. Every gradient element goes through the same preparation
    as lowmem's PyTorch path (REFERENCE.md 1): g = clamp(g * inv_scale, +-clip) * coef.

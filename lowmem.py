@@ -395,8 +395,7 @@ class _LowMemOptimizer(torch.optim.Optimizer):
         groups, self._names = _param_groups(model_or_params)
         params = _check_driver_args(groups, self._names, defaults, clip_grad_norm, clip_grad_value,
                                     loss_scale, update_in_backward)
-        self._geo = _geometries(model_or_params, params, self._names)  # Whole, or Shard (FSDP2)
-        self._shard_mesh = _one_mesh(self._geo.values())
+        self._geo, self._shard_mesh = _geometries(model_or_params, params, self._names)  # Whole, or Shard (FSDP2)
         self._kernel_args = {}  # section 5: each parameter's checked state addresses, kept between steps
         super().__init__(groups, defaults)
         self.clip_grad_norm, self.clip_grad_value = clip_grad_norm, clip_grad_value
@@ -724,37 +723,27 @@ class AdamMini(_LowMemOptimizer):
 # tensor. LOWMEM_KERNELS=torch forces the reference, =c requires the kernels. Below: loading,
 # the one argument check, the multi-tensor queue, then each optimizer's kernel path.
 
-_CDEF = """
-typedef struct { float inv_scale, clip, coef; } prep_t;
-typedef struct { float decay, step, one_b1, b2, one_b2, bc2_sqrt, eps; } adam_t;
-typedef struct { float beta2t, eps1, eps2, lr, weight_decay, clip_threshold; } adalomo_t;
-int lm_sumsq(const void *x, int dt, int64_t n, float scale, float *out, void *stream);
-int lm_sgd(void *p, int pdt, const void *g, int gdt, int64_t n, prep_t q, float lr, float decay, int sr, uint64_t seed, void *stream);
-int lm_adam_elem(void *p, int pdt, const void *g, int gdt, float *m, float *v, int64_t n, prep_t q, adam_t h, int sr, uint64_t seed, void *stream);
-int lm_adam_blocks(void *p, int pdt, const void *g, int gdt, float *m, float *v, const int64_t *start, int64_t n_v, prep_t q, adam_t h, int sr, uint64_t seed, void *stream);
-int lm_row_sumsq(const void *g, int gdt, int64_t rows, int64_t cols, prep_t q, float add, float *rowsum, void *stream);
-int lm_adam_rows(void *p, int pdt, const void *g, int gdt, float *m, const float *vrow, int64_t rows, int64_t cols, prep_t q, adam_t h, int sr, uint64_t seed, void *stream);
-int lm_rowcol_sumsq(const void *g, int gdt, int64_t batch, int64_t rows, int64_t cols, prep_t q, float add, float *rowsum, float *colsum, void *stream);
-int lm_factored_sumsq(const void *g, int gdt, int64_t batch, int64_t rows, int64_t cols, prep_t q, const float *r, const float *c, float *out, void *stream);
-int lm_factored_apply(void *p, int pdt, const void *g, int gdt, int64_t batch, int64_t rows, int64_t cols, prep_t q, const float *r, const float *c, const float *k, int sr, uint64_t seed, void *stream);
-int lm_adalomo(void *p, int pdt, const void *g, int gdt, float *row, float *col, int64_t batch, int64_t rows, int64_t cols, prep_t q, adalomo_t h, int sr, uint64_t seed, void *stream);
-typedef struct { uintptr_t p; int pdt; uintptr_t g; int gdt; int64_t n; prep_t q; float lr, decay; int sr; uint64_t seed; } sgd_call;
-typedef struct { uintptr_t p; int pdt; uintptr_t g; int gdt; uintptr_t m, v; int64_t n; prep_t q; adam_t h; int sr; uint64_t seed; } adam_elem_call;
-typedef struct { uintptr_t p; int pdt; uintptr_t g; int gdt; uintptr_t m, v, start; int64_t n_v; prep_t q; adam_t h; int sr; uint64_t seed; } adam_blocks_call;
-typedef struct { uintptr_t p; int pdt; uintptr_t g; int gdt; uintptr_t row, col; int64_t batch, rows, cols; prep_t q; adalomo_t h; int sr; uint64_t seed; } adalomo_call;
-int lm_multi_sgd(const sgd_call *items, int64_t count, void *stream);
-int lm_multi_adam_elem(const adam_elem_call *items, int64_t count, void *stream);
-int lm_multi_adam_blocks(const adam_blocks_call *items, int64_t count, void *stream);
-int lm_multi_adalomo(const adalomo_call *items, int64_t count, void *stream);
-"""
+def _c_declarations(source):
+    """What cffi needs to call fused_ext.c, read from the C source itself: its one-line struct
+    typedefs, the prototype of every CPU entry point, and the lm_multi_* entries of its MULTI
+    lines. Returns (the declarations, {whole-update kernel: the struct of its lm_multi_* items})."""
+    try:
+        with open(source) as f:
+            text = f.read()
+    except OSError:
+        return "", {}
+    typedefs = re.findall(r"^typedef struct \{[^}]*\} \w+;", text, re.M)
+    functions = ["int " + " ".join(f.split()) + ";" for f in re.findall(r"^int (lm_\w+\([^)]*\))\s*\{", text, re.M)]
+    multi = dict(re.findall(r"^MULTI\((\w+), (\w+),", text, re.M))
+    functions += [f"int lm_multi_{name}(const {item} *items, int64_t count, void *stream);" for name, item in multi.items()]
+    return "\n".join(typedefs + functions), {"lm_" + name: item for name, item in multi.items()}
+
+
+_SOURCE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "fused_ext.c")
+_CDEF, _MULTI = _c_declarations(_SOURCE)
 # lm_adalomo (a whole AdaLomo update in one call) is CPU-only: CUDA runs the passes one by one.
 _CUDA_KERNELS = sorted(set(re.findall(r"int (lm_\w+)\(", _CDEF)) - {"lm_adalomo", "lm_multi_adalomo"})
-# Kernels that are a whole update of one tensor, called through lm_multi_* (_launch) with arrays
-# of these structs, whose fields are the kernel's arguments (tensors as uintptr_t).
-_MULTI = {"lm_sgd": "sgd_call", "lm_adam_elem": "adam_elem_call", "lm_adam_blocks": "adam_blocks_call",
-          "lm_adalomo": "adalomo_call"}
 _DTYPE_CODE = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
-_SOURCE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "fused_ext.c")
 _libs = {}  # "cpu" / "cuda" -> (ffi, lib) or None
 
 
@@ -949,11 +938,10 @@ def _kernel_ok(p, grad):
     """Tensors the kernels handle; others (fp64, non-contiguous) use the torch path."""
     if _load("cpu" if p.is_cpu else p.device.type) is None or grad.shape != p.shape:  # .device: 0.3 us
         return False
-    return _kernel_tensor(p) and _kernel_tensor(grad)
-
-
-def _kernel_tensor(t):
-    return t.dtype in _DTYPE_CODE and not _is_dtensor(t) and t.layout == torch.strided and t.is_contiguous()
+    for t in (p, grad):
+        if t.dtype not in _DTYPE_CODE or _is_dtensor(t) or t.layout != torch.strided or not t.is_contiguous():
+            return False
+    return True
 
 
 
@@ -1148,16 +1136,13 @@ class Shard(Whole):
 
 
 def _geometries(model_or_params, params, names):
-    """{parameter: Whole or Shard}: FSDP2's DTensor parameters are Shards."""
+    """({parameter: Whole or Shard}, the FSDP2 mesh or None): FSDP2's DTensor parameters are Shards."""
     managed = _fsdp_managed(model_or_params)
-    return {p: Shard(p, names[p], id(p) in managed) if _is_dtensor(p) else Whole(p.shape) for p in params}
-
-
-def _one_mesh(geometries):
-    meshes = {geo.mesh for geo in geometries if geo.sharded}
+    geos = {p: Shard(p, names[p], id(p) in managed) if _is_dtensor(p) else Whole(p.shape) for p in params}
+    meshes = {geo.mesh for geo in geos.values() if geo.sharded}
     if len(meshes) > 1:
         raise TypeError("parameters are sharded over different FSDP2 meshes; lowmem needs one")
-    return meshes.pop() if meshes else None
+    return geos, (meshes.pop() if meshes else None)
 
 
 def _is_fsdp_module(module):
