@@ -1,4 +1,4 @@
-"""bench.py: measured tables for lowmem. Every number in README.md comes from here.
+"""bench.py: measured tables for lowmem. Every number in README.md and RESULTS.md comes from here.
 
     python bench.py memory   [--model gpt|llama] [--size full|activations|plan] [--device cpu|cuda] [--dtype float32|bfloat16] [--world N] [--quick] [--json]
     python bench.py speed    [--device cpu|cuda] [--quick] [--json]
@@ -367,7 +367,7 @@ def _warm_up(spec, device, dtype, model, batch_fn):
 
 
 def memory_rows(args, size=None, names=None):
-    env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="65536")  # REFERENCE 6: RSS tracks live bytes
+    env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="65536")  # DESIGN.md "Measuring memory": RSS tracks live bytes
     size = size or args.size or ("quick" if args.quick else "gpu" if args.device == "cuda" else "full")
     rows = []
     for dtype in [args.dtype]:
@@ -612,7 +612,7 @@ def _per_tensor(b):
     return lowmem.Blocks(b.name, b.shape, "tensor", 1, decay=b.decay)
 
 
-# The released adam-mini 1.1.1 matches names by substring (REFERENCE 3): in this GPT, wpe,
+# The released adam-mini 1.1.1 matches names by substring (DESIGN.md "Adam-mini"): in this GPT, wpe,
 # the fused attn.c_attn and attn.c_proj match none of its lists and get one v per tensor.
 OFFICIAL_PER_TENSOR = (".wpe.weight", ".attn.c_attn.weight", ".attn.c_proj.weight")
 
@@ -946,7 +946,7 @@ class MasterWeights:
         return sum(c.numel() * c.element_size() for c in self.copies)
 
 
-# ---------------------------------------------------------------------------- gpu: one command for a lent GPU
+# ---------------------------------------------------------------------------- gpu: one command for a GPU machine
 
 GPU_RUNS = [("adamw", False), ("adam_mini", False), ("adam_mini", True), ("adalomo", True), ("lomo", True)]
 GPU_MEMORY_ROWS = ("no optimizer (grads freed)", "AdamW", "Adam-mini classic", "Adam-mini fused", "LOMO fused",

@@ -10,7 +10,7 @@
    Tensors are contiguous; lowmem checks shape, dtype and
    device before calling. dtype codes: 0 fp32, 1 bf16 (uint16_t), 2 fp16 (uint16_t). Math is
    fp32; optimizer state is fp32. Every gradient element goes through the same preparation
-   as lowmem's PyTorch path (REFERENCE.md 1): g = clamp(g * inv_scale, +-clip) * coef.
+   as lowmem's PyTorch path (DESIGN.md "The gradient a rule sees"): g = clamp(g * inv_scale, +-clip) * coef.
    Without -fno-math-errno the sqrt loops do not vectorize (measured 6.7x slower).
    CUDA launchers take the stream as void* and return cudaGetLastError(). */
 #include <stdint.h>

@@ -17,7 +17,7 @@ checkpoints (7), and a tour (`python lowmem.py`). Every optimizer is a torch.opt
 and inside loops you did not write (HF Trainer, Lightning, nanoGPT), construct with
 update_in_backward=True: every loss.backward() is the update, step() and zero_grad() no-ops.
 Math is fp32, written back to the parameter dtype (bf16 optionally by stochastic rounding).
-The papers: LOMO arXiv 2306.09782, AdaLomo (Findings of ACL 2024), Adam-mini arXiv 2406.16793.
+DESIGN.md derives the rules and lists the facts the code relies on; RESULTS.md has the measurements.
 """
 import contextlib
 import functools
@@ -48,7 +48,7 @@ __all__ = ["lomo_update", "adalomo_update", "adam_mini_update", "LOMO", "AdaLomo
 
 
 def lomo_update(p, g, lr, weight_decay=0.0):
-    """LOMO (LOMO paper, section 3.2): plain SGD, applied the moment g exists.
+    """LOMO (LOMO paper, section 3.2; DESIGN.md "LOMO"): plain SGD, applied the moment g exists.
 
         p <- p * (1 - lr*weight_decay) - lr * g"""
     if weight_decay:
@@ -107,7 +107,7 @@ def adalomo_factors(row, col, row_sums, col_sums, beta2t, geo):
 
 def adalomo_update(p, g, moments, step, lr, eps=(1e-30, 1e-3), clip_threshold=1.0, decay_rate=-0.8,
                    weight_decay=0.0, geo=None):
-    """AdaLomo (AdaLomo paper, Algorithm 1): an adaptive LOMO without first moment.
+    """AdaLomo (AdaLomo paper, Algorithm 1; DESIGN.md "AdaLomo"): an adaptive LOMO without first moment.
 
         u = g*g + eps1,  beta2_t = 1 - step**decay_rate
         matrix: R, C factored moments of u (adalomo_factors),  update = g / sqrt(R/mean(R)) / sqrt(C)
@@ -161,7 +161,7 @@ def expand_blocks(v, blocks, shape, geo):
 
 
 def adam_mini_update(p, g, m, v, blocks, step, lr, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0, geo=None):
-    """Adam-mini (Adam-mini paper, Algorithm 1): AdamW with one v per block of p (`partition`).
+    """Adam-mini (Adam-mini paper, Algorithm 1; DESIGN.md "Adam-mini"): AdamW with one v per block of p (`partition`).
 
         m   <- b1*m + (1-b1)*g
         v_b <- b2*v_b + (1-b2)*mean(g*g over block b)
@@ -365,7 +365,7 @@ class DynamicLossScaler:
 
 
 def _prepare_grad(grad, prep):
-    """The gradient a rule sees, in this order: g = grad * inv_scale (fp16
+    """The gradient a rule sees (DESIGN.md "The gradient a rule sees"): g = grad * inv_scale (fp16
     loss scaling), clamped to +-clip (clip_grad_value), times coef (clip_grad_norm)."""
     inv_scale, clip, coef = prep
     g = grad.float() if grad.dtype != torch.float32 else grad

@@ -189,8 +189,8 @@ def test_adalomo_worked_examples_with_the_rule_alone():
 
 
 def test_rules_are_first_in_lowmem_py_and_need_only_torch():
-    """The rules are the file's first definitions, say their formulas, and run where cffi is
-    missing (an import of it fails) with only torch: nothing else is needed to read or use them."""
+    """The rules are the file's first definitions, say their formulas (those of DESIGN.md "AdaLomo"
+    and its neighbours), and run where cffi is missing (its import fails) with only torch."""
     source = open(lowmem.__file__).read().splitlines()
     first = {name: next(i + 1 for i, line in enumerate(source) if line.startswith(f"def {name}("))
              for name in ("lomo_update", "adalomo_update", "adam_mini_update")}
@@ -219,7 +219,7 @@ def test_rules_are_first_in_lowmem_py_and_need_only_torch():
 
 @pytest.mark.parametrize("fused", [False, True])
 def test_adalomo_worked_examples(fused):
-    """The two worked examples of REFERENCE.md 2, as literal numbers."""
+    """The two worked examples of DESIGN.md "AdaLomo", as literal numbers, through the optimizer."""
     cases = [([[0.5, -0.5], [1.0, 2.0]], [[1.0, 0.0], [0.0, 2.0]], [[0.290238, -0.5], [1.0, 1.895119]]),
              ([0.5, -2.0, 1e-4, 3.0], [2.0, -3.0, 5.0, 0.0], [0.317997, -1.817997, -0.181903, 3.0])]
     for w, g, expected in cases:
@@ -1224,7 +1224,7 @@ def test_train_gpt2_amp_bf16_autocast_trains(tmp_path, optimizer, compile):
 
 @pytest.mark.skipif(__import__("sys").version_info[:2] != (3, 11), reason="the band is for Python 3.11's docs (the data)")
 def test_default_run_first_250_iterations_land_in_the_readme_band(tmp_path):
-    """README: the default run's losses depend on the CPU in the third digit (torch's AVX2 or
+    """RESULTS.md: the default run's losses depend on the CPU in the third digit (torch's AVX2 or
     AVX-512 kernels, the thread count); its first 250 iterations land in the band it states."""
     h = train_gpt2.train(train_gpt2.parse_config([f"--out_dir={str(tmp_path)!r}", "--max_iters=250",
                                                   "--lr_decay_iters=1500", "--sample_tokens=0"]))
@@ -1259,7 +1259,7 @@ def _run_torchrun(cmd, timeout):
             out, err = proc.communicate(timeout=timeout)
             return subprocess.CompletedProcess(cmd, proc.returncode, out, err), None
         except subprocess.TimeoutExpired:
-            for pid in _child_pids(proc.pid):  # torchrun starts each rank in its own session
+            for pid in _child_pids(proc.pid):  # torchrun starts each rank with setsid
                 os.kill(pid, signal.SIGABRT)
             time.sleep(5)  # the ranks write to torchrun's pipes: their stacks are there once they end
             proc.send_signal(signal.SIGABRT)  # and torchrun's own stack, should the hang be its own
@@ -1855,7 +1855,7 @@ def test_sample_is_seeded_top_k_and_greedy_at_temperature_0():
 
 
 def test_bench_gpu_quick_on_cpu_writes_every_section(tmp_path):
-    """`bench.py gpu` is for a lent GPU; --quick --device=cpu runs a tiny version of each stage."""
+    """`bench.py gpu` is for a GPU machine; --quick --device=cpu runs a tiny version of each stage."""
     report = tmp_path / "report.md"
     run = script_cli("bench.py", "gpu", "--quick", "--device=cpu", f"--report={report}", timeout=600)
     assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
@@ -2033,3 +2033,76 @@ def test_wheel_ships_the_kernel_source_beside_the_module(tmp_path):
                          check=True).stdout.split()
     assert out[:2] == [str(tmp_path / "site"), "True"]
     assert out[2] == lowmem.kernels("cpu")  # "c" wherever this process has the C kernels
+
+
+# ---------------------------------------------------------------------------- the documents
+
+
+def python_blocks(path):
+    """The ```python blocks of a Markdown file, in order."""
+    text = open(os.path.join(ROOT, path)).read()
+    return [part.split("\n```")[0] for part in text.split("```python\n")[1:]]
+
+
+def test_readme_python_blocks_run(tmp_path, monkeypatch):
+    """Every ```python block of the README runs as written (in order, each in a fresh namespace,
+    in an empty directory), so that the snippets a newcomer copies cannot rot."""
+    pytest.importorskip("transformers")
+    pytest.importorskip("accelerate")
+    blocks = python_blocks("README.md")
+    assert len(blocks) >= 3
+    monkeypatch.chdir(tmp_path)
+    for block in blocks:
+        out = io.StringIO()
+        with contextlib.redirect_stdout(out):
+            exec(compile(block, "README.md", "exec"), {"__name__": "__readme__"})
+        if "adalomo_update(w, g" in block:  # the printed worked example is the one it shows
+            assert "0.2902" in out.getvalue() and "1.8951" in out.getvalue(), out.getvalue()
+            assert "head torch.Size([4])" in out.getvalue()
+
+
+DOCS = ("README.md", "DESIGN.md", "RESULTS.md")
+
+
+def project_files():
+    out = subprocess.run(["git", "ls-files"], cwd=ROOT, capture_output=True, text=True)
+    tracked = out.stdout.split() if out.returncode == 0 else []
+    names = set(tracked) | {n for n in os.listdir(ROOT) if n.endswith((".py", ".c", ".md"))}
+    return sorted(n for n in names if n.endswith((".py", ".c", ".md", ".toml")) or n.startswith(".ci/"))
+
+
+def test_every_citation_names_a_file_and_section_of_the_repository():
+    """A citation is a document and a heading in quotes (DESIGN.md "AdaLomo"); the file is in the repository
+    and has that heading. Nothing cites a document the repository does not ship."""
+    import re
+    headings = {}
+    for doc in DOCS:
+        headings[doc] = {line.lstrip("#").strip() for line in open(os.path.join(ROOT, doc)) if line.startswith("#")}
+    cited = 0
+    for name in project_files():
+        text = open(os.path.join(ROOT, name)).read()
+        for doc, section in re.findall(r"\b([A-Z]+\.md),? \"([^\"]+)\"", text):
+            assert doc in headings, f"{name} cites {doc}, which is not in the repository"
+            assert section in headings[doc], f"{name} cites {doc} \"{section}\", which has no such section"
+            cited += 1
+        for doc in re.findall(r"\b([A-Z][A-Z_]*\.md)\b", text):  # the project's documents are named in capitals
+            assert os.path.exists(os.path.join(ROOT, doc)), f"{name} names {doc}, which is not in the repository"
+        assert "REFER" + "ENCE" not in text, name  # a document the repository does not ship
+    assert cited >= 8
+
+
+def test_the_project_speaks_only_of_the_software():
+    """No file says how or by whom it was made; commit hashes stand only in RESULTS.md."""
+    import re
+    words = ["ses" + "sion", "this " + "version", "previous " + "version", "C" + "EO", "was " + "lent", "GPU " + "lent"]
+    for name in project_files():
+        text = open(os.path.join(ROOT, name)).read()
+        for word in words:
+            assert not re.search(rf"\b{word}\b", text, re.IGNORECASE), f"{name} says '{word}'"
+        if name != "RESULTS.md" and name.endswith(".md"):
+            assert not re.search(r"\b(commit|at) [0-9a-f]{7}\b", text), name
+
+
+def test_readme_is_short():
+    """The README is a five-minute read; the measurements live in RESULTS.md."""
+    assert len(open(os.path.join(ROOT, "README.md")).read().splitlines()) <= 300

@@ -77,7 +77,7 @@ fsdp = False  # under torchrun: shard parameters, gradients and optimizer state 
 seed = 1337  # model init, data order and the sample
 # ----------------------------------------------------------------------------------------
 
-# Tuned on the default run (1500 iterations, best val loss; README "Convergence"): AdaLomo lr
+# Tuned on the default run (1500 iterations, best val loss; RESULTS.md "Convergence: `python bench.py converge`"): AdaLomo lr
 # 0.01 / 0.03 / 0.05 / 0.1 -> 2.41 / 1.84 / 1.77 / 2.09; LOMO/SGD 0.1 / 0.2 / 0.4 / 0.8 / 1.6 ->
 # 2.619 / 2.589 / 2.575 / 2.568 / 2.595 (0.4, not 0.8: 0.3% apart at the end, 0.4 ahead until
 # iteration 1000 and one doubling further from where larger lrs get worse).
@@ -190,7 +190,7 @@ class GPT(nn.Module):
         for block in self.transformer.h:
             if self.config.activation_checkpointing and self.training:
                 # use_reentrant=False: the reentrant variant can fire a tied weight's
-                # post-accumulate hook twice with partial gradients (REFERENCE 4)
+                # post-accumulate hook twice with partial gradients (DESIGN.md "Updates inside backward")
                 x = torch.utils.checkpoint.checkpoint(block, x, use_reentrant=False)
             else:
                 x = block(x)
@@ -802,7 +802,7 @@ class Trainer:
             self.data_gen.set_state(ckpt["data_rng"])
             torch.set_rng_state(ckpt["torch_rng"])
             self.start, self.best_val = ckpt["iter_num"], ckpt["best_val_loss"]
-        # Fused drivers are never DDP-wrapped: lowmem averages each gradient in its hook (REFERENCE 4).
+        # Fused drivers are never DDP-wrapped: lowmem averages each gradient in its hook (DESIGN.md "Updates inside backward").
         self.ddp = world > 1 and not cfg["fused"] and not cfg["fsdp"]
         self.train_model = nn.parallel.DistributedDataParallel(model) if self.ddp else model
         if cfg["compile"]:
