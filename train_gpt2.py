@@ -9,6 +9,10 @@ Config is the plain globals below; a config file (Python assignments) and --key=
 arguments override them, in order. The default data is text that ships with Python (the
 stdlib's documentation topics and docstrings) as bytes, so nothing is ever downloaded.
 `GPT`, `GPTConfig` and `Data` import without side effects (tests and bench.py use them).
+
+The file in order: the config globals; the training loop (`train`, then `Trainer`, whose
+`step` is one optimizer step with either lowmem driver, shared with train_llama.py); the GPT-2
+model; Hugging Face checkpoints; the data; config parsing; the training helpers.
 """
 import ast
 import glob
@@ -94,6 +98,156 @@ OPTIONAL = {"out_dir": str, "fused": bool, "learning_rate": float, "lr_decay_ite
 CONFIG_KEYS = [k for k, v in list(globals().items()) if not k.startswith("_") and k.islower()
                and (isinstance(v, (int, float, bool, str)) or k in OPTIONAL)]
 DEFAULTS = {k: globals()[k] for k in CONFIG_KEYS}
+
+
+# ----------------------------------------------------------------------------------------
+# the training loop: train() builds one run; Trainer.step() is one optimizer step, fused
+# (opt.fused_backward) or classic (micro-batches, backward, clip, opt.step); Trainer.run() the
+# schedule, logging and evaluation. Everything it calls is defined further down.
+
+
+def train(cfg):
+    """One GPT-2 training job; returns the Trainer's history."""
+    dev, rank, world = setup_device(cfg["device"])
+    if cfg["dataset"] == "stdlib" and rank == 0:
+        prepare_stdlib()  # once, cached under data/stdlib
+    if world > 1:
+        dist.barrier()
+    data = Data(STDLIB_DIR if cfg["dataset"] == "stdlib" else cfg["dataset"], cfg["block_size"])
+    torch.manual_seed(cfg["seed"])  # same init on every rank
+    ckpt = load_checkpoint(cfg, ("n_layer", "n_head", "n_embd", "block_size", "bias", "dataset")) \
+        if cfg["init_from"] == "resume" else None
+    model = build_model(cfg, data)
+    trainer = Trainer(model, cfg, dev, rank, world, ckpt)
+    tokens_per_iter = cfg["batch_size"] * cfg["block_size"] * cfg["gradient_accumulation_steps"] * world
+    trainer.log(f"{model.num_params() / 1e6:.2f}M parameters | {cfg['optimizer']} "
+                f"({'fused' if cfg['fused'] else 'classic'}) lr {cfg['learning_rate']:g} | {cfg['dtype']} on {dev}"
+                f"{f' x{world}' if world > 1 else ''} | vocab {data.vocab_size} | {tokens_per_iter:,} tokens/iter")
+
+    def evaluate():  # the same eval_iters val batches every time
+        gen = torch.Generator().manual_seed(cfg["seed"] + 1)
+        return estimate_loss(model, lambda: data.batch("val", cfg["batch_size"], gen, dev), cfg["eval_iters"])
+
+    history = trainer.run(lambda: data.batch("train", cfg["batch_size"], trainer.data_gen, dev), evaluate,
+                          tokens_per_iter)
+    if cfg["sample_tokens"] and (rank == 0 or cfg["fsdp"]):  # FSDP2's forward needs every rank
+        prompt = data.batch("val", 1, torch.Generator().manual_seed(0), dev)[0][:, :32]
+        out = model.eval().generate(prompt, cfg["sample_tokens"], cfg["temperature"], cfg["top_k"],
+                                    torch.Generator().manual_seed(cfg["seed"]))[0].tolist()
+        trainer.log(f"sample (temperature {cfg['temperature']:g}, top_k {cfg['top_k']}; prompt: 32 val tokens):"
+                    f"\n{data.decode(out)}\n")
+    trainer.log(f"done: {cfg['max_iters']} iters | best val loss {history['best_val']:.4f} | peak memory "
+                f"{history['peak_mb']:,.0f} MB | optimizer state {history['state_bytes'] / 2 ** 20:.2f} MB")
+    leave_process_group(world)
+    return history
+
+
+def build_model(cfg, data):
+    if cfg["init_from"] in ("scratch", "resume"):
+        return GPT(GPTConfig(cfg["block_size"], data.vocab_size, cfg["n_layer"], cfg["n_head"], cfg["n_embd"],
+                             cfg["dropout"], cfg["bias"], cfg["activation_checkpointing"]))
+    model = GPT.from_pretrained(cfg["init_from"], dropout=cfg["dropout"],
+                                activation_checkpointing=cfg["activation_checkpointing"])
+    if data.vocab_size > model.config.vocab_size or cfg["block_size"] > model.config.block_size:
+        raise SystemExit(f"init_from={cfg['init_from']}: the model (vocab {model.config.vocab_size}, context "
+                         f"{model.config.block_size}) is smaller than the data (vocab {data.vocab_size}) or block_size")
+    return model
+
+
+class Trainer:
+    """The training loop of both scripts: model(x, y) -> (logits, loss); `next_batch()` gives
+    (x, y) on the device; `evaluate()` the val loss. Knows the fused and classic drivers,
+    DDP, accumulation, the lr schedule, logging and checkpoints. `run()` returns a history."""
+
+    def __init__(self, model, cfg, dev, rank=0, world=1, ckpt=None, seed_offset=0):
+        self.model, self.cfg, self.dev, self.rank, self.world = model, cfg, dev, rank, world
+        if not lowmem._is_fsdp_module(model):  # not sharded already (train_llama's pre-training does it)
+            model.to(device=dev, dtype=getattr(torch, cfg["dtype"]))
+            if cfg["fsdp"]:
+                shard_model(model)
+        if ckpt:
+            load_model_state(model, ckpt["model"], cfg["fsdp"])
+        self.opt = make_optimizer(model, cfg)  # after sharding: it sees this rank's rows
+        self.data_gen = torch.Generator().manual_seed(cfg["seed"] + 1000 + rank + seed_offset)
+        self.start, self.best_val = 0, float("inf")
+        if ckpt:
+            self.opt.load_state_dict(ckpt["optimizer"])
+            self.data_gen.set_state(ckpt["data_rng"])
+            torch.set_rng_state(ckpt["torch_rng"])
+            self.start, self.best_val = ckpt["iter_num"], ckpt["best_val_loss"]
+        # Fused drivers are never DDP-wrapped: lowmem averages each gradient in its hook (DESIGN.md "Updates inside backward").
+        self.ddp = world > 1 and not cfg["fused"] and not cfg["fsdp"]
+        self.train_model = nn.parallel.DistributedDataParallel(model) if self.ddp else model
+        if cfg["compile"]:
+            self.train_model = torch.compile(self.train_model)
+        self.autocast = torch.autocast(dev.type, dtype=torch.bfloat16) if cfg["amp"] else nullcontext()
+        self.log = print if rank == 0 else (lambda *a, **k: None)
+        check_out_dir(cfg)  # on every rank, so that all of them stop
+        if rank == 0:
+            os.makedirs(cfg["out_dir"], exist_ok=True)
+
+    def step(self, next_batch):
+        """One optimizer step; returns the last micro-batch loss (a tensor) and whether it was applied."""
+        accum = self.cfg["gradient_accumulation_steps"]
+        if self.cfg["fused"]:
+            with self.autocast:
+                loss = self.train_model(*next_batch())[1]
+            return loss, self.opt.fused_backward(loss)
+        for micro in range(accum):
+            sync = self.train_model.no_sync() if self.ddp and micro < accum - 1 else nullcontext()
+            with sync, self.autocast:
+                loss = self.train_model(*next_batch())[1]
+                (loss / accum).backward()
+        if self.cfg["grad_clip"] and not hasattr(self.opt, "fused_backward"):  # lowmem clips in step()
+            nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg["grad_clip"])
+        self.opt.step()
+        self.opt.zero_grad(set_to_none=True)
+        return loss, True
+
+    def run(self, next_batch, evaluate, tokens_per_iter):
+        cfg, history = self.cfg, {"train": [], "val": [], "skipped": 0, "ms_per_iter": []}
+        it, t0, timed = self.start, time.time(), 0
+        while True:
+            if it % cfg["eval_interval"] == 0 or it == cfg["max_iters"]:
+                self._evaluate(it, evaluate, history)
+                t0, timed = time.time(), 0
+            if it >= cfg["max_iters"]:
+                break
+            lr = get_lr(it, cfg)
+            for group in self.opt.param_groups:
+                group["lr"] = lr
+            loss, applied = self.step(next_batch)
+            history["skipped"] += not applied
+            it, timed = it + 1, timed + 1
+            if it % cfg["log_interval"] == 0 or it == cfg["max_iters"]:
+                history["train"].append((it, loss.item()))  # the only per-interval host sync
+                dt = (time.time() - t0) / timed
+                history["ms_per_iter"].append(dt * 1000)
+                self.log(f"iter {it} | loss {history['train'][-1][1]:.4f} | lr {lr:.2e} | {dt * 1000:.1f} ms/iter | "
+                         f"{tokens_per_iter / dt:,.0f} tok/s | peak {peak_memory_mb(self.dev):,.0f} MB | "
+                         f"opt state {state_bytes(self.opt) / 2 ** 20:.2f} MB" + (" | skipped (fp16 overflow)" if not applied else ""))
+                t0, timed = time.time(), 0
+        history.update(best_val=self.best_val, peak_mb=peak_memory_mb(self.dev), state_bytes=state_bytes(self.opt))
+        return history
+
+    def _evaluate(self, it, evaluate, history):
+        if self.rank != 0 and not self.cfg["fsdp"]:  # FSDP2's forward needs every rank
+            return
+        val = evaluate()
+        self.best_val = min(self.best_val, val)
+        history["val"].append((it, val))
+        self.log(f"iter {it}: val loss {val:.4f} (best {self.best_val:.4f})")
+        if it > self.start:
+            save_checkpoint(self.cfg, self.model, self.opt, it, self.best_val, self.data_gen)
+
+
+@torch.no_grad()
+def estimate_loss(model, batches, n):
+    """Mean loss over n batches from `batches()`, in eval mode."""
+    model.eval()
+    losses = [model(*batches())[1].item() for _ in range(n)]
+    model.train()
+    return sum(losses) / len(losses)
 
 
 # ----------------------------------------------------------------------------------------
@@ -588,7 +742,7 @@ def validate_gpt2(cfg):
 
 
 # ----------------------------------------------------------------------------------------
-# training (the loop is shared with train_llama.py)
+# training helpers (shared with train_llama.py): lr schedule, optimizers, devices, checkpoints
 
 def get_lr(it, cfg):
     """Linear warmup, then cosine (or linear) decay to min_lr at lr_decay_iters (nanoGPT)."""
@@ -779,150 +933,6 @@ def shard_model(model):
             for block in module:
                 fully_shard(block)
     fully_shard(model)
-
-
-class Trainer:
-    """The training loop of both scripts: model(x, y) -> (logits, loss); `next_batch()` gives
-    (x, y) on the device; `evaluate()` the val loss. Knows the fused and classic drivers,
-    DDP, accumulation, the lr schedule, logging and checkpoints. `run()` returns a history."""
-
-    def __init__(self, model, cfg, dev, rank=0, world=1, ckpt=None, seed_offset=0):
-        self.model, self.cfg, self.dev, self.rank, self.world = model, cfg, dev, rank, world
-        if not lowmem._is_fsdp_module(model):  # not sharded already (train_llama's pre-training does it)
-            model.to(device=dev, dtype=getattr(torch, cfg["dtype"]))
-            if cfg["fsdp"]:
-                shard_model(model)
-        if ckpt:
-            load_model_state(model, ckpt["model"], cfg["fsdp"])
-        self.opt = make_optimizer(model, cfg)  # after sharding: it sees this rank's rows
-        self.data_gen = torch.Generator().manual_seed(cfg["seed"] + 1000 + rank + seed_offset)
-        self.start, self.best_val = 0, float("inf")
-        if ckpt:
-            self.opt.load_state_dict(ckpt["optimizer"])
-            self.data_gen.set_state(ckpt["data_rng"])
-            torch.set_rng_state(ckpt["torch_rng"])
-            self.start, self.best_val = ckpt["iter_num"], ckpt["best_val_loss"]
-        # Fused drivers are never DDP-wrapped: lowmem averages each gradient in its hook (DESIGN.md "Updates inside backward").
-        self.ddp = world > 1 and not cfg["fused"] and not cfg["fsdp"]
-        self.train_model = nn.parallel.DistributedDataParallel(model) if self.ddp else model
-        if cfg["compile"]:
-            self.train_model = torch.compile(self.train_model)
-        self.autocast = torch.autocast(dev.type, dtype=torch.bfloat16) if cfg["amp"] else nullcontext()
-        self.log = print if rank == 0 else (lambda *a, **k: None)
-        check_out_dir(cfg)  # on every rank, so that all of them stop
-        if rank == 0:
-            os.makedirs(cfg["out_dir"], exist_ok=True)
-
-    def step(self, next_batch):
-        """One optimizer step; returns the last micro-batch loss (a tensor) and whether it was applied."""
-        accum = self.cfg["gradient_accumulation_steps"]
-        if self.cfg["fused"]:
-            with self.autocast:
-                loss = self.train_model(*next_batch())[1]
-            return loss, self.opt.fused_backward(loss)
-        for micro in range(accum):
-            sync = self.train_model.no_sync() if self.ddp and micro < accum - 1 else nullcontext()
-            with sync, self.autocast:
-                loss = self.train_model(*next_batch())[1]
-                (loss / accum).backward()
-        if self.cfg["grad_clip"] and not hasattr(self.opt, "fused_backward"):  # lowmem clips in step()
-            nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg["grad_clip"])
-        self.opt.step()
-        self.opt.zero_grad(set_to_none=True)
-        return loss, True
-
-    def run(self, next_batch, evaluate, tokens_per_iter):
-        cfg, history = self.cfg, {"train": [], "val": [], "skipped": 0, "ms_per_iter": []}
-        it, t0, timed = self.start, time.time(), 0
-        while True:
-            if it % cfg["eval_interval"] == 0 or it == cfg["max_iters"]:
-                self._evaluate(it, evaluate, history)
-                t0, timed = time.time(), 0
-            if it >= cfg["max_iters"]:
-                break
-            lr = get_lr(it, cfg)
-            for group in self.opt.param_groups:
-                group["lr"] = lr
-            loss, applied = self.step(next_batch)
-            history["skipped"] += not applied
-            it, timed = it + 1, timed + 1
-            if it % cfg["log_interval"] == 0 or it == cfg["max_iters"]:
-                history["train"].append((it, loss.item()))  # the only per-interval host sync
-                dt = (time.time() - t0) / timed
-                history["ms_per_iter"].append(dt * 1000)
-                self.log(f"iter {it} | loss {history['train'][-1][1]:.4f} | lr {lr:.2e} | {dt * 1000:.1f} ms/iter | "
-                         f"{tokens_per_iter / dt:,.0f} tok/s | peak {peak_memory_mb(self.dev):,.0f} MB | "
-                         f"opt state {state_bytes(self.opt) / 2 ** 20:.2f} MB" + (" | skipped (fp16 overflow)" if not applied else ""))
-                t0, timed = time.time(), 0
-        history.update(best_val=self.best_val, peak_mb=peak_memory_mb(self.dev), state_bytes=state_bytes(self.opt))
-        return history
-
-    def _evaluate(self, it, evaluate, history):
-        if self.rank != 0 and not self.cfg["fsdp"]:  # FSDP2's forward needs every rank
-            return
-        val = evaluate()
-        self.best_val = min(self.best_val, val)
-        history["val"].append((it, val))
-        self.log(f"iter {it}: val loss {val:.4f} (best {self.best_val:.4f})")
-        if it > self.start:
-            save_checkpoint(self.cfg, self.model, self.opt, it, self.best_val, self.data_gen)
-
-
-@torch.no_grad()
-def estimate_loss(model, batches, n):
-    """Mean loss over n batches from `batches()`, in eval mode."""
-    model.eval()
-    losses = [model(*batches())[1].item() for _ in range(n)]
-    model.train()
-    return sum(losses) / len(losses)
-
-
-def train(cfg):
-    """One GPT-2 training job; returns the Trainer's history."""
-    dev, rank, world = setup_device(cfg["device"])
-    if cfg["dataset"] == "stdlib" and rank == 0:
-        prepare_stdlib()  # once, cached under data/stdlib
-    if world > 1:
-        dist.barrier()
-    data = Data(STDLIB_DIR if cfg["dataset"] == "stdlib" else cfg["dataset"], cfg["block_size"])
-    torch.manual_seed(cfg["seed"])  # same init on every rank
-    ckpt = load_checkpoint(cfg, ("n_layer", "n_head", "n_embd", "block_size", "bias", "dataset")) \
-        if cfg["init_from"] == "resume" else None
-    model = build_model(cfg, data)
-    trainer = Trainer(model, cfg, dev, rank, world, ckpt)
-    tokens_per_iter = cfg["batch_size"] * cfg["block_size"] * cfg["gradient_accumulation_steps"] * world
-    trainer.log(f"{model.num_params() / 1e6:.2f}M parameters | {cfg['optimizer']} "
-                f"({'fused' if cfg['fused'] else 'classic'}) lr {cfg['learning_rate']:g} | {cfg['dtype']} on {dev}"
-                f"{f' x{world}' if world > 1 else ''} | vocab {data.vocab_size} | {tokens_per_iter:,} tokens/iter")
-
-    def evaluate():  # the same eval_iters val batches every time
-        gen = torch.Generator().manual_seed(cfg["seed"] + 1)
-        return estimate_loss(model, lambda: data.batch("val", cfg["batch_size"], gen, dev), cfg["eval_iters"])
-
-    history = trainer.run(lambda: data.batch("train", cfg["batch_size"], trainer.data_gen, dev), evaluate,
-                          tokens_per_iter)
-    if cfg["sample_tokens"] and (rank == 0 or cfg["fsdp"]):  # FSDP2's forward needs every rank
-        prompt = data.batch("val", 1, torch.Generator().manual_seed(0), dev)[0][:, :32]
-        out = model.eval().generate(prompt, cfg["sample_tokens"], cfg["temperature"], cfg["top_k"],
-                                    torch.Generator().manual_seed(cfg["seed"]))[0].tolist()
-        trainer.log(f"sample (temperature {cfg['temperature']:g}, top_k {cfg['top_k']}; prompt: 32 val tokens):"
-                    f"\n{data.decode(out)}\n")
-    trainer.log(f"done: {cfg['max_iters']} iters | best val loss {history['best_val']:.4f} | peak memory "
-                f"{history['peak_mb']:,.0f} MB | optimizer state {history['state_bytes'] / 2 ** 20:.2f} MB")
-    leave_process_group(world)
-    return history
-
-
-def build_model(cfg, data):
-    if cfg["init_from"] in ("scratch", "resume"):
-        return GPT(GPTConfig(cfg["block_size"], data.vocab_size, cfg["n_layer"], cfg["n_head"], cfg["n_embd"],
-                             cfg["dropout"], cfg["bias"], cfg["activation_checkpointing"]))
-    model = GPT.from_pretrained(cfg["init_from"], dropout=cfg["dropout"],
-                                activation_checkpointing=cfg["activation_checkpointing"])
-    if data.vocab_size > model.config.vocab_size or cfg["block_size"] > model.config.block_size:
-        raise SystemExit(f"init_from={cfg['init_from']}: the model (vocab {model.config.vocab_size}, context "
-                         f"{model.config.block_size}) is smaller than the data (vocab {data.vocab_size}) or block_size")
-    return model
 
 
 if __name__ == "__main__":
