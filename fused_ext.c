@@ -3,7 +3,8 @@
    Build (lowmem.py does this on first use and caches the result):
      cc   -O3 -march=native -fopenmp -fno-math-errno -fPIC -shared -std=c99 fused_ext.c -o fused_ext.so
      nvcc -O3 --fmad=false -x cu -arch=native -shared -Xcompiler -fPIC fused_ext.c -o fused_ext_cuda.so
-   (--fmad=false: no contraction into FMA, so results round exactly as PyTorch's ops do)
+   (--fmad=false: no contraction into FMA, so the CUDA build rounds exactly as the CPU build;
+    torch's own CUDA ops contract, so they can differ from either by an ulp or two)
 
    One exported C ABI for both builds. lowmem.py reads its cffi declarations from this file:
    keep each struct typedef on one line, and each CPU entry point as "int lm_name(...) {".
@@ -65,12 +66,16 @@ HD float load(const void *x, int dt, int64_t i) {
     return half2f(((const uint16_t *)x)[i]);
 }
 /* Stochastic rounding to bf16: add 16 random bits below the cut, then truncate. The random
-   bits are a hash of (seed, index): reproducible and independent of the thread schedule. */
-HD uint32_t hash_bits(uint64_t seed, int64_t i) {
-    uint64_t z = seed + (uint64_t)i * 0x9E3779B97F4A7C15ull;
+   bits are a hash of (seed, index): reproducible and independent of the thread schedule. The
+   seed is mixed before the index is added: with seed + i*golden alone, seed s + golden would
+   draw seed s's bits shifted by one element, and lowmem's per-call seeds step by one. */
+HD uint64_t mix64(uint64_t z) {  /* splitmix64's finalizer */
     z = (z ^ (z >> 30)) * 0xBF58476D1CE4E5B9ull;
     z = (z ^ (z >> 27)) * 0x94D049BB133111EBull;
-    return (uint32_t)(z ^ (z >> 31)) & 0xFFFF;
+    return z ^ (z >> 31);
+}
+HD uint32_t hash_bits(uint64_t seed, int64_t i) {
+    return (uint32_t)mix64(mix64(seed) + (uint64_t)i * 0x9E3779B97F4A7C15ull) & 0xFFFF;
 }
 HD void store(void *x, int dt, int64_t i, float v, int sr, uint64_t seed) {
     if (dt == 0) { ((float *)x)[i] = v; return; }
@@ -80,9 +85,13 @@ HD void store(void *x, int dt, int64_t i, float v, int sr, uint64_t seed) {
     else u = (uint32_t)f2bf16(v) << 16;
     ((uint16_t *)x)[i] = (uint16_t)(u >> 16);
 }
+/* Bounds as torch.clamp has them: NaN stays NaN (fminf/fmaxf would return the bound, so a NaN
+   gradient would become a full clip-sized step and hide the divergence). */
+HD float at_least(float x, float lo) { return x < lo ? lo : x; }
+HD float clip_to(float x, float c) { return x < -c ? -c : (x > c ? c : x); }
 HD float prep(const void *g, int dt, int64_t i, prep_t q) {
     float x = load(g, dt, i) * q.inv_scale;
-    if (q.clip > 0.0f) x = fminf(fmaxf(x, -q.clip), q.clip);
+    if (q.clip > 0.0f) x = clip_to(x, q.clip);
     return x * q.coef;
 }
 /* Adam-style element update shared by Adam-mini blocks and AdamW elements. Scalars come
@@ -142,7 +151,7 @@ static const float *grad_view(float *buf, const void *g, int dt, int64_t o, int6
     if (dt == 0 && q.clip <= 0.0f && q.inv_scale == 1.0f && q.coef == 1.0f) return (const float *)g + o;
     float *d = view(buf, g, dt, o, n);
     if (d != buf) { for (int64_t i = 0; i < n; i++) buf[i] = d[i]; d = buf; }
-    if (q.clip > 0.0f) for (int64_t i = 0; i < n; i++) d[i] = fminf(fmaxf(d[i] * q.inv_scale, -q.clip), q.clip) * q.coef;
+    if (q.clip > 0.0f) for (int64_t i = 0; i < n; i++) d[i] = clip_to(d[i] * q.inv_scale, q.clip) * q.coef;
     else for (int64_t i = 0; i < n; i++) d[i] = d[i] * q.inv_scale * q.coef;
     return d;
 }
@@ -361,8 +370,8 @@ int lm_adalomo(void *p, int pdt, const void *g, int gdt, float *row, float *col,
     float usq = 0.0f, psq = 0.0f;
     lm_factored_sumsq(g, gdt, batch, rows, cols, q, r, c, &usq, stream);
     lm_sumsq(p, pdt, n, 1.0f, &psq, stream);
-    float lr_t = h.lr * fmaxf(sqrtf(psq / n), h.eps2);               /* scaled by RMS(p), before decay */
-    float clip_div = fmaxf(sqrtf(usq / n) / h.clip_threshold, 1.0f);  /* grouped update normalization */
+    float lr_t = h.lr * at_least(sqrtf(psq / n), h.eps2);               /* scaled by RMS(p), before decay */
+    float clip_div = at_least(sqrtf(usq / n) / h.clip_threshold, 1.0f);  /* grouped update normalization */
     float k[2] = {1.0f - lr_t * h.weight_decay, lr_t / clip_div};
     lm_factored_apply(p, pdt, g, gdt, batch, rows, cols, q, r, c, k, sr, seed, stream);
     free(r); free(c);
@@ -372,7 +381,9 @@ int lm_adalomo(void *p, int pdt, const void *g, int gdt, float *row, float *col,
 #else
 /* ===================================== CUDA ========================================= */
 #define THREADS 256
-static int grid_for(int64_t n) { int64_t b = (n + THREADS - 1) / THREADS; return (int)(b < 4096 ? (b > 0 ? b : 1) : 4096); }
+#define MAX_BLOCKS 4096  /* every kernel strides past its grid: no launch depends on the size's range */
+static int capped(int64_t blocks) { return (int)(blocks < MAX_BLOCKS ? (blocks > 0 ? blocks : 1) : MAX_BLOCKS); }
+static int grid_for(int64_t n) { return capped((n + THREADS - 1) / THREADS); }
 
 __device__ float block_sum(float x) {  /* sum over the block; valid in thread 0 */
     __shared__ float warp[THREADS / 32];
@@ -405,22 +416,27 @@ __global__ void k_adam_elem(void *p, int pdt, const void *g, int gdt, float *m, 
         adam_elem(p, pdt, m, gi, v[i], i, h, sr, seed);
     }
 }
-__global__ void k_adam_blocks(void *p, int pdt, const void *g, int gdt, float *m, float *v, const int64_t *start, prep_t q, adam_t h, int sr, uint64_t seed) {
-    __shared__ float vb;  /* one CUDA block per Adam-mini block */
-    int64_t a = start[blockIdx.x], e = start[blockIdx.x + 1];
-    float acc = 0.0f;
-    for (int64_t i = a + threadIdx.x; i < e; i += blockDim.x) { float gi = prep(g, gdt, i, q); acc += gi * gi; }
-    acc = block_sum(acc);
-    if (threadIdx.x == 0) { vb = adam_v(v[blockIdx.x], acc / (float)(e - a), h); v[blockIdx.x] = vb; }
-    __syncthreads();
-    for (int64_t i = a + threadIdx.x; i < e; i += blockDim.x) adam_elem(p, pdt, m, prep(g, gdt, i, q), vb, i, h, sr, seed);
+__global__ void k_adam_blocks(void *p, int pdt, const void *g, int gdt, float *m, float *v, const int64_t *start, int64_t n_v, prep_t q, adam_t h, int sr, uint64_t seed) {
+    __shared__ float vb;  /* one CUDA block per Adam-mini block at a time */
+    for (int64_t b = blockIdx.x; b < n_v; b += gridDim.x) {
+        int64_t a = start[b], e = start[b + 1];
+        float acc = 0.0f;
+        for (int64_t i = a + threadIdx.x; i < e; i += blockDim.x) { float gi = prep(g, gdt, i, q); acc += gi * gi; }
+        acc = block_sum(acc);  /* its barriers also keep vb until every thread is done with it */
+        if (threadIdx.x == 0) { vb = adam_v(v[b], acc / (float)(e - a), h); v[b] = vb; }
+        __syncthreads();
+        for (int64_t i = a + threadIdx.x; i < e; i += blockDim.x) adam_elem(p, pdt, m, prep(g, gdt, i, q), vb, i, h, sr, seed);
+    }
 }
-__global__ void k_rowsum(const void *g, int gdt, int64_t cols, prep_t q, float add, float *rowsum) {
-    float acc = 0.0f;
-    for (int64_t j = threadIdx.x; j < cols; j += blockDim.x) { float x = prep(g, gdt, blockIdx.x * cols + j, q); acc += x * x + add; }
-    acc = block_sum(acc);
-    if (threadIdx.x == 0) rowsum[blockIdx.x] = acc;
+__global__ void k_rowsum(const void *g, int gdt, int64_t rows, int64_t cols, prep_t q, float add, float *rowsum) {
+    for (int64_t i = blockIdx.x; i < rows; i += gridDim.x) {  /* one CUDA block per row at a time */
+        float acc = 0.0f;
+        for (int64_t j = threadIdx.x; j < cols; j += blockDim.x) { float x = prep(g, gdt, i * cols + j, q); acc += x * x + add; }
+        acc = block_sum(acc);
+        if (threadIdx.x == 0) rowsum[i] = acc;
+    }
 }
+__global__ void k_fill(float *x, int64_t n, float value) { GLOBAL_LOOP(i, n) x[i] = value; }
 __global__ void k_adam_rows(void *p, int pdt, const void *g, int gdt, float *m, const float *vrow, int64_t rows, int64_t cols, prep_t q, adam_t h, int sr, uint64_t seed) {
     for (int64_t i = blockIdx.x; i < rows; i += gridDim.x) {  /* one CUDA block per row */
         float denom = adam_denom(vrow[i], h);
@@ -433,7 +449,7 @@ __global__ void k_adam_rows(void *p, int pdt, const void *g, int gdt, float *m, 
 }
 __global__ void k_colsum(const void *g, int gdt, int64_t batch, int64_t rows, int64_t cols, prep_t q, float add, float *colsum) {
     /* work item = (batch, chunk of 32 rows, column): adjacent threads read adjacent columns
-       (coalesced) and there is enough parallelism for tall matrices; colsum starts zeroed */
+       (coalesced) and there is enough parallelism for tall matrices; colsum is zeroed first */
     int64_t chunks = (rows + 31) / 32;
     GLOBAL_LOOP(item, batch * chunks * cols) {
         int64_t c = item % cols, bk = item / cols, b = bk / chunks, r0 = (bk % chunks) * 32;
@@ -486,26 +502,28 @@ EXPORT int lm_adam_elem(void *p, int pdt, const void *g, int gdt, float *m, floa
     if (n > 0) k_adam_elem<<<grid_for(n), THREADS, 0, S>>>(p, pdt, g, gdt, m, v, n, q, h, sr, seed); DONE;
 }
 EXPORT int lm_adam_blocks(void *p, int pdt, const void *g, int gdt, float *m, float *v, const int64_t *start, int64_t n_v, prep_t q, adam_t h, int sr, uint64_t seed, void *stream) {
-    if (n_v > 0) k_adam_blocks<<<(unsigned)n_v, THREADS, 0, S>>>(p, pdt, g, gdt, m, v, start, q, h, sr, seed); DONE;
+    if (n_v > 0) k_adam_blocks<<<capped(n_v), THREADS, 0, S>>>(p, pdt, g, gdt, m, v, start, n_v, q, h, sr, seed); DONE;
 }
 EXPORT int lm_row_sumsq(const void *g, int gdt, int64_t rows, int64_t cols, prep_t q, float add, float *rowsum, void *stream) {
-    if (rows * cols > 0) k_rowsum<<<(unsigned)rows, THREADS, 0, S>>>(g, gdt, cols, q, add, rowsum); DONE;
+    if (rows * cols > 0) k_rowsum<<<capped(rows), THREADS, 0, S>>>(g, gdt, rows, cols, q, add, rowsum); DONE;
 }
 EXPORT int lm_adam_rows(void *p, int pdt, const void *g, int gdt, float *m, const float *vrow, int64_t rows, int64_t cols, prep_t q, adam_t h, int sr, uint64_t seed, void *stream) {
-    if (rows * cols > 0) k_adam_rows<<<(int)(rows < 8192 ? rows : 8192), THREADS, 0, S>>>(p, pdt, g, gdt, m, vrow, rows, cols, q, h, sr, seed); DONE;
+    if (rows * cols > 0) k_adam_rows<<<capped(rows), THREADS, 0, S>>>(p, pdt, g, gdt, m, vrow, rows, cols, q, h, sr, seed); DONE;
 }
 EXPORT int lm_rowcol_sumsq(const void *g, int gdt, int64_t batch, int64_t rows, int64_t cols, prep_t q, float add, float *rowsum, float *colsum, void *stream) {
     if (batch * rows * cols == 0) DONE;
-    lm_row_sumsq(g, gdt, batch * rows, cols, q, add, rowsum, stream);
+    int err = lm_row_sumsq(g, gdt, batch * rows, cols, q, add, rowsum, stream);  /* clears the error it returns */
+    if (err) return err;
+    k_fill<<<grid_for(batch * cols), THREADS, 0, S>>>(colsum, batch * cols, 0.0f);  /* assigned, as on the CPU */
     k_colsum<<<grid_for(batch * ((rows + 31) / 32) * cols), THREADS, 0, S>>>(g, gdt, batch, rows, cols, q, add, colsum); DONE;
 }
 EXPORT int lm_factored_sumsq(const void *g, int gdt, int64_t batch, int64_t rows, int64_t cols, prep_t q, const float *r, const float *c, float *out, void *stream) {
     int64_t n = batch * rows * cols;
-    if (n > 0) k_factored_sumsq<<<cols == 1 ? grid_for(n) : (int)(batch * rows < 8192 ? batch * rows : 8192), THREADS, 0, S>>>(g, gdt, batch, rows, cols, q, r, c, out); DONE;
+    if (n > 0) k_factored_sumsq<<<cols == 1 ? grid_for(n) : capped(batch * rows), THREADS, 0, S>>>(g, gdt, batch, rows, cols, q, r, c, out); DONE;
 }
 EXPORT int lm_factored_apply(void *p, int pdt, const void *g, int gdt, int64_t batch, int64_t rows, int64_t cols, prep_t q, const float *r, const float *c, const float *k, int sr, uint64_t seed, void *stream) {
     int64_t n = batch * rows * cols;
-    if (n > 0) k_factored_apply<<<cols == 1 ? grid_for(n) : (int)(batch * rows < 8192 ? batch * rows : 8192), THREADS, 0, S>>>(p, pdt, g, gdt, batch, rows, cols, q, r, c, k, sr, seed); DONE;
+    if (n > 0) k_factored_apply<<<cols == 1 ? grid_for(n) : capped(batch * rows), THREADS, 0, S>>>(p, pdt, g, gdt, batch, rows, cols, q, r, c, k, sr, seed); DONE;
 }
 #endif
 

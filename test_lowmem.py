@@ -840,6 +840,497 @@ def test_cuda_half_compiles_for_sm80_and_sm90_and_exports_every_kernel(tmp_path)
     symbols = subprocess.run(["nm", "-D", "--defined-only", str(lib)], capture_output=True, text=True).stdout
     assert sorted(set(re.findall(r" T (lm_\w+)", symbols))) == lowmem._CUDA_KERNELS
 
+
+# ---------------------------------------------------------------------------- the CUDA half, emulated
+# No GPU here, but the CUDA half of fused_ext.c runs all the same: compiled as host C++ against
+# CUDA_EMULATOR below (each CUDA thread a fiber, barriers real, launches checked and recorded),
+# with every `kernel<<<grid, block, shared, stream>>>(args)` rewritten into an emulated launch.
+# The CUDA source text runs with its own indexing, reductions and launch code.
+
+CUDA_EMULATOR = r"""/* The CUDA half of fused_ext.c, run on the host: each CUDA thread of a block is a ucontext
+   fiber on one OS thread, so __syncthreads and warp shuffles are real barriers that report a
+   thread that never arrives. Blocks run one after another (in a shuffled order when asked).
+   A launch checks its configuration against the hardware's limits and records its kernel,
+   grid, block and stream; cudaGetLastError returns (and clears) the first failure. What it
+   cannot show: real concurrency, nvcc's code generation, the driver, speed. */
+#include <ucontext.h>
+#include <stdint.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <functional>
+#include <string>
+#include <vector>
+
+#define __host__
+#define __device__
+#define __forceinline__ inline
+#define __global__
+#define __shared__ static  /* blocks run one at a time: one copy is the block's shared memory */
+
+struct dim3 { unsigned x, y, z; };
+typedef void *cudaStream_t;
+enum { cudaSuccess = 0, cudaErrorInvalidConfiguration = 9, cudaErrorLaunchFailure = 719 };
+
+namespace emu {
+enum State { RUNNABLE, AT_BLOCK_BARRIER, AT_WARP_BARRIER, DONE };
+struct Fiber { ucontext_t ctx; State state; unsigned tid; };
+struct Launch { std::string kernel; long long grid, block, shmem; void *stream; };
+
+static const size_t STACK = 64 * 1024;
+static std::vector<Fiber> fibers(1024);
+static std::vector<char> stacks(1024 * STACK);
+static ucontext_t scheduler;
+static Fiber *current;
+static const std::function<void()> *body;
+static dim3 grid_dim, block_dim, block_idx;
+static float lanes[1024];
+static int last_error;
+static std::string failure, fail_kernel;
+static std::vector<Launch> launches;
+static long long grid_limit = 2147483647LL;
+static unsigned shuffle_seed;
+
+static void fail(const std::string &why) {
+    if (failure.empty()) failure = why;
+    if (!last_error) last_error = cudaErrorLaunchFailure;
+}
+static void wait(State at) { current->state = at; swapcontext(&current->ctx, &scheduler); }
+static void trampoline() { (*body)(); current->state = DONE; }
+
+static bool run_block(unsigned n) {
+    for (unsigned t = 0; t < n; t++) {
+        Fiber &f = fibers[t];
+        getcontext(&f.ctx);
+        f.ctx.uc_stack.ss_sp = &stacks[t * STACK];
+        f.ctx.uc_stack.ss_size = STACK;
+        f.ctx.uc_link = &scheduler;
+        makecontext(&f.ctx, trampoline, 0);
+        f.state = RUNNABLE;
+        f.tid = t;
+    }
+    for (;;) {
+        for (unsigned t = 0; t < n; t++)
+            if (fibers[t].state == RUNNABLE) { current = &fibers[t]; swapcontext(&scheduler, &fibers[t].ctx); }
+        unsigned done = 0, at_block = 0;
+        bool released = false;
+        for (unsigned t = 0; t < n; t++) { done += fibers[t].state == DONE; at_block += fibers[t].state == AT_BLOCK_BARRIER; }
+        if (done == n) return true;
+        for (unsigned w = 0; w < n; w += 32) {  /* a warp's shuffle waits for all of its lanes */
+            unsigned end = w + 32 < n ? w + 32 : n, waiting = 0;
+            for (unsigned t = w; t < end; t++) waiting += fibers[t].state == AT_WARP_BARRIER;
+            if (waiting == end - w) { for (unsigned t = w; t < end; t++) fibers[t].state = RUNNABLE; released = true; }
+        }
+        if (!released && at_block == n) { for (unsigned t = 0; t < n; t++) fibers[t].state = RUNNABLE; released = true; }
+        if (!released) {
+            char why[200];
+            snprintf(why, sizeof why, "block %u: %u of %u threads at __syncthreads, %u exited, the others at a warp "
+                     "shuffle that not all of their warp's lanes reach", block_idx.x, at_block, n, done);
+            fail(why);
+            return false;
+        }
+    }
+}
+
+template <class F> void launch(const char *kernel, long long grid, long long block, long long shmem, cudaStream_t stream, F fn) {
+    launches.push_back({kernel, grid, block, shmem, stream});
+    if (grid < 1 || grid > grid_limit || block < 1 || block > 1024 || shmem > 49152 || fail_kernel == kernel) {
+        if (!last_error) last_error = cudaErrorInvalidConfiguration;
+        return;
+    }
+    std::function<void()> f = fn;
+    body = &f;
+    grid_dim = {(unsigned)grid, 1, 1};
+    block_dim = {(unsigned)block, 1, 1};
+    std::vector<unsigned> order(grid);
+    for (long long b = 0; b < grid; b++) order[b] = (unsigned)b;
+    for (long long b = grid - 1; shuffle_seed && b > 0; b--) {  /* exposes order-dependent reductions */
+        shuffle_seed = shuffle_seed * 1103515245u + 12345u;
+        unsigned j = shuffle_seed % (unsigned)(b + 1), t = order[b]; order[b] = order[j]; order[j] = t;
+    }
+    for (long long b = 0; b < grid; b++) {
+        block_idx = {order[b], 1, 1};
+        if (!run_block((unsigned)block)) return;
+    }
+}
+}  // namespace emu
+
+#define threadIdx (dim3{emu::current->tid, 0, 0})
+#define blockIdx emu::block_idx
+#define blockDim emu::block_dim
+#define gridDim emu::grid_dim
+static inline void __syncthreads() { emu::wait(emu::AT_BLOCK_BARRIER); }
+static inline float __shfl_down_sync(unsigned mask, float x, int offset) {
+    unsigned t = emu::current->tid, lane = t & 31;
+    if (mask != 0xffffffffu) emu::fail("__shfl_down_sync with a partial mask");
+    emu::lanes[t] = x;
+    emu::wait(emu::AT_WARP_BARRIER);
+    float y = lane + offset < 32 && t + offset < emu::block_dim.x ? emu::lanes[t + offset] : x;
+    emu::wait(emu::AT_WARP_BARRIER);
+    return y;
+}
+static inline float atomicAdd(float *address, float value) { float old = *address; *address = old + value; return old; }
+static inline int cudaGetLastError() { int e = emu::last_error; emu::last_error = 0; return e; }
+
+extern "C" {
+void emu_reset(void) { emu::launches.clear(); emu::failure.clear(); emu::fail_kernel.clear(); emu::last_error = 0; }
+void emu_configure(long long grid_limit, unsigned shuffle_seed, const char *fail_kernel) {
+    emu::grid_limit = grid_limit; emu::shuffle_seed = shuffle_seed; emu::fail_kernel = fail_kernel ? fail_kernel : "";
+}
+const char *emu_failure(void) { return emu::failure.c_str(); }
+int emu_launch_count(void) { return (int)emu::launches.size(); }
+const char *emu_launch(int i, long long *grid, long long *block, void **stream) {
+    const emu::Launch &l = emu::launches[i];
+    *grid = l.grid; *block = l.block; *stream = l.stream;
+    return l.kernel.c_str();
+}
+}
+"""
+
+
+def emulated_cuda_source(source):
+    """fused_ext.c with each `k<<<cfg>>>(args)` launch rewritten as emu::launch("k", cfg, thunk)."""
+    import re
+    out, pos = [], 0
+    for m in re.finditer(r"(\w+)<<<(.*?)>>>\(", source):
+        depth, i = 1, m.end()
+        while depth:
+            depth += {"(": 1, ")": -1}.get(source[i], 0)
+            i += 1
+        out += [source[pos:m.start()], f'emu::launch("{m.group(1)}", {m.group(2)}, [=]() {{ {m.group(1)}({source[m.end():i - 1]}); }})']
+        pos = i
+    return "".join(out + [source[pos:]])
+
+
+EMU_CDEF = """void emu_reset(void); void emu_configure(long long grid_limit, unsigned shuffle_seed, const char *fail_kernel);
+const char *emu_failure(void); int emu_launch_count(void);
+const char *emu_launch(int i, long long *grid, long long *block, void **stream);"""
+
+
+def build_emulated_cuda(directory, mutate=None):
+    """(ffi, lib) of the emulated CUDA build of fused_ext.c (mutate: a function of its source)."""
+    import shutil
+    import cffi
+    cxx = shutil.which(os.environ.get("CXX", "g++"))
+    if cxx is None:
+        pytest.skip("no C++ compiler (g++) to emulate the CUDA half with")
+    source = open(lowmem._SOURCE).read()
+    (directory / "cuda_emu.h").write_text(CUDA_EMULATOR)
+    (directory / "fused_ext_emu.cpp").write_text(emulated_cuda_source(mutate(source) if mutate else source))
+    lib = directory / "fused_ext_emu.so"
+    build = subprocess.run([cxx, "-std=c++17", "-O1", "-ffp-contract=off", "-fPIC", "-shared", "-D__CUDACC__",
+                            "-include", str(directory / "cuda_emu.h"), "-x", "c++", str(directory / "fused_ext_emu.cpp"),
+                            "-o", str(lib)], capture_output=True, text=True, timeout=300)
+    assert build.returncode == 0, build.stderr[-3000:]
+    ffi = cffi.FFI()
+    ffi.cdef(lowmem._CDEF)
+    ffi.cdef(EMU_CDEF)
+    return ffi, ffi.dlopen(str(lib))
+
+
+@pytest.fixture(scope="module")
+def emu(tmp_path_factory):
+    needs_kernels("cpu")  # the CPU build is what the emulated one is compared with
+    return build_emulated_cuda(tmp_path_factory.mktemp("emu"))
+
+
+@contextlib.contextmanager
+def cuda_emulated(emu):
+    """lowmem's kernel calls for CPU tensors go to the emulated CUDA build, as they would for CUDA
+    tensors: every call through _call / _run_multi, AdaLomo through its multi-pass (CUDA) path."""
+    ffi, lib = emu
+    saved = lowmem._libs["cpu"]
+    lowmem._libs["cpu"], lowmem.AdaLomo.one_call_devices = (ffi, lib), ()
+    lowmem._multi_entry.cache_clear()
+    lib.emu_reset()
+    try:
+        yield lib
+    finally:
+        lowmem._libs["cpu"], lowmem.AdaLomo.one_call_devices = saved, ("cpu",)
+        lowmem._multi_entry.cache_clear()
+        failure = ffi.string(lib.emu_failure()).decode()
+        lib.emu_configure(2 ** 31 - 1, 0, ffi.NULL)
+        assert not failure, failure
+
+
+def launches(emu):
+    ffi, lib = emu
+    grid, block, stream = ffi.new("long long *"), ffi.new("long long *"), ffi.new("void **")
+    out = []
+    for i in range(lib.emu_launch_count()):
+        name = ffi.string(lib.emu_launch(i, grid, block, stream)).decode()
+        out.append((name, grid[0], block[0], int(ffi.cast("uintptr_t", stream[0]))))
+    return out
+
+
+@pytest.mark.parametrize("name", list(KERNEL_OPTS))
+@pytest.mark.parametrize("clip", [{}, {"clip_grad_value": 0.5, "clip_grad_norm": 1.0}])
+def test_emulated_cuda_kernels_match_torch_reference_fp32(emu, name, clip):
+    """The CPU kernel tests, run on the CUDA half: same shapes, same tolerance."""
+    with cuda_emulated(emu):
+        for shape in SHAPES[name]:
+            kernel, ref = step_both_paths(KERNEL_OPTS[name], shape, torch.float32, "cpu", **clip)
+            assert torch.allclose(kernel, ref, rtol=1e-6, atol=1e-6), (shape, (kernel - ref).abs().max())
+        assert launches(emu), "no kernel ran on the emulated CUDA build"
+
+
+@pytest.mark.parametrize("name", list(KERNEL_OPTS))
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_emulated_cuda_kernels_match_torch_reference_low_precision(emu, name, dtype):
+    with cuda_emulated(emu):
+        for shape in SHAPES[name]:
+            kernel, ref = step_both_paths(KERNEL_OPTS[name], shape, dtype, "cpu", steps=1)
+            ulp = torch.finfo(dtype).eps * ref.abs().clamp(min=torch.finfo(dtype).tiny)
+            assert torch.all((kernel - ref).abs() <= ulp), (shape, (kernel - ref).abs().max())
+
+
+
+PAD = 64  # canary elements on each side of every buffer a kernel gets
+
+
+def canaried(t):
+    """t's values inside a buffer with PAD canaries either side; returns (buffer, the view)."""
+    buf = torch.full((t.numel() + 2 * PAD,), 1234.5).to(t.dtype)
+    buf[PAD:PAD + t.numel()] = t.reshape(-1)
+    return buf, buf[PAD:PAD + t.numel()]
+
+
+def canaries_intact(buf):
+    fill = torch.full((PAD,), 1234.5).to(buf.dtype)
+    return torch.equal(buf[:PAD], fill) and torch.equal(buf[-PAD:], fill)
+
+
+def raw_call(emu_or_cpu, name, *args, stream=0):
+    """One kernel entry point of a library, tensors passed by address as lowmem passes them."""
+    ffi, lib = emu_or_cpu
+    return getattr(lib, name)(*[lowmem._c_arg(ffi, a) for a in args], ffi.cast("void *", stream))
+
+
+def both_builds(emu, name, make_args, stream=0xABC):
+    """Run kernel `name` on fresh canaried copies of the same inputs with the CPU build and the
+    emulated CUDA build; returns (cpu outputs, cuda outputs), the buffers' canaries checked."""
+    out = []
+    for build in (lowmem._libs["cpu"], emu):
+        tensors, args = make_args()
+        bufs = [canaried(t) for t in tensors]
+        views = iter(v for _, v in bufs)
+        call_args = [next(views) if a is TENSOR else a for a in args]
+        emu[1].emu_reset()
+        assert raw_call(build, name, *call_args, stream=stream) == 0, name
+        assert all(canaries_intact(b) for b, _ in bufs), f"{name} wrote outside its tensors"
+        if build is emu:
+            assert {s for _, _, _, s in launches(emu)} <= {stream}, "a launch on another stream"
+            assert all(b == 256 and 1 <= g <= 4096 for _, g, b, _ in launches(emu)), launches(emu)
+        out.append([v.clone() for _, v in bufs])
+    return out
+
+
+TENSOR = object()  # a placeholder in a kernel's argument list, filled with the next tensor
+
+
+def elementwise_args(kernel, n, pdt, gdt, sr, seed=7):
+    def make():
+        gen = torch.Generator().manual_seed(n)
+        p, g = torch.randn(n, generator=gen).to(pdt), (torch.randn(n, generator=gen) * 3).to(gdt)
+        prep = lowmem._Prep(0.5, 1.5, 0.9)
+        codes = lowmem._DTYPE_CODE
+        if kernel == "lm_sgd":
+            return [p, g], [TENSOR, codes[pdt], TENSOR, codes[gdt], n, prep, 0.1, 0.99, sr, seed]
+        m, v = torch.randn(n, generator=gen), torch.rand(n, generator=gen)
+        h = lowmem._Adam(1e-2, 0.1, 0.9, 0.999, 3, 1e-8)
+        return [p, g, m, v], [TENSOR, codes[pdt], TENSOR, codes[gdt], TENSOR, TENSOR, n, prep, h, sr, seed]
+    return make
+
+
+@pytest.mark.parametrize("kernel", ["lm_sgd", "lm_adam_elem"])
+def test_emulated_cuda_elementwise_kernels_equal_the_cpu_build_bit_for_bit(emu, kernel):
+    """Every dtype pair, stochastic rounding on and off, sizes around a block and past the grid
+    cap (4096 blocks of 256, so the grid-stride loop wraps): the same bits as the CPU build, no
+    write outside the tensors, every launch on the caller's stream."""
+    f32, bf16, f16 = torch.float32, torch.bfloat16, torch.float16
+    for n in (1, 255, 257, 4096 * 256 + 3 if kernel == "lm_sgd" else 5000):
+        for pdt, gdt in ((f32, f32), (bf16, f32), (bf16, bf16), (f16, f16), (f32, bf16)):
+            for sr in ((0, 1) if pdt == bf16 else (0,)):
+                cpu, cuda = both_builds(emu, kernel, elementwise_args(kernel, n, pdt, gdt, sr))
+                assert all(torch.equal(a, b) for a, b in zip(cpu, cuda)), (n, pdt, gdt, sr)
+
+
+
+EDGE_SHAPES = [(1, 1, 1), (1, 1, 300), (1, 300, 1), (3, 5, 7), (1, 4100, 2), (2, 33, 65)]  # batch, rows, cols
+
+
+def reduction_args(kernel, batch, rows, cols, gdt=torch.float32, pdt=torch.float32):
+    """Arguments for a row/column kernel on a batch x rows x cols tensor; every output buffer
+    starts as garbage (3.0), so that a kernel that accumulates where it should assign shows."""
+    n, codes, prep = batch * rows * cols, lowmem._DTYPE_CODE, lowmem._Prep(1.0, 0.0, 1.0)
+
+    def make():
+        gen = torch.Generator().manual_seed(n)
+        g, p = torch.randn(n, generator=gen).to(gdt), torch.randn(n, generator=gen).to(pdt)
+        r, c = torch.rand(batch * rows, generator=gen) + 0.5, torch.rand(batch * cols, generator=gen) + 0.5
+        junk = lambda k: torch.full((k,), 3.0)
+        h = lowmem._Adam(1e-2, 0.1, 0.9, 0.999, 2, 1e-8)
+        return {
+            "lm_sumsq": ([g, torch.zeros(1)], [TENSOR, codes[gdt], n, 0.5, TENSOR]),
+            "lm_row_sumsq": ([g, junk(batch * rows)], [TENSOR, codes[gdt], batch * rows, cols, prep, 1e-3, TENSOR]),
+            "lm_rowcol_sumsq": ([g, junk(batch * rows), junk(batch * cols)],
+                                [TENSOR, codes[gdt], batch, rows, cols, prep, 1e-3, TENSOR, TENSOR]),
+            "lm_factored_sumsq": ([g, r, c, torch.zeros(1)], [TENSOR, codes[gdt], batch, rows, cols, prep, TENSOR, TENSOR, TENSOR]),
+            "lm_factored_apply": ([p, g, r, c, torch.tensor([0.99, 0.01])],
+                                  [TENSOR, codes[pdt], TENSOR, codes[gdt], batch, rows, cols, prep, TENSOR, TENSOR, TENSOR, 0, 0]),
+            "lm_adam_rows": ([p, g, torch.randn(n, generator=gen), r],
+                             [TENSOR, codes[pdt], TENSOR, codes[gdt], TENSOR, TENSOR, batch * rows, cols, prep, h, 0, 0]),
+        }[kernel]
+    return make
+
+
+def uneven_blocks_args(n, pairs=0):
+    """Adam-mini blocks of uneven sizes (1, 4, 255, 1, `pairs` blocks of 2, then the rest) over
+    n elements."""
+    edges = [0, 1, 5, 260, 261] + [261 + 2 * (i + 1) for i in range(pairs)] + [n]
+
+    def make():
+        gen = torch.Generator().manual_seed(n)
+        p, g, m = torch.randn(n, generator=gen), torch.randn(n, generator=gen), torch.randn(n, generator=gen)
+        v, start = torch.rand(len(edges) - 1, generator=gen), torch.tensor(edges, dtype=torch.int64)
+        h = lowmem._Adam(1e-2, 0.1, 0.9, 0.999, 2, 1e-8)
+        return [p, g, m, v, start], [TENSOR, 0, TENSOR, 0, TENSOR, TENSOR, TENSOR, len(edges) - 1,
+                                     lowmem._Prep(1.0, 0.0, 1.0), h, 0, 0]
+    return make
+
+
+ROW_KERNELS = ["lm_sumsq", "lm_row_sumsq", "lm_rowcol_sumsq", "lm_factored_sumsq", "lm_factored_apply", "lm_adam_rows"]
+
+
+@pytest.mark.parametrize("kernel", ROW_KERNELS)
+def test_emulated_cuda_row_and_column_kernels_agree_with_the_cpu_build(emu, kernel):
+    """The reductions and the row/column kernels on the shapes the optimizer tests lack: one
+    column, one row, batches of matrices, rows past 4096 (the grid cap: one block per row at a time), each output
+    starting as garbage. The sums add in another order than on the CPU, so within 1e-5."""
+    for shape in EDGE_SHAPES:
+        cpu, cuda = both_builds(emu, kernel, reduction_args(kernel, *shape))
+        for a, b in zip(cpu, cuda):
+            assert torch.allclose(a.float(), b.float(), rtol=1e-5, atol=1e-6), (kernel, shape, (a - b).abs().max())
+
+
+def test_emulated_cuda_adam_blocks_of_uneven_sizes_agree_with_the_cpu_build(emu):
+    for n, pairs in ((300, 0), (5000, 0), (10_000, 4500)):  # 4500 blocks: past the grid cap
+        cpu, cuda = both_builds(emu, "lm_adam_blocks", uneven_blocks_args(n, pairs))
+        for a, b in zip(cpu, cuda):
+            assert torch.allclose(a.float(), b.float(), rtol=1e-5, atol=1e-6), (n, (a - b).abs().max())
+
+
+
+def test_emulated_cuda_launch_failure_is_returned_not_swallowed(emu):
+    """A kernel whose launch fails makes its entry point return the error, also when another
+    launch follows it (lm_rowcol_sumsq's row pass used to be cleared by its column pass), and
+    lowmem raises before the optimizer's step counts as done."""
+    ffi, lib = emu
+    for kernel, entry, make in (("k_rowsum", "lm_rowcol_sumsq", reduction_args("lm_rowcol_sumsq", 1, 5, 7)),
+                                ("k_colsum", "lm_rowcol_sumsq", reduction_args("lm_rowcol_sumsq", 1, 5, 7)),
+                                ("k_sgd", "lm_sgd", elementwise_args("lm_sgd", 9, torch.float32, torch.float32, 0))):
+        lib.emu_reset()
+        lib.emu_configure(2 ** 31 - 1, 0, kernel.encode())
+        tensors, args = make()
+        views = iter(tensors)
+        try:
+            assert raw_call(emu, entry, *[next(views) if a is TENSOR else a for a in args]) != 0, (kernel, entry)
+        finally:
+            lib.emu_configure(2 ** 31 - 1, 0, ffi.NULL)
+    with cuda_emulated(emu):
+        p = nn.Parameter(torch.ones(9))
+        opt = lowmem.LOMO([p], lr=0.1)
+        lib.emu_configure(2 ** 31 - 1, 0, b"k_sgd")
+        p.grad = torch.ones(9)
+        with pytest.raises(RuntimeError, match="fused kernel lm_sgd failed with error 9"):
+            opt.step()
+        lib.emu_configure(2 ** 31 - 1, 0, ffi.NULL)
+
+
+def mutation(old, new):
+    """A change to fused_ext.c's text, which must find what it changes."""
+    def mutate(source):
+        assert source.count(old) == 1, old
+        return source.replace(old, new)
+    return mutate
+
+
+def test_emulator_catches_a_wrong_index_and_a_divergent_barrier(tmp_path):
+    """The emulated tests can fail: a kernel that writes one element too far (k_sgd's store at
+    i + 1) is caught by the canaries, and a __syncthreads that only some threads reach (block_sum's
+    first barrier under `threadIdx.x < 128`) by the emulator itself."""
+    needs_kernels("cpu")
+    (tmp_path / "index").mkdir()
+    (tmp_path / "barrier").mkdir()
+    wrong_index = build_emulated_cuda(tmp_path / "index", mutation("GLOBAL_LOOP(i, n) store(p, pdt, i,",
+                                                                    "GLOBAL_LOOP(i, n) store(p, pdt, i + 1,"))
+    with pytest.raises(AssertionError, match="wrote outside its tensors"):
+        both_builds(wrong_index, "lm_sgd", elementwise_args("lm_sgd", 300, torch.float32, torch.float32, 0))
+    divergent = build_emulated_cuda(tmp_path / "barrier", mutation("    __syncthreads();\n    x = threadIdx.x < THREADS / 32",
+                                                                   "    if (threadIdx.x < 128) __syncthreads();\n    x = threadIdx.x < THREADS / 32"))
+    ffi, lib = divergent
+    x, out = torch.ones(1000), torch.zeros(1)
+    assert raw_call(divergent, "lm_sumsq", x, 0, 1000, 1.0, out) != 0
+    assert "at __syncthreads" in ffi.string(lib.emu_failure()).decode()
+
+
+
+@contextlib.contextmanager
+def build_of(name, emu):
+    """Run the optimizers on one implementation: "torch" (the rules), "c" (the CPU build) or
+    "cuda" (the CUDA half, emulated)."""
+    if name == "cuda":
+        with cuda_emulated(emu):
+            yield lambda opt: opt
+    else:
+        needs_kernels("cpu")
+        yield torch_path if name == "torch" else (lambda opt: opt)
+
+
+@pytest.mark.parametrize("build", ["torch", "c", "cuda"])
+def test_a_nan_gradient_stays_nan_through_value_clipping(emu, build):
+    """clamp(NaN) is NaN in torch; fminf/fmaxf made it a full -clip step in both kernel builds,
+    silently hiding a divergence. And AdaLomo's NaN norms stay NaN (not the eps2 / 1 floors)."""
+    with build_of(build, emu) as on:
+        p = nn.Parameter(torch.zeros(3))
+        opt = on(lowmem.LOMO([p], lr=1.0, clip_grad_value=0.5))
+        p.grad = torch.tensor([float("nan"), 1.0, -5.0])
+        opt.step()
+        assert torch.equal(p.isnan(), torch.tensor([True, False, False])), p
+        assert p[1:].tolist() == [-0.5, 0.5]
+        w = nn.Parameter(torch.ones(4, 4))
+        ada = on(lowmem.AdaLomo([w], lr=0.1))
+        w.grad = torch.ones(4, 4)
+        w.grad[1, 2] = float("nan")
+        ada.step()
+        assert w.isnan().all(), w  # the update's RMS is NaN: nothing is silently rescaled
+
+
+@pytest.mark.parametrize("build", ["torch", "c", "cuda"])
+def test_stochastic_rounding_streams_are_independent_across_seeds_and_calls(emu, build):
+    """Each weight sits halfway between two bf16 values, so it rounds up with probability 1/2.
+    Two seeds, and two tensors of one step (consecutive calls), must agree on about half of the
+    elements at every shift: the kernels' hash made seed s+1 draw seed s's bits one element
+    later (the shifted agreement was 1.0)."""
+    n = 100_000
+
+    def run(seed, tensors=1):
+        params = [nn.Parameter(torch.ones(n, dtype=torch.bfloat16)) for _ in range(tensors)]
+        opt = on(lowmem.LOMO(params, lr=2.0 ** -10, stochastic_rounding=True, seed=seed))
+        for p in params:
+            p.grad = torch.full((n,), 2.0, dtype=torch.bfloat16)  # 1 - 2^-9: half a bf16 ulp below 1
+        opt.step()
+        return [p.detach() == 1.0 for p in params]
+
+    with build_of(build, emu) as on:
+        (a,), (b,), (c, d) = run(0), run(1), run(0, tensors=2)
+    for x, y in ((a, b), (c, d)):
+        for shift in (0, 1, 2):
+            agree = (x[shift:] == y[:n - shift]).float().mean().item()
+            assert 0.48 < agree < 0.52, (shift, agree)
+    assert 0.48 < a.float().mean().item() < 0.52
+
+
 def test_kernel_argument_checks_refuse_bad_tensors():
     needs_kernels("cpu")
     p = torch.zeros(4, 4)
