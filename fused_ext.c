@@ -396,11 +396,20 @@ __device__ float block_sum(float x) {  /* sum over the block; valid in thread 0 
     return x;
 }
 
-__global__ void k_sumsq(const void *x, int dt, int64_t n, float scale, float *out) {
+/* Sums over many blocks are run-to-run deterministic: each block writes its partial sum to
+   stream-ordered scratch, then one block adds the partials in index order (a float atomicAdd
+   per block would add them in the order the blocks happen to finish). */
+__global__ void k_add_partials(const float *partial, int64_t n, float *out) {
+    float acc = 0.0f;
+    for (int64_t i = threadIdx.x; i < n; i += blockDim.x) acc += partial[i];
+    acc = block_sum(acc);
+    if (threadIdx.x == 0) *out += acc;
+}
+__global__ void k_sumsq(const void *x, int dt, int64_t n, float scale, float *partial) {
     float acc = 0.0f;
     GLOBAL_LOOP(i, n) { float v = load(x, dt, i) * scale; acc += v * v; }
     acc = block_sum(acc);
-    if (threadIdx.x == 0) atomicAdd(out, acc);
+    if (threadIdx.x == 0) partial[blockIdx.x] = acc;
 }
 __global__ void k_sgd(void *p, int pdt, const void *g, int gdt, int64_t n, prep_t q, float lr, float decay, int sr, uint64_t seed) {
     GLOBAL_LOOP(i, n) store(p, pdt, i, load(p, pdt, i) * decay - lr * prep(g, gdt, i, q), sr, seed);
@@ -436,7 +445,6 @@ __global__ void k_rowsum(const void *g, int gdt, int64_t rows, int64_t cols, pre
         if (threadIdx.x == 0) rowsum[i] = acc;
     }
 }
-__global__ void k_fill(float *x, int64_t n, float value) { GLOBAL_LOOP(i, n) x[i] = value; }
 __global__ void k_adam_rows(void *p, int pdt, const void *g, int gdt, float *m, const float *vrow, int64_t rows, int64_t cols, prep_t q, adam_t h, int sr, uint64_t seed) {
     for (int64_t i = blockIdx.x; i < rows; i += gridDim.x) {  /* one CUDA block per row */
         float denom = adam_denom(vrow[i], h);
@@ -447,21 +455,29 @@ __global__ void k_adam_rows(void *p, int pdt, const void *g, int gdt, float *m, 
         }
     }
 }
-__global__ void k_colsum(const void *g, int gdt, int64_t batch, int64_t rows, int64_t cols, prep_t q, float add, float *colsum) {
+__global__ void k_colsum(const void *g, int gdt, int64_t batch, int64_t rows, int64_t cols, prep_t q, float add, float *partial) {
     /* work item = (batch, chunk of 32 rows, column): adjacent threads read adjacent columns
-       (coalesced) and there is enough parallelism for tall matrices; colsum is zeroed first */
+       (coalesced) and there is enough parallelism for tall matrices; each writes its partial */
     int64_t chunks = (rows + 31) / 32;
     GLOBAL_LOOP(item, batch * chunks * cols) {
         int64_t c = item % cols, bk = item / cols, b = bk / chunks, r0 = (bk % chunks) * 32;
         int64_t r1 = r0 + 32 < rows ? r0 + 32 : rows;
         float acc = 0.0f;
         for (int64_t r = r0; r < r1; r++) { float x = prep(g, gdt, (b * rows + r) * cols + c, q); acc += x * x + add; }
-        atomicAdd(colsum + b * cols + c, acc);
+        partial[item] = acc;
+    }
+}
+__global__ void k_add_chunks(const float *partial, int64_t batch, int64_t chunks, int64_t cols, float *colsum) {
+    GLOBAL_LOOP(i, batch * cols) {  /* each column's chunks, in order */
+        int64_t b = i / cols, c = i % cols;
+        float acc = 0.0f;
+        for (int64_t k = 0; k < chunks; k++) acc += partial[(b * chunks + k) * cols + c];
+        colsum[i] = acc;
     }
 }
 /* factored kernels: one CUDA block per row (threads over columns: no per-element integer
    division); a column vector (cols == 1, the unfactored 1-D case) goes element-wise */
-__global__ void k_factored_sumsq(const void *g, int gdt, int64_t batch, int64_t rows, int64_t cols, prep_t q, const float *r, const float *c, float *out) {
+__global__ void k_factored_sumsq(const void *g, int gdt, int64_t batch, int64_t rows, int64_t cols, prep_t q, const float *r, const float *c, float *partial) {
     float acc = 0.0f;
     if (cols == 1) {
         GLOBAL_LOOP(i, batch * rows) { float u = prep(g, gdt, i, q) * r[i] * c[i / rows]; acc += u * u; }
@@ -472,7 +488,7 @@ __global__ void k_factored_sumsq(const void *g, int gdt, int64_t batch, int64_t 
         }
     }
     acc = block_sum(acc);
-    if (threadIdx.x == 0) atomicAdd(out, acc);
+    if (threadIdx.x == 0) partial[blockIdx.x] = acc;
 }
 __global__ void k_factored_apply(void *p, int pdt, const void *g, int gdt, int64_t batch, int64_t rows, int64_t cols, prep_t q, const float *r, const float *c, const float *k, int sr, uint64_t seed) {
     float decay = k[0], step = k[1];
@@ -492,8 +508,19 @@ __global__ void k_factored_apply(void *p, int pdt, const void *g, int gdt, int64
 
 #define S ((cudaStream_t)stream)
 #define DONE return (int)cudaGetLastError()
+static int scratch(float **x, int64_t n, void *stream) {  /* stream-ordered: freed after the kernels that use it */
+    int err = (int)cudaMallocAsync((void **)x, (size_t)n * sizeof(float), S);
+    if (err) cudaGetLastError();  /* returned here, not left for the next call */
+    return err;
+}
 EXPORT int lm_sumsq(const void *x, int dt, int64_t n, float scale, float *out, void *stream) {
-    if (n > 0) k_sumsq<<<grid_for(n), THREADS, 0, S>>>(x, dt, n, scale, out); DONE;
+    float *partial;
+    int grid = grid_for(n), err;
+    if (n <= 0) DONE;
+    if ((err = scratch(&partial, grid, stream))) return err;
+    k_sumsq<<<grid, THREADS, 0, S>>>(x, dt, n, scale, partial);
+    k_add_partials<<<1, THREADS, 0, S>>>(partial, grid, out);
+    cudaFreeAsync(partial, S); DONE;
 }
 EXPORT int lm_sgd(void *p, int pdt, const void *g, int gdt, int64_t n, prep_t q, float lr, float decay, int sr, uint64_t seed, void *stream) {
     if (n > 0) k_sgd<<<grid_for(n), THREADS, 0, S>>>(p, pdt, g, gdt, n, q, lr, decay, sr, seed); DONE;
@@ -512,14 +539,23 @@ EXPORT int lm_adam_rows(void *p, int pdt, const void *g, int gdt, float *m, cons
 }
 EXPORT int lm_rowcol_sumsq(const void *g, int gdt, int64_t batch, int64_t rows, int64_t cols, prep_t q, float add, float *rowsum, float *colsum, void *stream) {
     if (batch * rows * cols == 0) DONE;
+    int64_t chunks = (rows + 31) / 32;
+    float *partial;
     int err = lm_row_sumsq(g, gdt, batch * rows, cols, q, add, rowsum, stream);  /* clears the error it returns */
-    if (err) return err;
-    k_fill<<<grid_for(batch * cols), THREADS, 0, S>>>(colsum, batch * cols, 0.0f);  /* assigned, as on the CPU */
-    k_colsum<<<grid_for(batch * ((rows + 31) / 32) * cols), THREADS, 0, S>>>(g, gdt, batch, rows, cols, q, add, colsum); DONE;
+    if (err || (err = scratch(&partial, batch * chunks * cols, stream))) return err;
+    k_colsum<<<grid_for(batch * chunks * cols), THREADS, 0, S>>>(g, gdt, batch, rows, cols, q, add, partial);
+    k_add_chunks<<<grid_for(batch * cols), THREADS, 0, S>>>(partial, batch, chunks, cols, colsum);  /* assigned, as on the CPU */
+    cudaFreeAsync(partial, S); DONE;
 }
 EXPORT int lm_factored_sumsq(const void *g, int gdt, int64_t batch, int64_t rows, int64_t cols, prep_t q, const float *r, const float *c, float *out, void *stream) {
     int64_t n = batch * rows * cols;
-    if (n > 0) k_factored_sumsq<<<cols == 1 ? grid_for(n) : capped(batch * rows), THREADS, 0, S>>>(g, gdt, batch, rows, cols, q, r, c, out); DONE;
+    int grid = cols == 1 ? grid_for(n) : capped(batch * rows), err;
+    float *partial;
+    if (n <= 0) DONE;
+    if ((err = scratch(&partial, grid, stream))) return err;
+    k_factored_sumsq<<<grid, THREADS, 0, S>>>(g, gdt, batch, rows, cols, q, r, c, partial);
+    k_add_partials<<<1, THREADS, 0, S>>>(partial, grid, out);
+    cudaFreeAsync(partial, S); DONE;
 }
 EXPORT int lm_factored_apply(void *p, int pdt, const void *g, int gdt, int64_t batch, int64_t rows, int64_t cols, prep_t q, const float *r, const float *c, const float *k, int sr, uint64_t seed, void *stream) {
     int64_t n = batch * rows * cols;

@@ -970,6 +970,8 @@ static inline float __shfl_down_sync(unsigned mask, float x, int offset) {
     return y;
 }
 static inline float atomicAdd(float *address, float value) { float old = *address; *address = old + value; return old; }
+static inline int cudaMallocAsync(void **p, size_t bytes, cudaStream_t) { *p = malloc(bytes ? bytes : 1); return *p ? 0 : 2; }
+static inline int cudaFreeAsync(void *p, cudaStream_t) { free(p); return 0; }
 static inline int cudaGetLastError() { int e = emu::last_error; emu::last_error = 0; return e; }
 
 extern "C" {
@@ -1245,6 +1247,27 @@ def test_emulated_cuda_launch_failure_is_returned_not_swallowed(emu):
         with pytest.raises(RuntimeError, match="fused kernel lm_sgd failed with error 9"):
             opt.step()
         lib.emu_configure(2 ** 31 - 1, 0, ffi.NULL)
+
+
+
+def test_emulated_cuda_sums_do_not_depend_on_block_order(emu):
+    """The same inputs with the blocks run in three different orders give the same bits: each
+    block's partial is added in index order (with a float atomicAdd per block, the order the
+    blocks finished in changed the last bits of the norm, the update RMS and the column sums)."""
+    ffi, lib = emu
+    for kernel, shape in (("lm_sumsq", (1, 1, 100_000)), ("lm_factored_sumsq", (1, 400, 300)),
+                          ("lm_rowcol_sumsq", (2, 200, 300))):
+        results = []
+        for order in (0, 1, 2):
+            lib.emu_configure(2 ** 31 - 1, order, ffi.NULL)  # 0: in order; else a shuffle seed
+            try:
+                tensors, args = reduction_args(kernel, *shape)()
+                views = iter(tensors)
+                assert raw_call(emu, kernel, *[next(views) if a is TENSOR else a for a in args]) == 0
+            finally:
+                lib.emu_configure(2 ** 31 - 1, 0, ffi.NULL)
+            results.append(tensors)
+        assert all(torch.equal(a, b) for r in results[1:] for a, b in zip(results[0], r)), kernel
 
 
 def mutation(old, new):
