@@ -866,11 +866,20 @@ def _call(like, name, *args):
     """Call kernel `name` on the library for `like`'s device, on torch's current stream."""
     _check_kernel_args(like, [a for a in args if isinstance(a, torch.Tensor)])
     ffi, lib = _libs[like.device.type]
-    _check_err(name, getattr(lib, name)(*[_c_arg(ffi, a) for a in args], ffi.cast("void *", _stream(like.device))))
+    with _on(like.device):
+        _check_err(name, getattr(lib, name)(*[_c_arg(ffi, a) for a in args], ffi.cast("void *", _stream(like.device))))
 
 
 def _stream(device):
     return torch.cuda.current_stream(device).cuda_stream if device.type == "cuda" else 0
+
+
+def _on(device):
+    """CUDA kernels launch on the current device: make it the tensors' (with the model on cuda:1
+    and cuda:0 current, device-1 pointers would otherwise be launched on device 0)."""
+    if device.type == "cuda" and device.index is not None and torch.cuda.current_device() != device.index:
+        return torch.cuda.device(device)
+    return contextlib.nullcontext()
 
 
 def _check_err(name, err):
@@ -906,7 +915,8 @@ def _run_multi(device, name, items):
     kind = device.type
     ffi, function, array_type = _multi_entry(kind, name)
     stream = ffi.NULL if kind == "cpu" else ffi.cast("void *", _stream(device))
-    _check_err(name, function(ffi.new(array_type, items), len(items), stream))
+    with _on(device):
+        _check_err(name, function(ffi.new(array_type, items), len(items), stream))
 
 
 @functools.lru_cache(maxsize=None)

@@ -114,13 +114,18 @@ def rule_grads(shapes, steps=3, seed=0):
 RULE_SHAPES = [(), (1,), (7,), (5, 6), (1, 9), (3, 4, 5), (2, 3, 4, 2)]
 
 
-def test_lomo_update_is_one_step_of_lomo():
+def class_run(make_opt, shapes=RULE_SHAPES):
+    """Parameters of `shapes`, copies of them for the rule, the gradients of 3 steps, the
+    optimizer (PyTorch path), and the weights it ends with."""
     torch.manual_seed(0)
-    params = [nn.Parameter(torch.randn(s)) for s in RULE_SHAPES]
-    mine = [p.detach().clone() for p in params]
-    grads = rule_grads(RULE_SHAPES)
-    opt = torch_path(lowmem.LOMO(params, lr=0.05, weight_decay=0.1))
-    expected = class_steps(opt, params, grads)
+    params = [nn.Parameter(torch.randn(s)) for s in shapes]
+    mine, grads = [p.detach().clone() for p in params], rule_grads(shapes)
+    opt = torch_path(make_opt(params))
+    return params, mine, grads, opt, class_steps(opt, params, grads)
+
+
+def test_lomo_update_is_one_step_of_lomo():
+    params, mine, grads, opt, expected = class_run(lambda ps: lowmem.LOMO(ps, lr=0.05, weight_decay=0.1))
     for step_grads in grads:
         for p, g in zip(mine, step_grads):
             assert lowmem.lomo_update(p, g, lr=0.05, weight_decay=0.1) is p
@@ -128,12 +133,7 @@ def test_lomo_update_is_one_step_of_lomo():
 
 
 def test_adalomo_update_is_one_step_of_adalomo():
-    torch.manual_seed(0)
-    params = [nn.Parameter(torch.randn(s)) for s in RULE_SHAPES]
-    mine = [p.detach().clone() for p in params]
-    grads = rule_grads(RULE_SHAPES)
-    opt = torch_path(lowmem.AdaLomo(params, lr=0.05, weight_decay=0.1))
-    expected = class_steps(opt, params, grads)
+    params, mine, grads, opt, expected = class_run(lambda ps: lowmem.AdaLomo(ps, lr=0.05, weight_decay=0.1))
     moments = [(torch.zeros(s[:-1]), torch.zeros(s[:-2] + s[-1:])) if len(s) >= 2 else (torch.zeros(s),)
                for s in RULE_SHAPES]
     for step, step_grads in enumerate(grads, start=1):
@@ -1352,6 +1352,48 @@ def test_stochastic_rounding_streams_are_independent_across_seeds_and_calls(emu,
             agree = (x[shift:] == y[:n - shift]).float().mean().item()
             assert 0.48 < agree < 0.52, (shift, agree)
     assert 0.48 < a.float().mean().item() < 0.52
+
+
+
+def test_cuda_kernels_launch_on_the_tensors_device(monkeypatch):
+    """With cuda:0 current and the tensors on cuda:1, every kernel call (one call, and the
+    multi-tensor entry) runs with cuda:1 current. No GPU here: torch.cuda's device functions and
+    the CUDA library are stand-ins that record what is current at the call."""
+    current, seen = [0], []
+
+    class Device:  # torch.cuda.device(d): makes d current for the with block
+        def __init__(self, device):
+            self.index, self.saved = torch.device(device).index, None
+
+        def __enter__(self):
+            self.saved, current[0] = current[0], self.index
+
+        def __exit__(self, *exc):
+            current[0] = self.saved
+
+    class Lib:
+        def lm_sumsq(self, *args):
+            seen.append(("lm_sumsq", current[0]))
+            return 0
+
+        def lm_multi_sgd(self, items, count, stream):
+            seen.append(("lm_multi_sgd", current[0]))
+            return 0
+
+    class Like:  # what _call reads of a tensor
+        device = torch.device("cuda", 1)
+
+    import cffi
+    ffi = cffi.FFI()
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: current[0])
+    monkeypatch.setattr(torch.cuda, "device", Device)
+    monkeypatch.setattr(lowmem, "_stream", lambda device: 0)
+    monkeypatch.setattr(lowmem, "_check_kernel_args", lambda like, tensors: None)
+    monkeypatch.setattr(lowmem, "_multi_entry", lambda kind, name: (ffi, Lib().lm_multi_sgd, "char[]"))
+    monkeypatch.setitem(lowmem._libs, "cuda", (ffi, Lib()))
+    lowmem._call(Like(), "lm_sumsq", 3)
+    lowmem._run_multi(torch.device("cuda", 1), "lm_sgd", [])
+    assert seen == [("lm_sumsq", 1), ("lm_multi_sgd", 1)] and current[0] == 0
 
 
 def test_kernel_argument_checks_refuse_bad_tensors():
