@@ -183,7 +183,8 @@ def adam_mini_update(p, g, m, v, blocks, step, lr, betas=(0.9, 0.999), eps=1e-8,
 # One second-moment value v is shared by every element of a block. Blocks by tensor:
 #   token   embedding / output head: one v per row (= per vocabulary token)
 #   head    query / key: one v per attention head (a run of head_dim output rows)
-#   qkv     fused q|k|v matrix (GPT-2 c_attn): q and k by head, v by neuron
+#   qkv     fused q|k|v matrix (GPT-2 c_attn; GPT-NeoX, Bloom and Falcon query_key_value,
+#           which interleave them per group of heads): q and k by head, v by neuron
 #   neuron  other dense weights (value, attention out, MLP, conv): one v per output neuron
 #   element biases: plain Adam, one v per element
 #   tensor  norms and everything else: one v for the whole tensor
@@ -192,7 +193,8 @@ def adam_mini_update(p, g, m, v, blocks, step, lr, betas=(0.9, 0.999), eps=1e-8,
 # all get the right blocks, and unknown head counts raise instead of guessing.
 
 QK_NAMES = {"q_proj", "k_proj", "wq", "wk", "query", "key", "to_q", "to_k", "q", "k"}
-FUSED_QKV_NAMES = {"c_attn", "qkv_proj", "qkv", "wqkv", "in_proj"}
+FUSED_QKV_NAMES = {"c_attn", "qkv_proj", "qkv", "wqkv", "in_proj"}  # all q rows, then k, then v
+GROUPED_QKV_NAMES = {"query_key_value"}  # per kv group: its q heads, then its k and v head
 OUTPUT_NAMES = {"lm_head", "output", "embed_out", "final_layer"}
 EMBED_NAMES = ("embed", "embd", "wte", "wpe")  # substrings, for bare parameters
 HEAD_KEYS = ("n_head", "n_heads", "num_attention_heads", "num_heads")
@@ -251,6 +253,9 @@ class _Heads:
         objs = [o for o in (model, getattr(model, "config", None)) if o is not None]
         self.n_heads = n_heads or _find(objs, HEAD_KEYS)
         self.n_kv_heads = n_kv_heads or _find(objs, KV_HEAD_KEYS) or self.n_heads
+        cfg = objs[-1] if objs else None  # Falcon-7B's multi-query attention: one k and v head, whatever num_kv_heads says
+        if getattr(cfg, "multi_query", False) is True and not getattr(cfg, "new_decoder_architecture", False):
+            self.n_kv_heads = n_kv_heads or 1
         self.head_dim = head_dim or _find(objs, HEAD_DIM_KEYS)
 
     def infer_head_dim(self, rows, fused):
@@ -309,6 +314,11 @@ def _classify(name, p, module, heads):
         q = heads.n_heads * hd if heads.n_heads else rows // 3
         k = heads.n_kv_heads * hd if heads.n_kv_heads else q
         return by_rows("qkv", (0, q, hd), (q, q + k, hd), (q + k, rows, 1))
+    if owner in GROUPED_QKV_NAMES:  # rows of one group: n_heads / n_kv_heads q heads, one k head, one v head
+        hd, groups = heads.require(name), heads.n_kv_heads or 1
+        per = rows // groups
+        return by_rows("qkv", *[s for g in range(groups) for s in (
+            (g * per, (g + 1) * per - 2 * hd, hd), ((g + 1) * per - 2 * hd, (g + 1) * per - hd, hd), ((g + 1) * per - hd, (g + 1) * per, 1))])
     if owner in QK_NAMES:
         return by_rows("head", (0, rows, heads.require(name)))
     if isinstance(module, nn.Embedding) or owner in OUTPUT_NAMES or (
@@ -329,8 +339,9 @@ def partition(model_or_named_params, n_heads=None, n_kv_heads=None, head_dim=Non
     heads = _Heads(model, n_heads, n_kv_heads, head_dim)
     for name, p in named:  # the first query (or fused qkv) tensor fixes head_dim
         leaf, owner = _owner_name(name)
-        if owner in {"q_proj", "wq", "query", "to_q", "q"} | FUSED_QKV_NAMES and p.dim() >= 2:
-            heads.infer_head_dim(p.shape[_output_axis(owners.get(id(p)))], owner in FUSED_QKV_NAMES)
+        fused = owner in FUSED_QKV_NAMES | GROUPED_QKV_NAMES
+        if (fused or owner in {"q_proj", "wq", "query", "to_q", "q"}) and p.dim() >= 2:
+            heads.infer_head_dim(p.shape[_output_axis(owners.get(id(p)))], fused)
             break
     return Partition(_classify(n, p, owners.get(id(p)), heads) for n, p in named)
 

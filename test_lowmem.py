@@ -639,6 +639,53 @@ def test_partition_lora_and_1d_embed_names_do_not_crash():
     assert part["embed_norm.weight"] == ("tensor", 1)
 
 
+GROUPED_QKV_FAMILIES = {  # tiny configs: 4 heads of 8; Falcon's multi-query (1 k/v head) and grouped (2)
+    "gpt_neox": dict(model_type="gpt_neox", vocab_size=23, hidden_size=32, num_hidden_layers=1, num_attention_heads=4,
+                     intermediate_size=64),
+    "falcon_multi_query": dict(model_type="falcon", vocab_size=23, hidden_size=32, num_hidden_layers=1,
+                               num_attention_heads=4, multi_query=True, new_decoder_architecture=False, bias=True),
+    "falcon_grouped": dict(model_type="falcon", vocab_size=23, hidden_size=32, num_hidden_layers=1, num_attention_heads=4,
+                           num_kv_heads=2, new_decoder_architecture=True, bias=True),
+}
+
+
+@pytest.mark.parametrize("family", list(GROUPED_QKV_FAMILIES))
+def test_partition_reads_grouped_query_key_value_heads_as_the_model_splits_them(family, monkeypatch):
+    """GPT-NeoX (Pythia) and Falcon fuse q, k and v in one `query_key_value`, interleaved per
+    group of heads. With its weight zero and its bias the row index, the q, k and v that the
+    real transformers model hands to attention hold row indices: each q and k head must be one
+    block of the partition and each v row a block of its own."""
+    transformers = pytest.importorskip("transformers")
+    cfg = dict(GROUPED_QKV_FAMILIES[family])
+    config = transformers.AutoConfig.for_model(cfg.pop("model_type"), **cfg)
+    torch.manual_seed(0)
+    model = transformers.AutoModelForCausalLM.from_config(config, attn_implementation="sdpa")
+    name, qkv = next((n, m) for n, m in model.named_modules() if n.endswith("query_key_value"))
+    with torch.no_grad():
+        qkv.weight.zero_()
+        qkv.bias.copy_(torch.arange(qkv.bias.numel(), dtype=torch.float32))
+    seen, sdpa = [], F.scaled_dot_product_attention
+    monkeypatch.setattr(F, "scaled_dot_product_attention", lambda q, k, v, *a, **kw: seen.append((q, k, v)) or sdpa(q, k, v, *a, **kw))
+    model(torch.zeros(1, 1, dtype=torch.long))  # position 0: the rotary embedding leaves q and k as they are
+    q, k, v = (t[0, :, 0].round().long() for t in seen[0])  # (heads, head_dim) row indices
+    heads = {tuple(h.tolist()) for h in torch.cat([q, k])}
+    blocks = {b.name: b for b in lowmem.partition(model)}[name + ".weight"]
+    assert blocks.kind == "qkv"
+    per_head = {tuple(range(a + i * n, a + (i + 1) * n)) for a, b, n in blocks.segments if n > 1 for i in range((b - a) // n)}
+    alone = {r for a, b, n in blocks.segments if n == 1 for r in range(a, b)}
+    assert per_head == heads and alone == set(v.reshape(-1).tolist())
+    assert blocks.n_v == len(heads) + len(alone)
+
+
+def test_partition_reads_bloom_query_key_value_per_head():
+    """Bloom splits `query_key_value` as (heads, 3, head_dim): q, k, v of head 0, then head 1 ..."""
+    transformers = pytest.importorskip("transformers")
+    model = transformers.BloomForCausalLM(transformers.BloomConfig(vocab_size=23, hidden_size=32, n_layer=1, n_head=4))
+    blocks = {b.name: b for b in lowmem.partition(model)}["transformer.h.0.self_attention.query_key_value.weight"]
+    assert blocks.segments == tuple(s for h in range(4) for s in ((24 * h, 24 * h + 8, 8), (24 * h + 8, 24 * h + 16, 8),
+                                                                  (24 * h + 16, 24 * h + 24, 1)))
+
+
 # ---------------------------------------------------------------------------- bad input
 
 
@@ -725,12 +772,15 @@ KERNEL_OPTS = {
     "adalomo_passes": lambda p, **kw: multi_pass(lowmem.AdaLomo([p], lr=0.05, weight_decay=0.1, **kw)),
     "adam_mini_rows": lambda p, **kw: lowmem.AdamMini([("mlp.w", p)], lr=0.01, weight_decay=0.1, **kw),
     "adam_mini_heads": lambda p, **kw: lowmem.AdamMini([("attn.q_proj.weight", p)], lr=0.01, head_dim=3, **kw),
+    "adam_mini_grouped_qkv": lambda p, **kw: lowmem.AdamMini([("attention.query_key_value.weight", p)], lr=0.01,
+                                                             n_heads=4, head_dim=3, **kw),
     "adam_mini_elem": lambda p, **kw: lowmem.AdamMini([("fc.bias", p)], lr=0.01, **kw),
     "adam_mini_tensor": lambda p, **kw: lowmem.AdamMini([("ln.weight", p)], lr=0.01, **kw),
 }
 SHAPES = {"lomo": [(0,), (1,), (7,), (4097,), (33, 65)], "adalomo": [(1,), (7,), (4097,), (33, 65), (3, 7, 5), ()],
           "adalomo_passes": [(1,), (7,), (4097,), (33, 65), (3, 7, 5), ()],
           "adam_mini_rows": [(1, 1), (7, 9), (33, 65)], "adam_mini_heads": [(9, 4), (48, 17)],
+          "adam_mini_grouped_qkv": [(36, 5), (72, 17)],
           "adam_mini_elem": [(0,), (1,), (7,), (4097,)], "adam_mini_tensor": [(1,), (7,), (4097,)]}
 
 
