@@ -574,6 +574,7 @@ class _LowMemOptimizer(torch.optim.Optimizer):
         self._pending_norm = self._norm_from_sumsq()
         return self._pending_norm
 
+    @torch.optim.Optimizer.profile_hook_step  # step pre/post hooks and the profiler, as around step()
     def fused_backward(self, loss, lr=None):
         """Backward with every parameter updated (and its gradient freed) the moment its
         gradient is complete. `lr` overrides the param_groups lr for this step only.

@@ -461,6 +461,37 @@ def test_load_state_dict_rejects_mismatch_before_changing_anything():
     assert all(torch.equal(state["state"][i]["m"], after["state"][i]["m"]) for i in state["state"])
 
 
+@pytest.mark.parametrize("name", OPTIMIZERS)
+@pytest.mark.parametrize("driver", ["classic", "fused", "update_in_backward"])
+def test_step_hooks_fire_once_per_optimizer_step_in_every_driver(name, driver):
+    """torch.optim's register_step_pre_hook / register_step_post_hook (and the global ones) run
+    once per step: around step() (classic), around fused_backward() (the step is inside it), and
+    with update_in_backward around the loop's step(), which comes after the backward that
+    updated the weights: the post hook sees the finished step, the pre hook an update already made."""
+    model = TinyNet()
+    opt = make(name, model, update_in_backward=driver == "update_in_backward")
+    seen = []
+    opt.register_step_pre_hook(lambda o, args, kwargs: seen.append("pre"))
+    opt.register_step_post_hook(lambda o, args, kwargs: seen.append(("post", model.fc.weight.sum().item())))
+    from torch.optim.optimizer import register_optimizer_step_post_hook
+    handle = register_optimizer_step_post_hook(lambda o, args, kwargs: seen.append("global post"))
+    try:
+        for idx in batches(2):
+            before = model.fc.weight.sum().item()
+            loss = lm_loss(model, idx)
+            if driver == "fused":
+                opt.fused_backward(loss)
+            else:
+                loss.backward()
+                opt.step()
+                opt.zero_grad(set_to_none=True)
+            assert seen[-3:][0] == "pre" and seen[-1] == "global post"
+            assert seen[-2][1] != before  # the post hook sees the updated weights
+    finally:
+        handle.remove()
+    assert [s if isinstance(s, str) else s[0] for s in seen] == ["pre", "post", "global post"] * 2
+
+
 # ---------------------------------------------------------------------------- fp16 and rounding
 
 
