@@ -620,6 +620,12 @@ class _LowMemOptimizer(torch.optim.Optimizer):
         """Load state exactly (dtype kept: torch's loader would cast fp32 state to bf16)."""
         _load_state(self, state_dict)
 
+    def __getstate__(self):  # copy.deepcopy and pickle
+        return _copyable_state(self)
+
+    def __setstate__(self, state):
+        _restore_copy(self, state)
+
 
 # ----------------------------------------------------------------------------------------
 # 4. The optimizers: arguments, lazy state, one call to the rule of section 1
@@ -1274,6 +1280,22 @@ def _check_no_grads(params, names):
                 "gradients cannot be accumulated over micro-batches (each backward is one "
                 "optimizer step). Call opt.zero_grad(set_to_none=True) first, or use the "
                 "classic driver (loss.backward(); opt.step()) for gradient accumulation.")
+
+
+def _copyable_state(opt):
+    """What a copy or a pickle of the optimizer holds: everything but the gradient hooks (the
+    copy registers its own, on its parameters) and the kernel-argument cache (addresses of the
+    original's state). Like torch's optimizers, the step hooks are not copied."""
+    if opt._shard_mesh is not None:
+        raise TypeError("an optimizer of FSDP2-sharded parameters cannot be copied or pickled (its "
+                        "mesh belongs to a process group): save opt.state_dict() instead")
+    return {k: v for k, v in vars(opt).items() if k not in ("_hooks", "_kernel_args") and not k.endswith("_hooks")}
+
+
+def _restore_copy(opt, state):
+    torch.optim.Optimizer.__setstate__(opt, state)  # torch's: empty step hooks, the step() wrapper
+    opt._kernel_args = {}
+    opt._hooks = [p.register_post_accumulate_grad_hook(opt._hook) for p in opt._group_of if p.requires_grad]
 
 
 def _load_state(opt, state_dict):

@@ -492,6 +492,44 @@ def test_step_hooks_fire_once_per_optimizer_step_in_every_driver(name, driver):
     assert [s if isinstance(s, str) else s[0] for s in seen] == ["pre", "post", "global post"] * 2
 
 
+@pytest.mark.parametrize("name", OPTIMIZERS)
+@pytest.mark.parametrize("driver", ["classic", "fused", "update_in_backward"])
+def test_optimizer_deep_copies_and_pickles_and_then_trains_identically(name, driver):
+    """copy.deepcopy((model, opt)) and a pickle round trip give a pair that trains exactly as the
+    original does, with the copy's hooks on the copy's parameters (the original is untouched);
+    an optimizer copied alone owns copies of the parameters."""
+    import pickle
+
+    def run(model, opt, data):
+        for idx in data:
+            loss = lm_loss(model, idx)
+            if driver == "fused":
+                opt.fused_backward(loss)
+            else:
+                loss.backward()
+                opt.step()
+                opt.zero_grad(set_to_none=True)
+
+    model = TinyNet()
+    opt = make(name, model, update_in_backward=driver == "update_in_backward")
+    run(model, opt, batches(2))  # state to copy
+    copies = [copy.deepcopy((model, opt)), pickle.loads(pickle.dumps((model, opt)))]
+    frozen = copy.deepcopy(model.state_dict())
+    for m, o in copies:
+        run(m, o, batches(3, seed=1))
+        assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), frozen.values()))
+    run(model, opt, batches(3, seed=1))
+    for m, _ in copies:
+        assert max_diff(model, m) == 0.0
+    alone = copy.deepcopy(opt)
+    p = alone.param_groups[0]["params"][0]
+    assert all(p is not q for q in model.parameters())
+    p.grad, before, frozen = torch.ones_like(p), p.detach().clone(), copy.deepcopy(model.state_dict())
+    alone.step()
+    assert not torch.equal(p, before)
+    assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), frozen.values()))
+
+
 # ---------------------------------------------------------------------------- fp16 and rounding
 
 
