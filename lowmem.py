@@ -700,15 +700,12 @@ class AdamMini(_LowMemOptimizer):
                  clip_grad_norm=None, clip_grad_value=None, loss_scale=None,
                  stochastic_rounding=False, seed=0, state_dtype=torch.float32, update_in_backward=False):
         _check_adam_mini_args(betas, eps, state_dtype)
-        is_module = isinstance(model_or_named_params, nn.Module)
-        named = [(n, p) for n, p in (model_or_named_params.named_parameters() if is_module
-                                     else model_or_named_params) if p.requires_grad]
-        self.partition = partition(model_or_named_params if is_module else named,
-                                   n_heads, n_kv_heads, head_dim)
+        named, params = _named_trainable(model_or_named_params)
+        self.partition = partition(params if isinstance(params, nn.Module) else named, n_heads, n_kv_heads, head_dim)
         self.state_dtype = state_dtype
         defaults = dict(lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay)
-        super().__init__(model_or_named_params if is_module else named, defaults, clip_grad_norm,
-                         clip_grad_value, loss_scale, stochastic_rounding, seed, update_in_backward)
+        super().__init__(params, defaults, clip_grad_norm, clip_grad_value, loss_scale, stochastic_rounding,
+                         seed, update_in_backward)
         self._blocks = {p: b for (_, p), b in zip(named, self.partition)}
         self._starts = {}  # section 5: each blocked tensor's block offsets, for the kernel
 
@@ -1198,7 +1195,8 @@ def _check_positive(name, value, allow_none=True, allow_zero=False):
 
 
 def _param_groups(model_or_params):
-    """(param groups, {param: name}) from a module, params, (name, param) pairs or groups."""
+    """(param groups, {param: name}) from a module, params, (name, param) pairs, or param groups
+    of either. Names given as pairs are kept as torch's optimizers keep them ("param_names")."""
     if isinstance(model_or_params, nn.Module):
         items = [(n, p) for n, p in model_or_params.named_parameters() if p.requires_grad]
         groups = [{"params": [p for _, p in items]}]
@@ -1206,15 +1204,35 @@ def _param_groups(model_or_params):
     if isinstance(model_or_params, torch.Tensor):
         raise TypeError("params must be an iterable of tensors or an nn.Module, got a single tensor")
     items, names = list(model_or_params), {}
-    if items and isinstance(items[0], tuple):  # (name, param) pairs
-        names = {p: n for n, p in items}
-        items = [p for _, p in items]
-    groups = items if items and isinstance(items[0], dict) else [{"params": items}]
+    groups = [dict(g) for g in items] if items and isinstance(items[0], dict) else [{"params": items}]
     for gi, group in enumerate(groups):
-        group["params"] = list(group["params"])
-        for pi, p in enumerate(group["params"]):
+        params = list(group["params"])
+        if any(isinstance(x, tuple) for x in params):
+            if not all(isinstance(x, tuple) and len(x) == 2 for x in params):
+                raise ValueError(f"param group {gi}: give every parameter as a (name, parameter) pair, or none")
+            group["param_names"], params = [n for n, _ in params], [p for _, p in params]
+            names.update(zip(params, group["param_names"]))
+        group["params"] = params
+        for pi, p in enumerate(params):
             names.setdefault(p, f"param_groups[{gi}][{pi}]")
+    if len({"param_names" in g for g in groups}) > 1:
+        raise ValueError("either every param group gives (name, parameter) pairs or none does")
     return groups, names
+
+
+def _named_trainable(model_or_named_params):
+    """AdamMini's input as (trainable (name, parameter) pairs, what the driver is built from):
+    a module, named_parameters(), (name, parameter) pairs, or param groups of such pairs."""
+    if isinstance(model_or_named_params, nn.Module):
+        return [(n, p) for n, p in model_or_named_params.named_parameters() if p.requires_grad], model_or_named_params
+    items = list(model_or_named_params)  # named_parameters() is a generator: read it once
+    groups = items if items and isinstance(items[0], dict) else [{"params": items}]
+    pairs = [x for g in groups for x in g["params"]]
+    if not all(isinstance(x, tuple) and len(x) == 2 and isinstance(x[0], str) for x in pairs):
+        raise TypeError("AdamMini needs each parameter's name to find its blocks (heads, embeddings): pass "
+                        "the model, model.named_parameters(), (name, parameter) pairs, or param groups of them")
+    groups = [dict(g, params=[(n, p) for n, p in g["params"] if p.requires_grad]) for g in groups]
+    return [x for g in groups for x in g["params"]], groups
 
 
 def _check_driver_args(groups, names, defaults, clip_grad_norm, clip_grad_value, loss_scale, update_in_backward):

@@ -530,6 +530,50 @@ def test_optimizer_deep_copies_and_pickles_and_then_trains_identically(name, dri
     assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), frozen.values()))
 
 
+@pytest.mark.parametrize("name", OPTIMIZERS)
+def test_param_groups_of_name_parameter_pairs_as_torch_takes_them(name):
+    """Every optimizer takes model.named_parameters(), (name, parameter) pairs, and param groups
+    of such pairs with their own lr and weight_decay, and writes "param_names" in its state_dict
+    as torch.optim.AdamW does. A group's settings are its own: the same run with the groups'
+    settings given per tensor (one group each) ends the same, bit for bit."""
+    def build(model, groups):
+        cls = {"lomo": lowmem.LOMO, "adalomo": lowmem.AdaLomo, "adam_mini": lowmem.AdamMini}[name]
+        extra = {"n_heads": 1} if name == "adam_mini" else {}
+        return torch_path(cls(groups, lr=0.02, **extra))
+
+    def groups_of(model, split):
+        decay = [(n, p) for n, p in model.named_parameters() if p.dim() >= 2]
+        rest = [(n, p) for n, p in model.named_parameters() if p.dim() < 2]
+        if split:  # one group per tensor, each with the settings of the group it came from
+            return [{"params": [x], "weight_decay": 0.1} for x in decay] + [{"params": [x], "lr": 0.005} for x in rest]
+        return [{"params": decay, "weight_decay": 0.1}, {"params": rest, "weight_decay": 0.0, "lr": 0.005}]
+
+    runs = []
+    for split in (False, True):
+        torch.manual_seed(0)
+        model = TinyNet()
+        opt = build(model, groups_of(model, split))
+        train(model, opt, batches(3), fused=False)
+        runs.append(model)
+    assert max_diff(*runs) == 0.0
+    model = TinyNet()
+    opt = build(model, groups_of(model, False))
+    reference = torch.optim.AdamW(groups_of(TinyNet(), False))
+    assert [g["param_names"] for g in opt.state_dict()["param_groups"]] == \
+        [g["param_names"] for g in reference.state_dict()["param_groups"]]
+    opt = build(model, model.named_parameters())
+    assert opt.state_dict()["param_groups"][0]["param_names"] == [n for n, _ in model.named_parameters()]
+    error = (TypeError, "needs each parameter's name") if name == "adam_mini" else (ValueError, "pair, or none")
+    with pytest.raises(error[0], match=error[1]):  # some pairs, some bare tensors
+        build(model, [{"params": [("wte.weight", model.wte.weight), model.fc.weight]}])
+
+
+def test_adam_mini_refuses_parameters_without_names():
+    model = TinyNet()
+    with pytest.raises(TypeError, match="AdamMini needs each parameter's name"):
+        lowmem.AdamMini(model.parameters(), lr=0.01)
+
+
 # ---------------------------------------------------------------------------- fp16 and rounding
 
 
