@@ -604,6 +604,13 @@ class _LowMemOptimizer(torch.optim.Optimizer):
 
     # -- state (section 7 has the checks and the loading) ---------------------------------
 
+    def add_param_group(self, param_group):
+        """torch.optim's add_param_group; after construction the new parameters train like the
+        others with both drivers (their hooks, geometry and names are set up; section 7)."""
+        if not hasattr(self, "_group_of"):  # torch's __init__ adding the groups built above
+            return super().add_param_group(param_group)
+        _add_group(self, param_group)
+
     def state_bytes(self):
         """Bytes held as optimizer state (all tensors in self.state)."""
         return sum(t.numel() * t.element_size() for s in self.state.values()
@@ -707,7 +714,22 @@ class AdamMini(_LowMemOptimizer):
         super().__init__(params, defaults, clip_grad_norm, clip_grad_value, loss_scale, stochastic_rounding,
                          seed, update_in_backward)
         self._blocks = {p: b for (_, p), b in zip(named, self.partition)}
+        heads = _Heads(params if isinstance(params, nn.Module) else None, n_heads, n_kv_heads, head_dim)
+        self._head_args = dict(n_heads=heads.n_heads, n_kv_heads=heads.n_kv_heads, head_dim=heads.head_dim)
         self._starts = {}  # section 5: each blocked tensor's block offsets, for the kernel
+
+    def add_param_group(self, param_group):
+        """Blocks for the new parameters too: named by (name, parameter) pairs, with this
+        optimizer's head counts."""
+        if not hasattr(self, "_group_of"):
+            return super().add_param_group(param_group)
+        param_group = dict(param_group, params=list(param_group["params"]))  # a generator is read once
+        (group,), names = _param_groups([param_group], first=len(self.param_groups))
+        trainable = [p for p in group["params"] if isinstance(p, torch.Tensor) and p.requires_grad]
+        part = partition([(names[p], p) for p in trainable], **self._head_args)  # may refuse: nothing changed yet
+        super().add_param_group(param_group)
+        self._blocks.update(zip(trainable, part))
+        self.partition.extend(part)
 
     def _begin(self, x, state, blocks):
         if not state:
@@ -1194,9 +1216,10 @@ def _check_positive(name, value, allow_none=True, allow_zero=False):
         raise ValueError(f"{name} must be a {'non-negative' if allow_zero else 'positive'} number, got {value!r}")
 
 
-def _param_groups(model_or_params):
+def _param_groups(model_or_params, first=0):
     """(param groups, {param: name}) from a module, params, (name, param) pairs, or param groups
-    of either. Names given as pairs are kept as torch's optimizers keep them ("param_names")."""
+    of either (numbered from `first`). Names given as pairs are kept as torch's optimizers keep
+    them ("param_names")."""
     if isinstance(model_or_params, nn.Module):
         items = [(n, p) for n, p in model_or_params.named_parameters() if p.requires_grad]
         groups = [{"params": [p for _, p in items]}]
@@ -1214,7 +1237,7 @@ def _param_groups(model_or_params):
             names.update(zip(params, group["param_names"]))
         group["params"] = params
         for pi, p in enumerate(params):
-            names.setdefault(p, f"param_groups[{gi}][{pi}]")
+            names.setdefault(p, f"param_groups[{first + gi}][{pi}]")
     if len({"param_names" in g for g in groups}) > 1:
         raise ValueError("either every param group gives (name, parameter) pairs or none does")
     return groups, names
@@ -1237,6 +1260,18 @@ def _named_trainable(model_or_named_params):
 
 def _check_driver_args(groups, names, defaults, clip_grad_norm, clip_grad_value, loss_scale, update_in_backward):
     """The shared driver's arguments and parameters; returns the parameters."""
+    params = _check_params(groups, names)
+    _check_positive("lr", defaults["lr"], allow_none=False, allow_zero=True)
+    _check_positive("weight_decay", defaults["weight_decay"], allow_none=False, allow_zero=True)
+    _check_positive("clip_grad_norm", clip_grad_norm)
+    _check_positive("clip_grad_value", clip_grad_value)
+    _check_positive("loss_scale", loss_scale)
+    if update_in_backward:
+        _check_update_in_backward(clip_grad_norm, loss_scale, any(p.dtype == torch.float16 for p in params))
+    return params
+
+
+def _check_params(groups, names):
     params = [p for g in groups for p in g["params"]]
     if not params:
         raise ValueError("optimizer got an empty parameter list")
@@ -1248,14 +1283,33 @@ def _check_driver_args(groups, names, defaults, clip_grad_norm, clip_grad_value,
                             "parameters can be optimized")
         if p.is_sparse:
             raise TypeError(f"parameter '{names[p]}' is sparse; lowmem supports dense parameters only")
-    _check_positive("lr", defaults["lr"], allow_none=False, allow_zero=True)
-    _check_positive("weight_decay", defaults["weight_decay"], allow_none=False, allow_zero=True)
-    _check_positive("clip_grad_norm", clip_grad_norm)
-    _check_positive("clip_grad_value", clip_grad_value)
-    _check_positive("loss_scale", loss_scale)
-    if update_in_backward:
-        _check_update_in_backward(clip_grad_norm, loss_scale, any(p.dtype == torch.float16 for p in params))
     return params
+
+
+def _add_group(opt, param_group):
+    """add_param_group after construction, checked whole before anything changes: the new
+    parameters get names, geometry, their group and a gradient hook. Returns their names."""
+    (group,), names = _param_groups([param_group], first=len(opt.param_groups))
+    params = _check_params([group], names)
+    for p in params:
+        if p in opt._group_of:
+            raise ValueError(f"add_param_group: parameter '{opt._names[p]}' is already in a param group")
+        if _is_dtensor(p) and (opt._shard_mesh is None or p.device_mesh != opt._shard_mesh):
+            raise TypeError(f"add_param_group: parameter '{names[p]}' is sharded on another mesh than this "
+                            "optimizer's FSDP2 parameters (or they are not sharded)")
+    geos = {p: Shard(p, names[p], fsdp_managed=True) if _is_dtensor(p) else Whole(p.shape) for p in params}
+    if "param_names" in opt.param_groups[0]:  # torch wants every group named or none
+        group["param_names"] = [names[p] for p in params]
+    else:
+        group.pop("param_names", None)
+    torch.optim.Optimizer.add_param_group(opt, group)  # torch's checks and defaults
+    opt._names.update(names)
+    opt._geo.update(geos)
+    opt._group_of.update((p, opt.param_groups[-1]) for p in params)
+    opt._hooks += [p.register_post_accumulate_grad_hook(opt._hook) for p in params if p.requires_grad]
+    for device_type in {p.device.type for p in params}:
+        _load(device_type)
+    return names
 
 
 def _check_update_in_backward(clip_grad_norm, loss_scale, fp16):

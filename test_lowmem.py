@@ -574,6 +574,47 @@ def test_adam_mini_refuses_parameters_without_names():
         lowmem.AdamMini(model.parameters(), lr=0.01)
 
 
+@pytest.mark.parametrize("name", OPTIMIZERS)
+@pytest.mark.parametrize("driver", ["classic", "fused", "update_in_backward"])
+def test_add_param_group_after_construction_trains_the_new_parameters(name, driver):
+    """Progressive unfreezing: an optimizer built on part of a model, then given the rest with
+    add_param_group (as (name, parameter) pairs, with its own lr), trains exactly as one built
+    with both groups from the start, in every driver. Adding a parameter twice is refused by
+    name, before anything changes."""
+    cls = {"lomo": lowmem.LOMO, "adalomo": lowmem.AdaLomo, "adam_mini": lowmem.AdamMini}[name]
+    kw = dict(lr=0.02, update_in_backward=driver == "update_in_backward", **({"n_heads": 1} if name == "adam_mini" else {}))
+
+    def groups(model):
+        body = [(n, p) for n, p in model.named_parameters() if not n.startswith("fc.")]
+        return [{"params": body}, {"params": list(model.fc.named_parameters(prefix="fc")), "lr": 0.01}]
+
+    def run(model, opt):
+        for idx in batches(3):
+            loss = lm_loss(model, idx)
+            if driver == "fused":
+                opt.fused_backward(loss)
+            else:
+                loss.backward()
+                opt.step()
+                opt.zero_grad(set_to_none=True)
+
+    torch.manual_seed(0)
+    late = TinyNet()
+    first, second = groups(late)
+    opt = cls([first], **kw)
+    opt.add_param_group(second)
+    with pytest.raises(ValueError, match="'fc.weight' is already in a param group"):
+        opt.add_param_group({"params": [("fc.weight", late.fc.weight)]})
+    assert len(opt.param_groups) == 2
+    run(late, opt)
+    torch.manual_seed(0)
+    early = TinyNet()
+    run(early, cls(groups(early), **kw))
+    assert max_diff(late, early) == 0.0
+    if name == "adam_mini":
+        assert [b.name for b in opt.partition][-2:] == ["fc.weight", "fc.bias"]
+
+
 # ---------------------------------------------------------------------------- fp16 and rounding
 
 
