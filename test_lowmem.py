@@ -478,13 +478,7 @@ def test_step_hooks_fire_once_per_optimizer_step_in_every_driver(name, driver):
     try:
         for idx in batches(2):
             before = model.fc.weight.sum().item()
-            loss = lm_loss(model, idx)
-            if driver == "fused":
-                opt.fused_backward(loss)
-            else:
-                loss.backward()
-                opt.step()
-                opt.zero_grad(set_to_none=True)
+            one_step(opt, lm_loss(model, idx), fused=driver == "fused")  # update_in_backward: the loop's own
             assert seen[-3:][0] == "pre" and seen[-1] == "global post"
             assert seen[-2][1] != before  # the post hook sees the updated weights
     finally:
@@ -502,13 +496,7 @@ def test_optimizer_deep_copies_and_pickles_and_then_trains_identically(name, dri
 
     def run(model, opt, data):
         for idx in data:
-            loss = lm_loss(model, idx)
-            if driver == "fused":
-                opt.fused_backward(loss)
-            else:
-                loss.backward()
-                opt.step()
-                opt.zero_grad(set_to_none=True)
+            one_step(opt, lm_loss(model, idx), fused=driver == "fused")
 
     model = TinyNet()
     opt = make(name, model, update_in_backward=driver == "update_in_backward")
@@ -590,13 +578,7 @@ def test_add_param_group_after_construction_trains_the_new_parameters(name, driv
 
     def run(model, opt):
         for idx in batches(3):
-            loss = lm_loss(model, idx)
-            if driver == "fused":
-                opt.fused_backward(loss)
-            else:
-                loss.backward()
-                opt.step()
-                opt.zero_grad(set_to_none=True)
+            one_step(opt, lm_loss(model, idx), fused=driver == "fused")
 
     torch.manual_seed(0)
     late = TinyNet()
