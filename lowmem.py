@@ -708,13 +708,14 @@ class AdamMini(_LowMemOptimizer):
                  stochastic_rounding=False, seed=0, state_dtype=torch.float32, update_in_backward=False):
         _check_adam_mini_args(betas, eps, state_dtype)
         named, params = _named_trainable(model_or_named_params)
-        self.partition = partition(params if isinstance(params, nn.Module) else named, n_heads, n_kv_heads, head_dim)
+        module = params if isinstance(params, nn.Module) else None
+        self.partition = partition(named if module is None else module, n_heads, n_kv_heads, head_dim)
         self.state_dtype = state_dtype
         defaults = dict(lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay)
         super().__init__(params, defaults, clip_grad_norm, clip_grad_value, loss_scale, stochastic_rounding,
                          seed, update_in_backward)
         self._blocks = {p: b for (_, p), b in zip(named, self.partition)}
-        heads = _Heads(params if isinstance(params, nn.Module) else None, n_heads, n_kv_heads, head_dim)
+        heads = _Heads(module, n_heads, n_kv_heads, head_dim)  # for parameters added later
         self._head_args = dict(n_heads=heads.n_heads, n_kv_heads=heads.n_kv_heads, head_dim=heads.head_dim)
         self._starts = {}  # section 5: each blocked tensor's block offsets, for the kernel
 
@@ -916,7 +917,10 @@ def _on(device):
     and cuda:0 current, device-1 pointers would otherwise be launched on device 0)."""
     if device.type == "cuda" and device.index is not None and torch.cuda.current_device() != device.index:
         return torch.cuda.device(device)
-    return contextlib.nullcontext()
+    return _AS_IS
+
+
+_AS_IS = contextlib.nullcontext()  # reusable: a kernel call off CUDA (every hook's) allocates no context
 
 
 def _check_err(name, err):
@@ -1288,7 +1292,7 @@ def _check_params(groups, names):
 
 def _add_group(opt, param_group):
     """add_param_group after construction, checked whole before anything changes: the new
-    parameters get names, geometry, their group and a gradient hook. Returns their names."""
+    parameters get names, geometry, their group and a gradient hook."""
     (group,), names = _param_groups([param_group], first=len(opt.param_groups))
     params = _check_params([group], names)
     for p in params:
@@ -1309,7 +1313,6 @@ def _add_group(opt, param_group):
     opt._hooks += [p.register_post_accumulate_grad_hook(opt._hook) for p in params if p.requires_grad]
     for device_type in {p.device.type for p in params}:
         _load(device_type)
-    return names
 
 
 def _check_update_in_backward(clip_grad_norm, loss_scale, fp16):
@@ -1361,7 +1364,7 @@ def _copyable_state(opt):
     if opt._shard_mesh is not None:
         raise TypeError("an optimizer of FSDP2-sharded parameters cannot be copied or pickled (its "
                         "mesh belongs to a process group): save opt.state_dict() instead")
-    return {k: v for k, v in vars(opt).items() if k not in ("_hooks", "_kernel_args") and not k.endswith("_hooks")}
+    return {k: v for k, v in vars(opt).items() if k != "_kernel_args" and not k.endswith("_hooks")}
 
 
 def _restore_copy(opt, state):
