@@ -961,7 +961,7 @@ def gpu_report(args):
     if args.device != "cuda" and not args.quick:
         raise SystemExit("bench.py gpu: needs a CUDA GPU (torch.cuda.is_available() is False here)")
     start, sections, failed = time.time(), [], False
-    for title, stage in (("CUDA tests", _gpu_tests), ("Update kernels", _gpu_kernels),
+    for title, stage in (("Kernel self-check", _gpu_self_check), ("CUDA tests", _gpu_tests), ("Update kernels", _gpu_kernels),
                          ("GPT-2 124M training", _gpu_gpt2), ("Llama-3.2-1B shape, bf16 fine-tuning", _gpu_llama)):
         t0 = time.time()
         print(f"bench.py gpu: {title} ...", file=sys.stderr)
@@ -987,6 +987,28 @@ def _git_commit():
     run = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
                          cwd=os.path.dirname(os.path.abspath(__file__)))
     return run.stdout.strip() or "(not a git checkout)"
+
+
+def _gpu_self_check(args):
+    """The self-check a CUDA build passes before lowmem uses it (lowmem.py, section 5): its verdict
+    on this GPU, the first check's time (a child process runs it) and what a later process pays
+    (the cached verdict read). --quick on the CPU: the CPU build checks itself, as a stand-in."""
+    device = torch.device(args.device)
+    path, why = lowmem._compile(cuda=device.type == "cuda")
+    reference = lowmem._compile(cuda=False)[0]
+    if path is None:
+        return f"no {device.type} build: {why}", False
+    with tempfile.TemporaryDirectory() as fresh:  # a copy of the build, with no verdict cached yet
+        build = shutil.copy(path, fresh)
+        t0 = time.perf_counter()
+        verdict = lowmem._verdict(build, device, reference)
+        first, later = time.perf_counter() - t0, []
+        for _ in range(20):
+            t0 = time.perf_counter()
+            lowmem._verdict(build, device, reference)
+            later.append(time.perf_counter() - t0)
+    return (f"verdict: {verdict or 'passed'}\n\nfirst check (in a child process): {first:.2f} s; with the verdict "
+            f"cached, as every later process finds it: {statistics.median(later) * 1e3:.2f} ms (median of 20)"), verdict is None
 
 
 def _gpu_tests(args):

@@ -571,7 +571,8 @@ EXPORT int lm_factored_apply(void *p, int pdt, const void *g, int gdt, int64_t b
    fewer than SMALL elements are spread over the threads one tensor per thread (a parallel
    region costs more than a tiny tensor's update); larger ones run in turn with every thread.
    On CUDA the items are launched in turn on the stream (the host cost per tensor is gone,
-   the launch per tensor is not). Returns the first nonzero error. */
+   the launch per tensor is not). Returns the first nonzero error, and in *done how many items
+   ran (on CUDA a failed launch ends the list: lowmem gives the others back their step). */
 typedef struct { uintptr_t p; int pdt; uintptr_t g; int gdt; int64_t n; prep_t q; float lr, decay; int sr; uint64_t seed; } sgd_call;
 typedef struct { uintptr_t p; int pdt; uintptr_t g; int gdt; uintptr_t m, v; int64_t n; prep_t q; adam_t h; int sr; uint64_t seed; } adam_elem_call;
 typedef struct { uintptr_t p; int pdt; uintptr_t g; int gdt; uintptr_t m, v, start; int64_t n_v; prep_t q; adam_t h; int sr; uint64_t seed; } adam_blocks_call;
@@ -579,32 +580,41 @@ typedef struct { uintptr_t p; int pdt; uintptr_t g; int gdt; uintptr_t row, col;
 #define P(x) ((void *)(x))
 
 #ifdef __CUDACC__
-#define MULTI(name, type, size, call) \
-EXPORT int lm_multi_##name(const type *items, int64_t count, void *stream) { \
-    int err = 0; \
-    for (int64_t i = 0; i < count && !err; i++) { const type *c = items + i; err = call; } \
+/* Before the first item, the kernel itself is asked for (cudaFuncGetAttributes): one with no
+   image for this GPU, or an error left pending by earlier work, fails with nothing launched.
+   count 0 is that check alone: lowmem checks every kernel of a step before it launches any. */
+#define MULTI(name, type, size, kernel, call) \
+EXPORT int lm_multi_##name(const type *items, int64_t count, int64_t *done, void *stream) { \
+    cudaFuncAttributes attr; \
+    int err = (int)cudaPeekAtLastError(); \
+    if (!err) err = (int)cudaFuncGetAttributes(&attr, kernel); \
+    if (err) cudaGetLastError(); /* returned here, not left for the next call */ \
+    int64_t i = 0; \
+    while (!err && i < count) { const type *c = items + i; if (!(err = call)) i++; } \
+    *done = i; \
     return err; \
 }
 #else
-#define MULTI(name, type, size, call) \
-int lm_multi_##name(const type *items, int64_t count, void *stream) { \
+#define MULTI(name, type, size, kernel, call) \
+int lm_multi_##name(const type *items, int64_t count, int64_t *done, void *stream) { \
     int err = 0; \
     PARALLEL_FOR(count > 1, schedule(dynamic) reduction(|:err), for (int64_t i = 0; i < count; i++), \
                  { const type *c = items + i; if ((size) < SMALL) err |= call; }); \
     for (int64_t i = 0; i < count; i++) { const type *c = items + i; if ((size) >= SMALL) err |= call; } \
+    *done = count; /* the CPU kernels cannot fail: every item ran */ \
     return err; \
 }
 #endif
 
-MULTI(sgd, sgd_call, c->n,
+MULTI(sgd, sgd_call, c->n, k_sgd,
       lm_sgd(P(c->p), c->pdt, P(c->g), c->gdt, c->n, c->q, c->lr, c->decay, c->sr, c->seed, stream))
-MULTI(adam_elem, adam_elem_call, c->n,
+MULTI(adam_elem, adam_elem_call, c->n, k_adam_elem,
       lm_adam_elem(P(c->p), c->pdt, P(c->g), c->gdt, (float *)P(c->m), (float *)P(c->v), c->n, c->q, c->h, c->sr, c->seed, stream))
-MULTI(adam_blocks, adam_blocks_call, ((const int64_t *)P(c->start))[c->n_v] - ((const int64_t *)P(c->start))[0],
+MULTI(adam_blocks, adam_blocks_call, ((const int64_t *)P(c->start))[c->n_v] - ((const int64_t *)P(c->start))[0], k_adam_blocks,
       lm_adam_blocks(P(c->p), c->pdt, P(c->g), c->gdt, (float *)P(c->m), (float *)P(c->v), (const int64_t *)P(c->start),
                      c->n_v, c->q, c->h, c->sr, c->seed, stream))
 #ifndef __CUDACC__
-MULTI(adalomo, adalomo_call, c->batch * c->rows * c->cols,
+MULTI(adalomo, adalomo_call, c->batch * c->rows * c->cols, none,  /* CPU only: no CUDA kernel */
       lm_adalomo(P(c->p), c->pdt, P(c->g), c->gdt, (float *)P(c->row), (float *)P(c->col), c->batch, c->rows, c->cols,
                  c->q, c->h, c->sr, c->seed, stream))
 #endif

@@ -22,6 +22,7 @@ DESIGN.md derives the rules and lists the facts the code relies on; RESULTS.md h
 import contextlib
 import functools
 import hashlib
+import json
 import math
 import os
 import platform
@@ -773,7 +774,8 @@ def _c_declarations(source):
     typedefs = re.findall(r"^typedef struct \{[^}]*\} \w+;", text, re.M)
     functions = ["int " + " ".join(f.split()) + ";" for f in re.findall(r"^int (lm_\w+\([^)]*\))\s*\{", text, re.M)]
     multi = dict(re.findall(r"^MULTI\((\w+), (\w+),", text, re.M))
-    functions += [f"int lm_multi_{name}(const {item} *items, int64_t count, void *stream);" for name, item in multi.items()]
+    functions += [f"int lm_multi_{name}(const {item} *items, int64_t count, int64_t *done, void *stream);"
+                  for name, item in multi.items()]
     return "\n".join(typedefs + functions), {"lm_" + name: item for name, item in multi.items()}
 
 
@@ -842,6 +844,10 @@ def _load(device_type):
                     ffi = cffi.FFI()
                     ffi.cdef(_CDEF)
                     _libs[device_type] = (ffi, ffi.dlopen(path))
+                if path and device_type in _CHECK_ON:  # section 5's self-check, cached with the build
+                    failed = _verdict(path, torch.device(_CHECK_ON[device_type]), _compile(cuda=False)[0])
+                    if failed:
+                        _libs[device_type], why = None, f"its kernels failed their self-check: {failed}"
             except ImportError:
                 why = "cffi is not installed"
         if _libs[device_type] is None and mode == "c":
@@ -858,6 +864,183 @@ def kernels(device=None):
     if _load(device.type) is None:
         return "torch"
     return "cuda" if device.type == "cuda" else "c"
+
+
+# -- the self-check: a CUDA build proves itself on this GPU and driver before it updates anything
+
+_CHECK_ON = {"cuda": "cuda"}  # device type -> the device its build is checked on before use
+_CHECK_SHAPES = [(), (1,), (300,), (1, 7), (7, 1), (33, 65), (2, 3, 4)]
+_CHECK_NAMED = [("embed_tokens.weight", (11, 8)), ("layers.0.self_attn.q_proj.weight", (8, 8)),
+                ("layers.0.self_attn.k_proj.weight", (4, 8)), ("layers.0.mlp.up_proj.weight", (6, 8)),
+                ("layers.0.mlp.up_proj.bias", (300,)), ("norm.weight", (8,))]
+_CHECK_OPTIMIZERS = {  # name -> (the (name, shape) of each weight, make an optimizer of one (name, weight))
+    "LOMO": ([("w", s) for s in _CHECK_SHAPES], lambda named, **kw: LOMO([p for _, p in named], lr=0.05, weight_decay=0.1, **kw)),
+    "AdaLomo": ([("w", s) for s in _CHECK_SHAPES], lambda named, **kw: AdaLomo([p for _, p in named], lr=0.05, weight_decay=0.1, **kw)),
+    "AdamMini": (_CHECK_NAMED, lambda named, **kw: AdamMini(named, lr=0.01, weight_decay=0.1, n_heads=4, n_kv_heads=2, head_dim=2, **kw)),
+}
+_CHECK_DTYPES = [(torch.float32, torch.float32, False), (torch.bfloat16, torch.bfloat16, False),
+                 (torch.bfloat16, torch.float32, False), (torch.float16, torch.float16, False),
+                 (torch.bfloat16, torch.bfloat16, True), (torch.bfloat16, torch.float32, True)]  # weight, gradient, SR
+_CANARY, _FILL = 64, 1152.0  # elements either side of every checked weight, and their value (exact in bf16)
+
+
+class _Recorder:
+    """A kernel library that notes which of its entry points are called."""
+    def __init__(self, lib):
+        self.lib, self.used = lib, set()
+
+    def __getattr__(self, name):
+        self.used.add(name)
+        return getattr(self.lib, name)
+
+
+@contextlib.contextmanager
+def _kernels_for(device_type, lib):
+    """Kernel calls for `device_type` tensors go to `lib` ((ffi, lib); None: the PyTorch rules);
+    AdaLomo takes the one-call path only where the library has it (a CUDA build has not)."""
+    saved, one_call = _libs.get(device_type, False), AdaLomo.one_call_devices
+    _libs[device_type] = lib
+    if lib is None or not hasattr(lib[1], "lm_multi_adalomo"):
+        AdaLomo.one_call_devices = tuple(d for d in one_call if d != device_type)
+    _multi_entry.cache_clear()
+    try:
+        yield
+    finally:
+        if saved is False:
+            del _libs[device_type]
+        else:
+            _libs[device_type] = saved
+        AdaLomo.one_call_devices = one_call
+        _multi_entry.cache_clear()
+
+
+def _check_run(opt_name, name, shape, dtypes, device, lib, side_stream=False):
+    """Two steps of one optimizer on one weight (inside canaries) with the kernels of `lib` on
+    `device` (lib None: the PyTorch rules); a run is a pure function of its arguments. With
+    side_stream (CUDA), it runs on a side stream whose inputs are written after a sleep: a kernel
+    launched on any other stream would read them before they are there. Returns (the weight and
+    state tensors, on the CPU; the kernels called; whether the canaries are intact)."""
+    pdt, gdt, sr = dtypes
+    n, gen = math.prod(shape), torch.Generator().manual_seed(len(shape) * 1000 + math.prod(shape))
+    w = torch.full((n + 2 * _CANARY,), _FILL)
+    w[_CANARY:_CANARY + n] = torch.randn(n, generator=gen)
+    sources = [w.to(device, pdt)] + [(torch.randn(shape, generator=gen) * 2).to(device, gdt) for _ in range(2)]
+    stream = torch.cuda.Stream(device) if side_stream else None
+    recorder = lib and _Recorder(lib[1])
+    with _kernels_for(device.type, recorder and (lib[0], recorder)), torch.no_grad(), \
+            (torch.cuda.stream(stream) if stream else contextlib.nullcontext()):
+        if recorder:
+            recorder.used.clear()  # _kernels_for asked it for lm_multi_adalomo
+        if stream:
+            stream.wait_stream(torch.cuda.current_stream(device))
+            buf, *grads = [torch.zeros_like(t) for t in sources]
+            torch.cuda._sleep(10_000_000)
+            for t, source in zip([buf, *grads], sources):
+                t.copy_(source)
+        else:
+            buf, *grads = sources
+        p = nn.Parameter(buf[_CANARY:_CANARY + n].view(shape))
+        opt = _CHECK_OPTIMIZERS[opt_name][1]([(name, p)], clip_grad_value=3.0, stochastic_rounding=sr, seed=5)
+        for g in grads:
+            with _batched():
+                opt._apply(p, g.view(shape), 2.0, None, 0.9)  # every preparation: unscale, clip, norm coefficient
+        pads = torch.cat([buf[:_CANARY], buf[-_CANARY:]]).float().cpu()
+        tensors = [t.float().cpu() for t in [p.detach()] + [t for t in opt.state[p].values() if torch.is_tensor(t)]]
+    return tensors, sorted(recorder.used) if recorder else [], bool((pads == _FILL).all())
+
+
+_ELEMENTWISE = {"lm_multi_sgd", "lm_multi_adam_elem"}  # kernels with no sum: the same bits in every build
+
+
+def _self_check(device, lib, reference=None, log=None):
+    """Every optimizer's kernel path with the build `lib` on small tensors on `device`: the edge
+    shapes, every weight and gradient dtype, stochastic rounding on and off, every gradient
+    preparation. Each run is compared with the same run on the CPU build `reference` (bit for
+    bit where its kernels are element-wise, else within rounding) and with the PyTorch rules;
+    its return codes and canaries are checked; on CUDA it is repeated on a side stream and must
+    give the same bits. Returns None, or one line: what failed, where, the kernels that ran."""
+    cpu = torch.device("cpu")
+    for opt_name, (named, _) in _CHECK_OPTIMIZERS.items():
+        for name, shape in named:
+            for dtypes in _CHECK_DTYPES:
+                case = f"{opt_name} on a {tuple(shape)} {str(dtypes[0])[6:]} weight with {str(dtypes[1])[6:]} " \
+                       f"gradients{', stochastic rounding' if dtypes[2] else ''}"
+                if log:
+                    log(case)
+                used = []
+                try:
+                    got, used, intact = _check_run(opt_name, name, shape, dtypes, device, lib)
+                    kernels = ", ".join(used)
+                    if not intact:
+                        return f"{case}: wrote outside the weight (kernels {kernels})"
+                    refs = [("the CPU build", _check_run(opt_name, name, shape, dtypes, cpu, reference)[0],
+                             set(used) <= _ELEMENTWISE)] if reference else []
+                    if not dtypes[2]:  # the PyTorch rules round stochastically with other random bits
+                        refs.append(("the PyTorch rules", _check_run(opt_name, name, shape, dtypes, cpu, None)[0], False))
+                    if device.type == "cuda":
+                        refs.append(("the same run on a side stream",
+                                     _check_run(opt_name, name, shape, dtypes, device, lib, side_stream=True)[0], True))
+                except Exception as e:  # a kernel's error code, or anything else the check runs into
+                    return f"{case}: {type(e).__name__}: {e} (kernels {', '.join(used) or 'not yet known'})"
+                for what, ref, bitwise in refs:
+                    for a, b in zip(got, ref):
+                        close = torch.equal(a, b) if bitwise else \
+                            (a - b).abs().le(4 * torch.finfo(dtypes[0]).eps * b.abs() + 1e-6).all()
+                        if not close:
+                            return f"{case}: differs from {what} by up to {(a - b).abs().max().item():.3g} " \
+                                   f"(kernels {kernels})"
+    return None
+
+
+def _device_id(device):
+    """What a verdict holds for: the GPU and its architecture, the driver, torch and its CUDA."""
+    if device.type != "cuda":
+        return f"{device.type}, torch {torch.__version__}"
+    props = torch.cuda.get_device_properties(device)
+    driver = torch._C._cuda_getDriverVersion() if hasattr(torch._C, "_cuda_getDriverVersion") else "unknown"
+    return f"{props.name} sm_{props.major}{props.minor}, driver {driver}, torch {torch.__version__} CUDA {torch.version.cuda}"
+
+
+def _verdict(path, device, reference):
+    """None if the build at `path` passed the self-check on `device`, else why not. The first
+    process to use a build on a GPU and driver runs the check in a child process (a device
+    fault poisons the CUDA context of the process it happens in) and stores the verdict beside
+    the build; later processes read it. Delete the .json file to check again."""
+    ident = _device_id(device)
+    record = f"{path}.check-{hashlib.sha256(ident.encode()).hexdigest()[:12]}.json"
+    if not os.path.exists(record):
+        fd, tmp = tempfile.mkstemp(suffix=".json", dir=os.path.dirname(path))
+        os.close(fd)
+        code = "import sys; sys.path.insert(0, sys.argv[1]); import lowmem; lowmem._self_check_child(*sys.argv[2:])"
+        args = [sys.executable, "-c", code, os.path.dirname(os.path.abspath(__file__)), path, reference or "", str(device), tmp]
+        try:
+            child = subprocess.run(args, capture_output=True, text=True, timeout=900)
+            died = child.returncode != 0 and f"exit code {child.returncode}: " + \
+                " / ".join(child.stderr.strip().splitlines()[-2:])
+        except subprocess.TimeoutExpired:
+            died = "no verdict in 900 s"
+        if died:
+            with open(tmp, "w") as f:
+                json.dump({"device": ident, "verdict": f"the self-check process died ({died})"}, f)
+        os.replace(tmp, record)
+    with open(record) as f:
+        verdict = json.load(f)["verdict"]
+    return verdict and f"{verdict} [verdict in {record}]"
+
+
+def _self_check_child(path, reference, device, out):
+    """The child process of _verdict: runs the check, writes {"device", "verdict"} to `out`."""
+    import cffi
+
+    def open_build(so):
+        ffi = cffi.FFI()
+        ffi.cdef(_CDEF)
+        return ffi, ffi.dlopen(so)
+    device = torch.device(device)
+    verdict = _self_check(device, open_build(path), open_build(reference) if reference else None,
+                          log=lambda case: print(f"lowmem self-check: {case}", file=sys.stderr, flush=True))
+    with open(out, "w") as f:
+        json.dump({"device": _device_id(device), "verdict": verdict}, f)
 
 
 _POINTER = {torch.float32: "float *", torch.int64: "int64_t *"}  # bf16/fp16 data: void *
@@ -946,18 +1129,38 @@ def _launch(opt, key, name, x, grad, tensors, sizes, per_step):
     item = (x.data_ptr(), _DTYPE_CODE[x.dtype], grad.data_ptr(), _DTYPE_CODE[grad.dtype], *cached[2], *per_step)
     queue = getattr(_batch, "queue", None)
     if queue is None:
-        _run_multi(device, name, [item])
+        _run_multi(device, name, [item], [(opt, key)])
     else:
-        queue.setdefault((device, name), []).append(item)
+        items, owners = queue.setdefault((device, name), ([], []))
+        items.append(item)
+        owners.append((opt, key))
 
 
-def _run_multi(device, name, items):
-    """One lm_multi_* call (fused_ext.c) for a list of `name` calls' argument tuples."""
+def _run_multi(device, name, items, owners):
+    """One lm_multi_* call (fused_ext.c) for a list of `name` calls' argument tuples; owners[i]
+    is the (optimizer, parameter) of items[i]. No items: only check that the kernel can run.
+    If a launch fails, the parameters it did not reach get their step counter back (each
+    parameter's state stays that of its weights) and the error says how far it got."""
     kind = device.type
     ffi, function, array_type = _multi_entry(kind, name)
     stream = ffi.NULL if kind == "cpu" else ffi.cast("void *", _stream(device))
+    done = ffi.new("int64_t *")
     with _on(device):
-        _check_err(name, function(ffi.new(array_type, items), len(items), stream))
+        err = function(ffi.new(array_type, items), len(items), done, stream)
+    if err and not items:
+        raise RuntimeError(f"fused kernel {name} cannot run here (error {err}): nothing was updated")
+    if err:
+        _not_stepped(owners[done[0]:])
+        raise RuntimeError(f"fused kernel {name} failed with error {err}: it updated {done[0]} of {len(items)} "
+                           "tensors; the others, and their step counters, are as before the step")
+
+
+def _not_stepped(owners):
+    """The updates of these (optimizer, parameter) pairs did not run: their step goes back."""
+    for opt, p in owners:
+        state = opt.state.get(p, {})
+        if "step" in state:
+            state["step"] -= 1
 
 
 @functools.lru_cache(maxsize=None)
@@ -967,7 +1170,7 @@ def _multi_entry(device_type, name):
     return ffi, getattr(lib, "lm_multi" + name[2:]), ffi.typeof(_MULTI[name] + "[]")
 
 
-_batch = threading.local()  # .queue inside _batched(): {(device, kernel name): [queued calls' arguments]}
+_batch = threading.local()  # .queue inside _batched(): {(device, kernel name): ([calls' arguments], [their (opt, p)])}
 
 
 @contextlib.contextmanager
@@ -975,12 +1178,20 @@ def _batched():
     """The classic step(): each tensor's whole-update kernel call is queued, then all of a
     kernel's calls on a device go in one C call as an array of argument structs, so a tensor
     costs the host a tuple instead of a C call. The queued updates are independent (one
-    parameter each). If the step fails, nothing queued runs."""
+    parameter each). Every kernel of the step is checked before any runs, so one that cannot
+    run here changes nothing; if the step fails, nothing queued runs and no step is counted."""
     _batch.queue = queue = {}
+    started = 0  # calls started: a failed one has given back the steps of the items it did not reach
     try:
         yield
-        for (device, name), items in queue.items():
-            _run_multi(device, name, items)
+        for device, name in queue:
+            _run_multi(device, name, [], [])
+        for (device, name), (items, owners) in queue.items():
+            started += 1
+            _run_multi(device, name, items, owners)
+    except BaseException:
+        _not_stepped([o for _, owners in list(queue.values())[started:] for o in owners])
+        raise
     finally:
         _batch.queue = None
 

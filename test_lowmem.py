@@ -991,7 +991,9 @@ def test_multi_tensor_step_is_one_call_per_kernel_and_equals_one_call_per_tensor
             (lowmem.AdaLomo if name == "adalomo" else lowmem.LOMO)(params, lr=0.01, weight_decay=0.1, stochastic_rounding=True)
         calls = []
         with monkeypatch.context() as m:
-            m.setattr(lowmem, "_check_err", lambda kernel, err: calls.append(kernel) or assert_ok(err))
+            run_multi = lowmem._run_multi  # counts the calls that update (not the checks with no items)
+            m.setattr(lowmem, "_run_multi", lambda device, kernel, items, owners:
+                      (calls.append(kernel) if items else None) or run_multi(device, kernel, items, owners))
             if not multi:  # outside _batched, each tensor's call runs at once, as in a hook
                 m.setattr(lowmem, "_batched", contextlib.nullcontext)
             gen = torch.Generator().manual_seed(1)
@@ -1056,7 +1058,8 @@ CUDA_EMULATOR = r"""/* The CUDA half of fused_ext.c, run on the host: each CUDA 
 
 struct dim3 { unsigned x, y, z; };
 typedef void *cudaStream_t;
-enum { cudaSuccess = 0, cudaErrorInvalidConfiguration = 9, cudaErrorLaunchFailure = 719 };
+enum { cudaSuccess = 0, cudaErrorInvalidConfiguration = 9, cudaErrorNoKernelImageForDevice = 209, cudaErrorLaunchFailure = 719 };
+struct cudaFuncAttributes { int maxThreadsPerBlock; };
 
 namespace emu {
 enum State { RUNNABLE, AT_BLOCK_BARRIER, AT_WARP_BARRIER, DONE };
@@ -1074,7 +1077,7 @@ static float lanes[1024];
 static int last_error;
 static std::string failure, fail_kernel;
 static std::vector<Launch> launches;
-static long long grid_limit = 2147483647LL;
+static long long grid_limit = 2147483647LL, fail_at = -1;
 static unsigned shuffle_seed;
 
 static void fail(const std::string &why) {
@@ -1120,7 +1123,8 @@ static bool run_block(unsigned n) {
 
 template <class F> void launch(const char *kernel, long long grid, long long block, long long shmem, cudaStream_t stream, F fn) {
     launches.push_back({kernel, grid, block, shmem, stream});
-    if (grid < 1 || grid > grid_limit || block < 1 || block > 1024 || shmem > 49152 || fail_kernel == kernel) {
+    if (grid < 1 || grid > grid_limit || block < 1 || block > 1024 || shmem > 49152 || fail_kernel == kernel ||
+        (long long)launches.size() - 1 == fail_at) {
         if (!last_error) last_error = cudaErrorInvalidConfiguration;
         return;
     }
@@ -1138,6 +1142,11 @@ template <class F> void launch(const char *kernel, long long grid, long long blo
         block_idx = {order[b], 1, 1};
         if (!run_block((unsigned)block)) return;
     }
+}
+static int func_attributes(const char *kernel) {  /* fail_kernel: as a GPU the build has no image for */
+    if (fail_kernel != kernel) return 0;
+    if (!last_error) last_error = cudaErrorNoKernelImageForDevice;
+    return cudaErrorNoKernelImageForDevice;
 }
 }  // namespace emu
 
@@ -1159,9 +1168,12 @@ static inline float atomicAdd(float *address, float value) { float old = *addres
 static inline int cudaMallocAsync(void **p, size_t bytes, cudaStream_t) { *p = malloc(bytes ? bytes : 1); return *p ? 0 : 2; }
 static inline int cudaFreeAsync(void *p, cudaStream_t) { free(p); return 0; }
 static inline int cudaGetLastError() { int e = emu::last_error; emu::last_error = 0; return e; }
+static inline int cudaPeekAtLastError() { return emu::last_error; }
+#define cudaFuncGetAttributes(attr, kernel) emu::func_attributes(#kernel)
 
 extern "C" {
-void emu_reset(void) { emu::launches.clear(); emu::failure.clear(); emu::fail_kernel.clear(); emu::last_error = 0; }
+void emu_reset(void) { emu::launches.clear(); emu::failure.clear(); emu::fail_kernel.clear(); emu::last_error = 0; emu::fail_at = -1; }
+void emu_fail_at(long long launch) { emu::fail_at = launch; }  /* that launch (0: the first after a reset) fails */
 void emu_configure(long long grid_limit, unsigned shuffle_seed, const char *fail_kernel) {
     emu::grid_limit = grid_limit; emu::shuffle_seed = shuffle_seed; emu::fail_kernel = fail_kernel ? fail_kernel : "";
 }
@@ -1191,6 +1203,7 @@ def emulated_cuda_source(source):
 
 
 EMU_CDEF = """void emu_reset(void); void emu_configure(long long grid_limit, unsigned shuffle_seed, const char *fail_kernel);
+void emu_fail_at(long long launch);
 const char *emu_failure(void); int emu_launch_count(void);
 const char *emu_launch(int i, long long *grid, long long *block, void **stream);"""
 
@@ -1227,15 +1240,11 @@ def cuda_emulated(emu):
     """lowmem's kernel calls for CPU tensors go to the emulated CUDA build, as they would for CUDA
     tensors: every call through _call / _run_multi, AdaLomo through its multi-pass (CUDA) path."""
     ffi, lib = emu
-    saved = lowmem._libs["cpu"]
-    lowmem._libs["cpu"], lowmem.AdaLomo.one_call_devices = (ffi, lib), ()
-    lowmem._multi_entry.cache_clear()
     lib.emu_reset()
     try:
-        yield lib
+        with lowmem._kernels_for("cpu", emu):
+            yield lib
     finally:
-        lowmem._libs["cpu"], lowmem.AdaLomo.one_call_devices = saved, ("cpu",)
-        lowmem._multi_entry.cache_clear()
         failure = ffi.string(lib.emu_failure()).decode()
         lib.emu_configure(2 ** 31 - 1, 0, ffi.NULL)
         assert not failure, failure
@@ -1430,10 +1439,51 @@ def test_emulated_cuda_launch_failure_is_returned_not_swallowed(emu):
         opt = lowmem.LOMO([p], lr=0.1)
         lib.emu_configure(2 ** 31 - 1, 0, b"k_sgd")
         p.grad = torch.ones(9)
-        with pytest.raises(RuntimeError, match="fused kernel lm_sgd failed with error 9"):
+        with pytest.raises(RuntimeError, match="fused kernel lm_sgd cannot run here .error 209.: nothing was updated"):
             opt.step()
         lib.emu_configure(2 ** 31 - 1, 0, ffi.NULL)
 
+
+
+def test_a_kernel_failing_in_step_leaves_every_parameter_with_the_state_of_its_weights(emu):
+    """Finding 9: a failure among a step's kernel calls left a partial step (the calls queued
+    before it had updated their tensors, and every step counter had advanced). Every kernel of
+    the step is now checked before any runs, so one this GPU has no image for changes nothing and
+    the step can be retried; a launch failing part-way gives back the step of each tensor it did
+    not reach."""
+    ffi, lib = emu
+
+    def setup():
+        torch.manual_seed(0)
+        model = EveryBlockKind()
+        for p in model.parameters():
+            p.grad = torch.randn_like(p)
+        return model, lowmem.AdamMini(model, lr=0.01, n_heads=4, n_kv_heads=2)
+
+    with cuda_emulated(emu):
+        expected_model, expected = setup()
+        expected.step()
+        model, opt = setup()
+        before = [p.detach().clone() for p in model.parameters()]
+        lib.emu_configure(2 ** 31 - 1, 0, b"k_adam_blocks")  # no image for it: fails when asked for
+        with pytest.raises(RuntimeError, match="lm_adam_blocks cannot run here .error 209.: nothing was updated"):
+            opt.step()
+        lib.emu_configure(2 ** 31 - 1, 0, ffi.NULL)
+        assert all(torch.equal(a, b) for a, b in zip(before, model.parameters()))
+        assert all(opt.state[p]["step"] == 0 for p in model.parameters())
+        opt.step()  # the retry is the step that failed
+        assert all(torch.equal(a, b) for a, b in zip(expected_model.parameters(), model.parameters()))
+
+        model, opt = setup()
+        before = [p.detach().clone() for p in model.parameters()]
+        lib.emu_reset()
+        lib.emu_fail_at(3)  # the fourth launch of the step
+        with pytest.raises(RuntimeError, match="error 9: it updated 3 of"):
+            opt.step()
+        changed = [not torch.equal(a, p) for a, p in zip(before, model.parameters())]
+        assert 0 < sum(changed) < len(changed)
+        assert [opt.state[p]["step"] for p in model.parameters()] == [int(c) for c in changed]
+        lib.emu_reset()
 
 
 def test_emulated_cuda_sums_do_not_depend_on_block_order(emu):
@@ -1482,6 +1532,60 @@ def test_emulator_catches_a_wrong_index_and_a_divergent_barrier(tmp_path):
     assert raw_call(divergent, "lm_sumsq", x, 0, 1000, 1.0, out) != 0
     assert "at __syncthreads" in ffi.string(lib.emu_failure()).decode()
 
+
+
+@pytest.fixture
+def emulated_gpu(monkeypatch):
+    """lowmem's CUDA loading with the emulated CUDA build as what nvcc built, checked on the CPU
+    (the self-check's stand-in device) against the real CPU build; returns a function that makes
+    lowmem load the emulated build of fused_ext.c as `mutate` changes it."""
+    needs_kernels("cpu")
+    cpu_compile = lowmem._compile
+    monkeypatch.setattr(lowmem, "_CHECK_ON", {"cuda": "cpu"})
+    monkeypatch.delenv("LOWMEM_KERNELS", raising=False)
+
+    def load(directory, mutate=None):
+        directory.mkdir()
+        build_emulated_cuda(directory, mutate)
+        so = str(directory / "fused_ext_emu.so")
+        monkeypatch.setattr(lowmem, "_compile", lambda cuda: (so, None) if cuda else cpu_compile(cuda))
+        lowmem._libs.pop("cuda", None)
+        try:
+            return lowmem._load("cuda")
+        finally:
+            lowmem._libs.pop("cuda", None)
+    yield load
+    lowmem._libs.pop("cuda", None)
+
+
+def test_a_cuda_build_proves_itself_before_use_and_falls_back_when_it_is_broken(tmp_path, emulated_gpu, monkeypatch, capfd):
+    """Finding 7: nothing checked that the CUDA build runs right on this GPU and driver. Now the
+    first load of a build on a device runs every optimizer's kernel path on small tensors in a
+    child process and caches the verdict beside the build. The emulated CUDA build passes; one
+    with a wrong index (k_sgd stores at i + 1) is caught by the canaries, named in one line, and
+    the PyTorch path is used; LOWMEM_KERNELS=c raises instead; one that crashes the process is
+    caught too; the cached verdict is read without running the check again."""
+    assert emulated_gpu(tmp_path / "good") is not None
+    assert "cuda updates use CUDA kernels" in capfd.readouterr().err
+    wrong_index = mutation("GLOBAL_LOOP(i, n) store(p, pdt, i,", "GLOBAL_LOOP(i, n) store(p, pdt, i + 1,")
+    assert emulated_gpu(tmp_path / "broken", wrong_index) is None
+    line, = capfd.readouterr().err.strip().splitlines()
+    assert line.startswith("lowmem: cuda updates use the PyTorch reference path (its kernels failed their self-check: "
+                           "LOMO on a () float32 weight with float32 gradients: wrote outside the weight (kernels lm_multi_sgd)")
+    assert list((tmp_path / "broken").glob("fused_ext_emu.so.check-*.json"))
+    monkeypatch.setattr(subprocess, "run", lambda *a, **k: pytest.fail("the cached verdict was not used"))
+    monkeypatch.setenv("LOWMEM_KERNELS", "c")
+    with pytest.raises(RuntimeError, match="LOWMEM_KERNELS=c but the cuda kernels are unavailable: its kernels failed "
+                                           "their self-check: LOMO on a"):
+        lowmem._load("cuda")  # the same build: the verdict is read, not the check run again
+    monkeypatch.undo()
+
+
+def test_a_cuda_build_that_crashes_its_self_check_is_not_used(tmp_path, emulated_gpu, capfd):
+    crash = mutation("GLOBAL_LOOP(i, n) store(p, pdt, i,", "GLOBAL_LOOP(i, n) store(p, pdt, i + (1LL << 40),")
+    assert emulated_gpu(tmp_path / "crash", crash) is None
+    assert "self-check: the self-check process died (exit code -11: lowmem self-check: LOMO on a () float32 weight" \
+        in capfd.readouterr().err
 
 
 @contextlib.contextmanager
@@ -1562,7 +1666,7 @@ def test_cuda_kernels_launch_on_the_tensors_device(monkeypatch):
             seen.append(("lm_sumsq", current[0]))
             return 0
 
-        def lm_multi_sgd(self, items, count, stream):
+        def lm_multi_sgd(self, items, count, done, stream):
             seen.append(("lm_multi_sgd", current[0]))
             return 0
 
@@ -1578,7 +1682,7 @@ def test_cuda_kernels_launch_on_the_tensors_device(monkeypatch):
     monkeypatch.setattr(lowmem, "_multi_entry", lambda kind, name: (ffi, Lib().lm_multi_sgd, "char[]"))
     monkeypatch.setitem(lowmem._libs, "cuda", (ffi, Lib()))
     lowmem._call(Like(), "lm_sumsq", 3)
-    lowmem._run_multi(torch.device("cuda", 1), "lm_sgd", [])
+    lowmem._run_multi(torch.device("cuda", 1), "lm_sgd", [], [])
     assert seen == [("lm_sumsq", 1), ("lm_multi_sgd", 1)] and current[0] == 0
 
 
@@ -2602,8 +2706,10 @@ def test_bench_gpu_quick_on_cpu_writes_every_section(tmp_path):
     run = script_cli("bench.py", "gpu", "--quick", "--device=cpu", f"--report={report}", timeout=600)
     assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
     text = report.read_text()
-    for section in ("## CUDA tests", "## Update kernels", "## GPT-2 124M training", "## Llama-3.2-1B shape"):
+    for section in ("## Kernel self-check", "## CUDA tests", "## Update kernels", "## GPT-2 124M training",
+                    "## Llama-3.2-1B shape"):
         assert section in text
+    assert "verdict: passed" in text and "with the verdict cached" in text
     assert "FAILED" not in text and "1 passed" in text and text.count("| adamw | classic | False |") == 1
     assert "| adalomo | fused | False |" in text and "lowmem AdaLomo (c)" in text
     assert "lowmem AdaLomo, one call per tensor (as in a hook)" in text and "per tensor, one call each" in text
