@@ -16,6 +16,7 @@
    CUDA launchers take the stream as void* and return cudaGetLastError(). */
 #include <stdint.h>
 #include <stdlib.h>
+#include <string.h>
 #include <math.h>
 
 #ifdef __CUDACC__
@@ -107,6 +108,13 @@ HD float adam_m(float m, float g, adam_t h) {  /* torch.lerp_(m, g, 1-b1) */
 }
 HD float adam_denom(float v, adam_t h) { return sqrtf(v) / h.bc2_sqrt + h.eps; }
 HD float adam_w(float w, float m, float denom, adam_t h) { return w * h.decay + (-h.step) * (m / denom); }
+/* AdaLomo's step sizes from pass 2's sums over the whole tensor of n elements (all ranks'):
+   lr_t = lr * max(eps2, RMS(p)), the update divided by max(1, RMS(update) / clip_threshold) */
+HD void adalomo_steps(const float *sums, int64_t n, adalomo_t h, float *decay, float *step) {
+    float lr_t = h.lr * at_least(sqrtf(sums[1] / (float)n), h.eps2);                  /* before decay */
+    float clip_div = at_least(sqrtf(sums[0] / (float)n) / h.clip_threshold, 1.0f);  /* grouped normalization */
+    *decay = 1.0f - lr_t * h.weight_decay, *step = lr_t / clip_div;
+}
 
 #ifndef __CUDACC__
 /* ===================================== CPU ==========================================
@@ -234,9 +242,9 @@ int lm_adam_elem(void *p, int pdt, const void *g, int gdt, float *m, float *v, i
    Per block: mean g^2 -> v[b], then update the block while it is still in cache, so g is
    read from memory once (rows, heads, whole tensor). */
 int lm_adam_blocks(void *p, int pdt, const void *g, int gdt, float *m, float *v,
-                   const int64_t *start, int64_t n_v, prep_t q, adam_t h, int sr, uint64_t seed,
-                   void *stream) {
-    PARALLEL_FOR(start[n_v] - start[0] >= SMALL, schedule(static),
+                   const int64_t *start, int64_t n_v, int64_t n, prep_t q, adam_t h, int sr, uint64_t seed,
+                   void *stream) {  /* n: the elements of all blocks, start[n_v] - start[0] */
+    PARALLEL_FOR(n >= SMALL, schedule(static),
                  for (int64_t b = 0; b < n_v; b++), {
         float gbuf[CH]; int64_t a = start[b], e = start[b + 1];
         double acc = 0.0;
@@ -292,9 +300,29 @@ int lm_rowcol_sumsq(const void *g, int gdt, int64_t batch, int64_t rows, int64_t
     (void)stream; return 0;
 }
 
-/* AdaLomo pass 2: sum of (g * r[row] * c[col])^2, the update's squared norm, into *out */
-int lm_factored_sumsq(const void *g, int gdt, int64_t batch, int64_t rows, int64_t cols, prep_t q,
-                      const float *r, const float *c, float *out, void *stream) {
+/* AdaLomo's factors from the sums of pass 1, in place: rowsum -> r = rsqrt(R / mean(R)) and
+   colsum -> c = rsqrt(C), with R, C (row, col) updated: R = b2t*R + (1-b2t)*rowsum/cols,
+   C = b2t*C + (1-b2t)*colsum/rows (adalomo_factors in lowmem.py) */
+int lm_adalomo_factors(float *row, float *col, int64_t batch, int64_t rows, int64_t cols, float beta2t,
+                       float *rowsum, float *colsum, void *stream) {
+    for (int64_t b = 0; b < batch; b++) {
+        float *R = row + b * rows, *rb = rowsum + b * rows;
+        double mean = 0.0;
+        for (int64_t i = 0; i < rows; i++) { R[i] = beta2t * R[i] + (1.0f - beta2t) * (rb[i] / cols); mean += R[i]; }
+        float m = (float)(mean / rows);
+        for (int64_t i = 0; i < rows; i++) rb[i] = 1.0f / sqrtf(R[i] / m);
+    }
+    for (int64_t j = 0; j < batch * cols; j++) {
+        col[j] = beta2t * col[j] + (1.0f - beta2t) * (colsum[j] / rows);
+        colsum[j] = 1.0f / sqrtf(col[j]);
+    }
+    (void)stream; return 0;
+}
+
+/* AdaLomo pass 2: sums[0] = sum of (g * r[row] * c[col])^2, the update's squared norm, and
+   sums[1] = sum of p^2 (for RMS(p)), in one pass; assigned */
+int lm_factored_sumsq(const void *g, int gdt, const void *p, int pdt, int64_t batch, int64_t rows, int64_t cols,
+                      prep_t q, const float *r, const float *c, float *sums, void *stream) {
     double acc = 0.0;
     PARALLEL_FOR(batch * rows * cols >= SMALL, reduction(+:acc) schedule(static),
                  for (int64_t i = 0; i < batch * rows; i++), {
@@ -308,15 +336,18 @@ int lm_factored_sumsq(const void *g, int gdt, int64_t batch, int64_t rows, int64
         }
         acc += s * r[i] * r[i];
     });
-    *out += (float)acc; (void)stream; return 0;
+    sums[0] = (float)acc, sums[1] = 0.0f;
+    lm_sumsq(p, pdt, batch * rows * cols, 1.0f, sums + 1, stream);
+    return 0;
 }
 
-/* AdaLomo pass 3: p = p*k[0] - k[1] * g * r[row] * c[col]; k lives with the tensors
-   (device memory on GPU) so no host sync is needed to compute it. */
+/* AdaLomo pass 3: p = p*decay - step * g * r[row] * c[col]; the sums live with the tensors
+   (device memory on GPU), so no host sync is needed for the step sizes. */
 int lm_factored_apply(void *p, int pdt, const void *g, int gdt, int64_t batch, int64_t rows,
-                      int64_t cols, prep_t q, const float *r, const float *c, const float *k,
-                      int sr, uint64_t seed, void *stream) {
-    float decay = k[0], step = k[1];
+                      int64_t cols, prep_t q, const float *r, const float *c, const float *sums,
+                      int64_t n, adalomo_t h, int sr, uint64_t seed, void *stream) {
+    float decay, step;
+    adalomo_steps(sums, n, h, &decay, &step);
     PARALLEL_FOR(batch * rows * cols >= SMALL, schedule(static),
                  for (int64_t i = 0; i < batch * rows; i++), {
         const float *ci = c + (i / rows) * cols;
@@ -355,25 +386,11 @@ int lm_adalomo(void *p, int pdt, const void *g, int gdt, float *row, float *col,
         c[0] = 1.0f;
     } else {
         lm_rowcol_sumsq(g, gdt, batch, rows, cols, q, h.eps1, r, c, stream);  /* sums of g^2 + eps1 */
-        for (int64_t b = 0; b < batch; b++) {  /* R = b2t*R + (1-b2t)*mean_row(u); r = rsqrt(R / mean(R)) */
-            float *R = row + b * rows, *rb = r + b * rows;
-            double mean = 0.0;
-            for (int64_t i = 0; i < rows; i++) { R[i] = h.beta2t * R[i] + (1.0f - h.beta2t) * (rb[i] / cols); mean += R[i]; }
-            float m = (float)(mean / rows);
-            for (int64_t i = 0; i < rows; i++) rb[i] = 1.0f / sqrtf(R[i] / m);
-        }
-        for (int64_t j = 0; j < batch * cols; j++) {  /* C = b2t*C + (1-b2t)*mean_col(u); c = rsqrt(C) */
-            col[j] = h.beta2t * col[j] + (1.0f - h.beta2t) * (c[j] / rows);
-            c[j] = 1.0f / sqrtf(col[j]);
-        }
+        lm_adalomo_factors(row, col, batch, rows, cols, h.beta2t, r, c, stream);
     }
-    float usq = 0.0f, psq = 0.0f;
-    lm_factored_sumsq(g, gdt, batch, rows, cols, q, r, c, &usq, stream);
-    lm_sumsq(p, pdt, n, 1.0f, &psq, stream);
-    float lr_t = h.lr * at_least(sqrtf(psq / n), h.eps2);               /* scaled by RMS(p), before decay */
-    float clip_div = at_least(sqrtf(usq / n) / h.clip_threshold, 1.0f);  /* grouped update normalization */
-    float k[2] = {1.0f - lr_t * h.weight_decay, lr_t / clip_div};
-    lm_factored_apply(p, pdt, g, gdt, batch, rows, cols, q, r, c, k, sr, seed, stream);
+    float sums[2];
+    lm_factored_sumsq(g, gdt, p, pdt, batch, rows, cols, q, r, c, sums, stream);
+    lm_factored_apply(p, pdt, g, gdt, batch, rows, cols, q, r, c, sums, n, h, sr, seed, stream);
     free(r); free(c);
     return 0;
 }
@@ -399,11 +416,13 @@ __device__ float block_sum(float x) {  /* sum over the block; valid in thread 0 
 /* Sums over many blocks are run-to-run deterministic: each block writes its partial sum to
    stream-ordered scratch, then one block adds the partials in index order (a float atomicAdd
    per block would add them in the order the blocks happen to finish). */
-__global__ void k_add_partials(const float *partial, int64_t n, float *out) {
-    float acc = 0.0f;
-    for (int64_t i = threadIdx.x; i < n; i += blockDim.x) acc += partial[i];
-    acc = block_sum(acc);
-    if (threadIdx.x == 0) *out += acc;
+__global__ void k_add_partials(const float *partial, int64_t n, int count, int assign, float *out) {
+    for (int k = 0; k < count; k++) {  /* out[k] (+)= the sum of the k-th n partials */
+        float acc = 0.0f;
+        for (int64_t i = threadIdx.x; i < n; i += blockDim.x) acc += partial[k * n + i];
+        acc = block_sum(acc);
+        if (threadIdx.x == 0) out[k] = assign ? acc : out[k] + acc;
+    }
 }
 __global__ void k_sumsq(const void *x, int dt, int64_t n, float scale, float *partial) {
     float acc = 0.0f;
@@ -411,19 +430,23 @@ __global__ void k_sumsq(const void *x, int dt, int64_t n, float scale, float *pa
     acc = block_sum(acc);
     if (threadIdx.x == 0) partial[blockIdx.x] = acc;
 }
+__device__ void sgd_at(void *p, int pdt, const void *g, int gdt, int64_t i, prep_t q, float lr, float decay, int sr, uint64_t seed) {
+    store(p, pdt, i, load(p, pdt, i) * decay - lr * prep(g, gdt, i, q), sr, seed);
+}
 __global__ void k_sgd(void *p, int pdt, const void *g, int gdt, int64_t n, prep_t q, float lr, float decay, int sr, uint64_t seed) {
-    GLOBAL_LOOP(i, n) store(p, pdt, i, load(p, pdt, i) * decay - lr * prep(g, gdt, i, q), sr, seed);
+    GLOBAL_LOOP(i, n) sgd_at(p, pdt, g, gdt, i, q, lr, decay, sr, seed);
 }
 __device__ void adam_elem(void *p, int pdt, float *m, float g, float v, int64_t i, adam_t h, int sr, uint64_t seed) {
     m[i] = adam_m(m[i], g, h);
     store(p, pdt, i, adam_w(load(p, pdt, i), m[i], adam_denom(v, h), h), sr, seed);
 }
+__device__ void adam_elem_at(void *p, int pdt, const void *g, int gdt, float *m, float *v, int64_t i, prep_t q, adam_t h, int sr, uint64_t seed) {
+    float gi = prep(g, gdt, i, q);
+    v[i] = adam_v(v[i], gi * gi, h);
+    adam_elem(p, pdt, m, gi, v[i], i, h, sr, seed);
+}
 __global__ void k_adam_elem(void *p, int pdt, const void *g, int gdt, float *m, float *v, int64_t n, prep_t q, adam_t h, int sr, uint64_t seed) {
-    GLOBAL_LOOP(i, n) {
-        float gi = prep(g, gdt, i, q);
-        v[i] = adam_v(v[i], gi * gi, h);
-        adam_elem(p, pdt, m, gi, v[i], i, h, sr, seed);
-    }
+    GLOBAL_LOOP(i, n) adam_elem_at(p, pdt, g, gdt, m, v, i, q, h, sr, seed);
 }
 __global__ void k_adam_blocks(void *p, int pdt, const void *g, int gdt, float *m, float *v, const int64_t *start, int64_t n_v, prep_t q, adam_t h, int sr, uint64_t seed) {
     __shared__ float vb;  /* one CUDA block per Adam-mini block at a time */
@@ -435,6 +458,40 @@ __global__ void k_adam_blocks(void *p, int pdt, const void *g, int gdt, float *m
         if (threadIdx.x == 0) { vb = adam_v(v[b], acc / (float)(e - a), h); v[b] = vb; }
         __syncthreads();
         for (int64_t i = a + threadIdx.x; i < e; i += blockDim.x) adam_elem(p, pdt, m, prep(g, gdt, i, q), vb, i, h, sr, seed);
+    }
+}
+/* Adam-mini with few large blocks (32 attention heads, one whole tensor) would leave most of
+   the GPU idle at one CUDA block per Adam-mini block: each is cut into `split` equal slices, a
+   CUDA block per slice. (1) each slice's sum of g^2, (2) per block the slices' sums in order
+   (deterministic) -> v, (3) every slice updated with its block's v. */
+HD void slice_of(const int64_t *start, int64_t item, int64_t split, int64_t *b, int64_t *lo, int64_t *hi) {
+    int64_t a, len, j = item % split;
+    *b = item / split;
+    a = start[*b], len = start[*b + 1] - a;
+    *lo = a + len * j / split, *hi = a + len * (j + 1) / split;
+}
+__global__ void k_slice_sumsq(const void *g, int gdt, const int64_t *start, int64_t n_v, int64_t split, prep_t q, float *partial) {
+    for (int64_t item = blockIdx.x; item < n_v * split; item += gridDim.x) {
+        int64_t b, lo, hi;
+        slice_of(start, item, split, &b, &lo, &hi);
+        float acc = 0.0f;
+        for (int64_t i = lo + threadIdx.x; i < hi; i += blockDim.x) { float gi = prep(g, gdt, i, q); acc += gi * gi; }
+        acc = block_sum(acc);
+        if (threadIdx.x == 0) partial[item] = acc;
+    }
+}
+__global__ void k_slice_v(const float *partial, const int64_t *start, int64_t n_v, int64_t split, float *v, adam_t h) {
+    GLOBAL_LOOP(b, n_v) {
+        float acc = 0.0f;
+        for (int64_t j = 0; j < split; j++) acc += partial[b * split + j];
+        v[b] = adam_v(v[b], acc / (float)(start[b + 1] - start[b]), h);
+    }
+}
+__global__ void k_slice_apply(void *p, int pdt, const void *g, int gdt, float *m, const float *v, const int64_t *start, int64_t n_v, int64_t split, prep_t q, adam_t h, int sr, uint64_t seed) {
+    for (int64_t item = blockIdx.x; item < n_v * split; item += gridDim.x) {
+        int64_t b, lo, hi;
+        slice_of(start, item, split, &b, &lo, &hi);
+        for (int64_t i = lo + threadIdx.x; i < hi; i += blockDim.x) adam_elem(p, pdt, m, prep(g, gdt, i, q), v[b], i, h, sr, seed);
     }
 }
 __global__ void k_rowsum(const void *g, int gdt, int64_t rows, int64_t cols, prep_t q, float add, float *rowsum) {
@@ -477,21 +534,42 @@ __global__ void k_add_chunks(const float *partial, int64_t batch, int64_t chunks
 }
 /* factored kernels: one CUDA block per row (threads over columns: no per-element integer
    division); a column vector (cols == 1, the unfactored 1-D case) goes element-wise */
-__global__ void k_factored_sumsq(const void *g, int gdt, int64_t batch, int64_t rows, int64_t cols, prep_t q, const float *r, const float *c, float *partial) {
-    float acc = 0.0f;
+__global__ void k_factored_sumsq(const void *g, int gdt, const void *p, int pdt, int64_t batch, int64_t rows, int64_t cols, prep_t q, const float *r, const float *c, float *partial) {
+    float acc = 0.0f, psq = 0.0f;  /* partial: the update's squares per CUDA block, then p's */
     if (cols == 1) {
-        GLOBAL_LOOP(i, batch * rows) { float u = prep(g, gdt, i, q) * r[i] * c[i / rows]; acc += u * u; }
+        GLOBAL_LOOP(i, batch * rows) { float u = prep(g, gdt, i, q) * r[i] * c[i / rows], w = load(p, pdt, i); acc += u * u; psq += w * w; }
     } else {
         for (int64_t i = blockIdx.x; i < batch * rows; i += gridDim.x) {
             const float *ci = c + (i / rows) * cols;
-            for (int64_t j = threadIdx.x; j < cols; j += blockDim.x) { float u = prep(g, gdt, i * cols + j, q) * r[i] * ci[j]; acc += u * u; }
+            for (int64_t j = threadIdx.x; j < cols; j += blockDim.x) {
+                float u = prep(g, gdt, i * cols + j, q) * r[i] * ci[j], w = load(p, pdt, i * cols + j);
+                acc += u * u, psq += w * w;
+            }
         }
     }
     acc = block_sum(acc);
-    if (threadIdx.x == 0) partial[blockIdx.x] = acc;
+    psq = block_sum(psq);
+    if (threadIdx.x == 0) partial[blockIdx.x] = acc, partial[gridDim.x + blockIdx.x] = psq;
 }
-__global__ void k_factored_apply(void *p, int pdt, const void *g, int gdt, int64_t batch, int64_t rows, int64_t cols, prep_t q, const float *r, const float *c, const float *k, int sr, uint64_t seed) {
-    float decay = k[0], step = k[1];
+__global__ void k_factors(float *row, float *col, int64_t batch, int64_t rows, int64_t cols, float beta2t, float *rowsum, float *colsum) {
+    __shared__ float mean;  /* one CUDA block per matrix of the batch at a time */
+    for (int64_t b = blockIdx.x; b < batch; b += gridDim.x) {
+        float *R = row + b * rows, *rb = rowsum + b * rows, acc = 0.0f;
+        for (int64_t i = threadIdx.x; i < rows; i += blockDim.x) { R[i] = beta2t * R[i] + (1.0f - beta2t) * (rb[i] / cols); acc += R[i]; }
+        acc = block_sum(acc);  /* its barriers: every R[i] written before it is read, mean kept until all are done */
+        if (threadIdx.x == 0) mean = acc / rows;
+        __syncthreads();
+        for (int64_t i = threadIdx.x; i < rows; i += blockDim.x) rb[i] = 1.0f / sqrtf(R[i] / mean);
+        for (int64_t j = b * cols + threadIdx.x; j < (b + 1) * cols; j += blockDim.x) {
+            col[j] = beta2t * col[j] + (1.0f - beta2t) * (colsum[j] / rows);
+            colsum[j] = 1.0f / sqrtf(col[j]);
+        }
+        __syncthreads();
+    }
+}
+__global__ void k_factored_apply(void *p, int pdt, const void *g, int gdt, int64_t batch, int64_t rows, int64_t cols, prep_t q, const float *r, const float *c, const float *sums, int64_t n, adalomo_t h, int sr, uint64_t seed) {
+    float decay, step;
+    adalomo_steps(sums, n, h, &decay, &step);
     if (cols == 1) {
         GLOBAL_LOOP(i, batch * rows) store(p, pdt, i, load(p, pdt, i) * decay - step * r[i] * c[i / rows] * prep(g, gdt, i, q), sr, seed);
         return;
@@ -519,7 +597,7 @@ EXPORT int lm_sumsq(const void *x, int dt, int64_t n, float scale, float *out, v
     if (n <= 0) DONE;
     if ((err = scratch(&partial, grid, stream))) return err;
     k_sumsq<<<grid, THREADS, 0, S>>>(x, dt, n, scale, partial);
-    k_add_partials<<<1, THREADS, 0, S>>>(partial, grid, out);
+    k_add_partials<<<1, THREADS, 0, S>>>(partial, grid, 1, 0, out);
     cudaFreeAsync(partial, S); DONE;
 }
 EXPORT int lm_sgd(void *p, int pdt, const void *g, int gdt, int64_t n, prep_t q, float lr, float decay, int sr, uint64_t seed, void *stream) {
@@ -528,8 +606,24 @@ EXPORT int lm_sgd(void *p, int pdt, const void *g, int gdt, int64_t n, prep_t q,
 EXPORT int lm_adam_elem(void *p, int pdt, const void *g, int gdt, float *m, float *v, int64_t n, prep_t q, adam_t h, int sr, uint64_t seed, void *stream) {
     if (n > 0) k_adam_elem<<<grid_for(n), THREADS, 0, S>>>(p, pdt, g, gdt, m, v, n, q, h, sr, seed); DONE;
 }
-EXPORT int lm_adam_blocks(void *p, int pdt, const void *g, int gdt, float *m, float *v, const int64_t *start, int64_t n_v, prep_t q, adam_t h, int sr, uint64_t seed, void *stream) {
-    if (n_v > 0) k_adam_blocks<<<capped(n_v), THREADS, 0, S>>>(p, pdt, g, gdt, m, v, start, n_v, q, h, sr, seed); DONE;
+#define BUSY 1024  /* CUDA blocks that keep every SM of a large GPU streaming */
+#define SLICE 2048  /* elements a slice has at least */
+EXPORT int lm_adam_blocks(void *p, int pdt, const void *g, int gdt, float *m, float *v, const int64_t *start, int64_t n_v, int64_t n, prep_t q, adam_t h, int sr, uint64_t seed, void *stream) {
+    int64_t split;  /* slices per block: CUDA blocks enough to keep the GPU busy, none under SLICE elements */
+    float *partial;
+    int err;
+    if (n_v <= 0) DONE;
+    split = n / (n_v * SLICE);
+    if (split > BUSY / n_v) split = BUSY / n_v;
+    if (split < 1) split = 1;
+    if (split == 1) {  /* blocks enough: one CUDA block per Adam-mini block, g read while in cache */
+        k_adam_blocks<<<capped(n_v), THREADS, 0, S>>>(p, pdt, g, gdt, m, v, start, n_v, q, h, sr, seed); DONE;
+    }
+    if ((err = scratch(&partial, n_v * split, stream))) return err;
+    k_slice_sumsq<<<capped(n_v * split), THREADS, 0, S>>>(g, gdt, start, n_v, split, q, partial);
+    k_slice_v<<<grid_for(n_v), THREADS, 0, S>>>(partial, start, n_v, split, v, h);
+    k_slice_apply<<<capped(n_v * split), THREADS, 0, S>>>(p, pdt, g, gdt, m, v, start, n_v, split, q, h, sr, seed);
+    cudaFreeAsync(partial, S); DONE;
 }
 EXPORT int lm_row_sumsq(const void *g, int gdt, int64_t rows, int64_t cols, prep_t q, float add, float *rowsum, void *stream) {
     if (rows * cols > 0) k_rowsum<<<capped(rows), THREADS, 0, S>>>(g, gdt, rows, cols, q, add, rowsum); DONE;
@@ -547,19 +641,22 @@ EXPORT int lm_rowcol_sumsq(const void *g, int gdt, int64_t batch, int64_t rows, 
     k_add_chunks<<<grid_for(batch * cols), THREADS, 0, S>>>(partial, batch, chunks, cols, colsum);  /* assigned, as on the CPU */
     cudaFreeAsync(partial, S); DONE;
 }
-EXPORT int lm_factored_sumsq(const void *g, int gdt, int64_t batch, int64_t rows, int64_t cols, prep_t q, const float *r, const float *c, float *out, void *stream) {
+EXPORT int lm_adalomo_factors(float *row, float *col, int64_t batch, int64_t rows, int64_t cols, float beta2t, float *rowsum, float *colsum, void *stream) {
+    if (batch * rows * cols > 0) k_factors<<<capped(batch), THREADS, 0, S>>>(row, col, batch, rows, cols, beta2t, rowsum, colsum); DONE;
+}
+EXPORT int lm_factored_sumsq(const void *g, int gdt, const void *p, int pdt, int64_t batch, int64_t rows, int64_t cols, prep_t q, const float *r, const float *c, float *sums, void *stream) {
     int64_t n = batch * rows * cols;
     int grid = cols == 1 ? grid_for(n) : capped(batch * rows), err;
     float *partial;
-    if (n <= 0) DONE;
-    if ((err = scratch(&partial, grid, stream))) return err;
-    k_factored_sumsq<<<grid, THREADS, 0, S>>>(g, gdt, batch, rows, cols, q, r, c, partial);
-    k_add_partials<<<1, THREADS, 0, S>>>(partial, grid, out);
+    if (n <= 0) { cudaMemsetAsync(sums, 0, 2 * sizeof(float), S); DONE; }
+    if ((err = scratch(&partial, 2 * (int64_t)grid, stream))) return err;
+    k_factored_sumsq<<<grid, THREADS, 0, S>>>(g, gdt, p, pdt, batch, rows, cols, q, r, c, partial);
+    k_add_partials<<<1, THREADS, 0, S>>>(partial, grid, 2, 1, sums);  /* assigned, as on the CPU */
     cudaFreeAsync(partial, S); DONE;
 }
-EXPORT int lm_factored_apply(void *p, int pdt, const void *g, int gdt, int64_t batch, int64_t rows, int64_t cols, prep_t q, const float *r, const float *c, const float *k, int sr, uint64_t seed, void *stream) {
+EXPORT int lm_factored_apply(void *p, int pdt, const void *g, int gdt, int64_t batch, int64_t rows, int64_t cols, prep_t q, const float *r, const float *c, const float *sums, int64_t n_all, adalomo_t h, int sr, uint64_t seed, void *stream) {
     int64_t n = batch * rows * cols;
-    if (n > 0) k_factored_apply<<<cols == 1 ? grid_for(n) : capped(batch * rows), THREADS, 0, S>>>(p, pdt, g, gdt, batch, rows, cols, q, r, c, k, sr, seed); DONE;
+    if (n > 0) k_factored_apply<<<cols == 1 ? grid_for(n) : capped(batch * rows), THREADS, 0, S>>>(p, pdt, g, gdt, batch, rows, cols, q, r, c, sums, n_all, h, sr, seed); DONE;
 }
 #endif
 
@@ -570,32 +667,67 @@ EXPORT int lm_factored_apply(void *p, int pdt, const void *g, int gdt, int64_t b
    tensors, the sizes, then the preparation and the per-step scalars. The per-tensor kernels above do the math. On the CPU, tensors of
    fewer than SMALL elements are spread over the threads one tensor per thread (a parallel
    region costs more than a tiny tensor's update); larger ones run in turn with every thread.
-   On CUDA the items are launched in turn on the stream (the host cost per tensor is gone,
-   the launch per tensor is not). Returns the first nonzero error, and in *done how many items
+   On CUDA the items are launched in turn on the stream, except runs of small element-wise
+   ones, which share launches (below). Returns the first nonzero error, and in *done how many items
    ran (on CUDA a failed launch ends the list: lowmem gives the others back their step). */
 typedef struct { uintptr_t p; int pdt; uintptr_t g; int gdt; int64_t n; prep_t q; float lr, decay; int sr; uint64_t seed; } sgd_call;
 typedef struct { uintptr_t p; int pdt; uintptr_t g; int gdt; uintptr_t m, v; int64_t n; prep_t q; adam_t h; int sr; uint64_t seed; } adam_elem_call;
-typedef struct { uintptr_t p; int pdt; uintptr_t g; int gdt; uintptr_t m, v, start; int64_t n_v; prep_t q; adam_t h; int sr; uint64_t seed; } adam_blocks_call;
+typedef struct { uintptr_t p; int pdt; uintptr_t g; int gdt; uintptr_t m, v, start; int64_t n_v, n; prep_t q; adam_t h; int sr; uint64_t seed; } adam_blocks_call;
 typedef struct { uintptr_t p; int pdt; uintptr_t g; int gdt; uintptr_t row, col; int64_t batch, rows, cols; prep_t q; adalomo_t h; int sr; uint64_t seed; } adalomo_call;
 #define P(x) ((void *)(x))
 
 #ifdef __CUDACC__
 /* Before the first item, the kernel itself is asked for (cudaFuncGetAttributes): one with no
    image for this GPU, or an error left pending by earlier work, fails with nothing launched.
-   count 0 is that check alone: lowmem checks every kernel of a step before it launches any. */
-#define MULTI(name, type, size, kernel, call) \
+   count 0 is that check alone: lowmem checks every kernel of a step before it launches any.
+   Element-wise kernels (few: a launcher below) take each run of two or more consecutive items
+   under FEW elements (biases, norms, small layers) BATCH at a time in one launch, whose
+   arguments carry the items (no copy to the device, no sync): a launch each would cost more
+   than their update. A hook's call has one item, and launches it alone. */
+#define FEW 65536
+#define BATCH 32     /* items per launch: 32 of the largest item are under the 4 KB of a launch's arguments */
+#define PER_ITEM 8   /* CUDA blocks per item */
+#define NONE ((void (*)(const void *, int64_t, void *))0)
+#define MULTI(name, type, size, kernel, few, call) \
 EXPORT int lm_multi_##name(const type *items, int64_t count, int64_t *done, void *stream) { \
     cudaFuncAttributes attr; \
+    int64_t i = 0; \
     int err = (int)cudaPeekAtLastError(); \
     if (!err) err = (int)cudaFuncGetAttributes(&attr, kernel); \
     if (err) cudaGetLastError(); /* returned here, not left for the next call */ \
-    int64_t i = 0; \
-    while (!err && i < count) { const type *c = items + i; if (!(err = call)) i++; } \
+    while (!err && i < count) { \
+        int64_t j = i; \
+        for (const type *c = items + j; few != NONE && j < count && j - i < BATCH && (size) < FEW; c = items + ++j) {} \
+        if (j - i >= 2) { few(items + i, j - i, stream); err = (int)cudaGetLastError(); if (!err) i = j; } \
+        else { const type *c = items + i; if (!(err = call)) i++; } \
+    } \
     *done = i; \
     return err; \
 }
+struct sgd_batch { sgd_call c[BATCH]; int64_t count; };  /* C++ (CUDA only): not among lowmem.py's declarations */
+struct adam_elem_batch { adam_elem_call c[BATCH]; int64_t count; };
+/* item blockIdx.x % count; its elements strided over that item's PER_ITEM CUDA blocks */
+#define ITEM_LOOP(b, c, i) \
+    const auto *c = b.c + blockIdx.x % b.count; \
+    for (int64_t i = (blockIdx.x / b.count) * blockDim.x + threadIdx.x; i < c->n; i += PER_ITEM * blockDim.x)
+__global__ void k_sgd_items(sgd_batch b) {
+    ITEM_LOOP(b, c, i) sgd_at(P(c->p), c->pdt, P(c->g), c->gdt, i, c->q, c->lr, c->decay, c->sr, c->seed);
+}
+__global__ void k_adam_elem_items(adam_elem_batch b) {
+    ITEM_LOOP(b, c, i) adam_elem_at(P(c->p), c->pdt, P(c->g), c->gdt, (float *)P(c->m), (float *)P(c->v), i, c->q, c->h, c->sr, c->seed);
+}
+static void sgd_items(const void *items, int64_t count, void *stream) {
+    sgd_batch b;
+    memcpy(b.c, items, count * sizeof(sgd_call)), b.count = count;
+    k_sgd_items<<<(int)count * PER_ITEM, THREADS, 0, S>>>(b);
+}
+static void adam_elem_items(const void *items, int64_t count, void *stream) {
+    adam_elem_batch b;
+    memcpy(b.c, items, count * sizeof(adam_elem_call)), b.count = count;
+    k_adam_elem_items<<<(int)count * PER_ITEM, THREADS, 0, S>>>(b);
+}
 #else
-#define MULTI(name, type, size, kernel, call) \
+#define MULTI(name, type, size, kernel, few, call) \
 int lm_multi_##name(const type *items, int64_t count, int64_t *done, void *stream) { \
     int err = 0; \
     PARALLEL_FOR(count > 1, schedule(dynamic) reduction(|:err), for (int64_t i = 0; i < count; i++), \
@@ -606,15 +738,15 @@ int lm_multi_##name(const type *items, int64_t count, int64_t *done, void *strea
 }
 #endif
 
-MULTI(sgd, sgd_call, c->n, k_sgd,
+MULTI(sgd, sgd_call, c->n, k_sgd, sgd_items,
       lm_sgd(P(c->p), c->pdt, P(c->g), c->gdt, c->n, c->q, c->lr, c->decay, c->sr, c->seed, stream))
-MULTI(adam_elem, adam_elem_call, c->n, k_adam_elem,
+MULTI(adam_elem, adam_elem_call, c->n, k_adam_elem, adam_elem_items,
       lm_adam_elem(P(c->p), c->pdt, P(c->g), c->gdt, (float *)P(c->m), (float *)P(c->v), c->n, c->q, c->h, c->sr, c->seed, stream))
-MULTI(adam_blocks, adam_blocks_call, ((const int64_t *)P(c->start))[c->n_v] - ((const int64_t *)P(c->start))[0], k_adam_blocks,
+MULTI(adam_blocks, adam_blocks_call, c->n, k_adam_blocks, NONE,
       lm_adam_blocks(P(c->p), c->pdt, P(c->g), c->gdt, (float *)P(c->m), (float *)P(c->v), (const int64_t *)P(c->start),
-                     c->n_v, c->q, c->h, c->sr, c->seed, stream))
+                     c->n_v, c->n, c->q, c->h, c->sr, c->seed, stream))
 #ifndef __CUDACC__
-MULTI(adalomo, adalomo_call, c->batch * c->rows * c->cols, none,  /* CPU only: no CUDA kernel */
+MULTI(adalomo, adalomo_call, c->batch * c->rows * c->cols, none, NONE,  /* CPU only: no CUDA kernel */
       lm_adalomo(P(c->p), c->pdt, P(c->g), c->gdt, (float *)P(c->row), (float *)P(c->col), c->batch, c->rows, c->cols,
                  c->q, c->h, c->sr, c->seed, stream))
 #endif

@@ -1266,38 +1266,44 @@ def _adalomo_kernel(opt, p, x, grad, prep, group, state, lr):
         _launch(opt, p, "lm_adalomo", x, grad, moments if len(moments) == 2 else (moments[0], None), (x.numel() // (rows * cols), rows, cols),
                 (prep, h, *opt._sr_seed(x)))
     else:
-        _adalomo_passes(opt, x, grad, prep, group, moments, lr, beta2t, geo)
+        _adalomo_passes(opt, p, x, grad, prep, group, moments, lr, beta2t, geo)
     return True
 
 
-def _adalomo_passes(opt, x, grad, prep, group, moments, lr, beta2t, geo):
-    """GPU: one kernel per pass; only tiny row/col vectors are touched by torch ops, through the
-    rule's own adalomo_factors. The CPU build has the same kernels, so the tests run this path
-    there too (one_call_devices=()). Under FSDP2: two collectives per matrix (the column and row
-    sums, then both norms), one per vector."""
+def _adalomo_passes(opt, p, x, grad, prep, group, moments, lr, beta2t, geo):
+    """GPU: four kernel calls per matrix (g^2 summed by row and by column; the factors; the
+    update's and the weights' squares in one pass; the apply, which takes its step sizes from
+    those squares on the device) into a workspace kept per parameter: no torch op, no
+    allocation, no host sync. The CPU build has the same kernels, so the tests run this path
+    there too (one_call_devices=()). A 1-D or 0-d tensor (small) keeps its v update in torch.
+    Under FSDP2 the factors are the rule's adalomo_factors (sums over the ranks) and the squares
+    are summed over the ranks before the apply: two collectives per matrix, one per vector."""
     (eps1, eps2), n, f32 = group["eps"], x.numel(), dict(dtype=torch.float32, device=x.device)
     call = (lambda *args: _call(x, *args)) if n else (lambda *args: None)  # empty shard: no kernel
+    rows, cols = grad.shape[-2:] if grad.dim() >= 2 else (n, 1)
+    batch = n // (rows * cols) if rows * cols else 1
+    if (p, "workspace") not in opt._kernel_args:  # kept with the kernel-argument cache (section 5)
+        opt._kernel_args[p, "workspace"] = torch.zeros(batch * (rows + cols) + 2 if grad.dim() >= 2 else 2, **f32)
+    workspace = opt._kernel_args[p, "workspace"]
     if grad.dim() >= 2:
-        row, col = moments
-        rows, cols = grad.shape[-2:]
-        batch = n // (rows * cols) if rows * cols else 1
-        rowsum, colsum = torch.zeros(batch * rows, **f32), torch.zeros(batch * cols, **f32)
-        call("lm_rowcol_sumsq", grad, _DTYPE_CODE[grad.dtype], batch, rows, cols, prep, eps1, rowsum, colsum)
-        r, c = adalomo_factors(row, col, rowsum.view(row.shape), colsum.view(col.shape), beta2t, geo)
-        r, c = r.reshape(-1), c.reshape(-1)
-    else:  # 1-D / 0-d: small tensors, the v update stays in torch
-        grad = _prepare_grad(grad, prep).contiguous()
-        prep, (batch, rows, cols) = _Prep(1, 0, 1), (1, n, 1)
+        (row, col), (r, c, sums) = moments, workspace.split([batch * rows, batch * cols, 2])
+        call("lm_rowcol_sumsq", grad, _DTYPE_CODE[grad.dtype], batch, rows, cols, prep, eps1, r, c)  # sums of g^2
+        if geo.sharded:
+            r, c = (f.reshape(-1) for f in adalomo_factors(row, col, r.view(row.shape), c.view(col.shape), beta2t, geo))
+        else:
+            call("lm_adalomo_factors", row, col, batch, rows, cols, beta2t, r, c)  # the sums become r and c
+    else:
+        grad, sums = _prepare_grad(grad, prep).contiguous(), workspace
+        prep = _Prep(1, 0, 1)
         r, c = ema_(moments[0], grad * grad + eps1, beta2t).rsqrt().reshape(-1), torch.ones(1, **f32)
-    gdt, usq, psq = _DTYPE_CODE[grad.dtype], torch.zeros(1, **f32), torch.zeros(1, **f32)
-    call("lm_factored_sumsq", grad, gdt, batch, rows, cols, prep, r, c, usq)
-    call("lm_sumsq", x, _DTYPE_CODE[x.dtype], n, 1.0, psq)
-    usq, psq = geo.total(torch.cat([usq, psq])).split(1)  # the update's and the weights' squares
-    lr_t = lr * (psq / geo.numel).sqrt().clamp(min=eps2)
-    clip_div = ((usq / geo.numel).sqrt() / group["clip_threshold"]).clamp(min=1.0)
-    k = torch.cat([1 - lr_t * group["weight_decay"], lr_t / clip_div])
-    call("lm_factored_apply", x, _DTYPE_CODE[x.dtype], grad, gdt, batch, rows, cols, prep,
-         r, c, k, *opt._sr_seed(x))
+    gdt, pdt = _DTYPE_CODE[grad.dtype], _DTYPE_CODE[x.dtype]
+    if n:
+        call("lm_factored_sumsq", grad, gdt, x, pdt, batch, rows, cols, prep, r, c, sums)
+    else:
+        sums.zero_()
+    sums = geo.total(sums)  # the update's and the weights' squares, over the ranks
+    h = _AdaLomoArgs((beta2t, eps1, eps2, lr, group["weight_decay"], group["clip_threshold"]))
+    call("lm_factored_apply", x, pdt, grad, gdt, batch, rows, cols, prep, r, c, sums, geo.numel, h, *opt._sr_seed(x))
 
 
 def _adam_mini_kernel(opt, p, x, grad, prep, group, state, lr):
@@ -1315,8 +1321,8 @@ def _adam_mini_kernel(opt, p, x, grad, prep, group, state, lr):
     elif geo.sharded:
         _adam_mini_sharded_rows(opt, x, grad, prep, m, v, h, group["betas"][1], blocks, geo)
     else:
-        _launch(opt, p, "lm_adam_blocks", x, grad, (m, v, _block_starts(opt, p, x, blocks)), (blocks.n_v,),
-                (prep, h, *opt._sr_seed(x)))
+        starts, n = _block_starts(opt, p, x, blocks)
+        _launch(opt, p, "lm_adam_blocks", x, grad, (m, v, starts), (blocks.n_v, n), (prep, h, *opt._sr_seed(x)))
     return True
 
 
@@ -1337,12 +1343,14 @@ def _adam_mini_sharded_rows(opt, x, grad, prep, m, v, h, b2, blocks, geo):
 
 
 def _block_starts(opt, p, x, blocks):
-    """Element offsets of the blocks (each a contiguous run of output rows), cached."""
+    """Element offsets of the blocks (each a contiguous run of output rows) and the elements
+    they cover, cached."""
     if p not in opt._starts:
         row_len = x.numel() // max(x.shape[0], 1) if blocks.axis == 0 else x.numel()
         segments = blocks.segments if blocks.axis == 0 else ((0, 1, 1),)
         offsets = [a + i * k for a, b, k in segments for i in range((b - a) // k)] + [segments[-1][1]]
-        opt._starts[p] = torch.tensor(offsets, dtype=torch.int64, device=x.device) * row_len
+        opt._starts[p] = (torch.tensor(offsets, dtype=torch.int64, device=x.device) * row_len,
+                          (offsets[-1] - offsets[0]) * row_len)
     return opt._starts[p]
 
 

@@ -1167,6 +1167,7 @@ static inline float __shfl_down_sync(unsigned mask, float x, int offset) {
 static inline float atomicAdd(float *address, float value) { float old = *address; *address = old + value; return old; }
 static inline int cudaMallocAsync(void **p, size_t bytes, cudaStream_t) { *p = malloc(bytes ? bytes : 1); return *p ? 0 : 2; }
 static inline int cudaFreeAsync(void *p, cudaStream_t) { free(p); return 0; }
+static inline int cudaMemsetAsync(void *p, int value, size_t bytes, cudaStream_t) { memset(p, value, bytes); return 0; }
 static inline int cudaGetLastError() { int e = emu::last_error; emu::last_error = 0; return e; }
 static inline int cudaPeekAtLastError() { return emu::last_error; }
 #define cudaFuncGetAttributes(attr, kernel) emu::func_attributes(#kernel)
@@ -1372,31 +1373,40 @@ def reduction_args(kernel, batch, rows, cols, gdt=torch.float32, pdt=torch.float
             "lm_row_sumsq": ([g, junk(batch * rows)], [TENSOR, codes[gdt], batch * rows, cols, prep, 1e-3, TENSOR]),
             "lm_rowcol_sumsq": ([g, junk(batch * rows), junk(batch * cols)],
                                 [TENSOR, codes[gdt], batch, rows, cols, prep, 1e-3, TENSOR, TENSOR]),
-            "lm_factored_sumsq": ([g, r, c, torch.zeros(1)], [TENSOR, codes[gdt], batch, rows, cols, prep, TENSOR, TENSOR, TENSOR]),
-            "lm_factored_apply": ([p, g, r, c, torch.tensor([0.99, 0.01])],
-                                  [TENSOR, codes[pdt], TENSOR, codes[gdt], batch, rows, cols, prep, TENSOR, TENSOR, TENSOR, 0, 0]),
+            "lm_adalomo_factors": ([torch.rand(batch * rows, generator=gen), torch.rand(batch * cols, generator=gen), r, c],
+                                   [TENSOR, TENSOR, batch, rows, cols, 0.3, TENSOR, TENSOR]),
+            "lm_factored_sumsq": ([g, p, r, c, junk(2)], [TENSOR, codes[gdt], TENSOR, codes[pdt], batch, rows, cols, prep,
+                                                          TENSOR, TENSOR, TENSOR]),
+            "lm_factored_apply": ([p, g, r, c, torch.tensor([0.7, 0.2])],
+                                  [TENSOR, codes[pdt], TENSOR, codes[gdt], batch, rows, cols, prep, TENSOR, TENSOR, TENSOR,
+                                   n, lowmem._AdaLomoArgs((0.3, 1e-30, 1e-3, 0.01, 0.1, 1.0)), 0, 0]),
             "lm_adam_rows": ([p, g, torch.randn(n, generator=gen), r],
                              [TENSOR, codes[pdt], TENSOR, codes[gdt], TENSOR, TENSOR, batch * rows, cols, prep, h, 0, 0]),
         }[kernel]
     return make
 
 
-def uneven_blocks_args(n, pairs=0):
+def edges_of(n, pairs):
     """Adam-mini blocks of uneven sizes (1, 4, 255, 1, `pairs` blocks of 2, then the rest) over
     n elements."""
-    edges = [0, 1, 5, 260, 261] + [261 + 2 * (i + 1) for i in range(pairs)] + [n]
+    return [0, 1, 5, 260, 261] + [261 + 2 * (i + 1) for i in range(pairs)] + [n]
+
+
+def uneven_blocks_args(n, pairs=0):
+    edges = edges_of(n, pairs)
 
     def make():
         gen = torch.Generator().manual_seed(n)
         p, g, m = torch.randn(n, generator=gen), torch.randn(n, generator=gen), torch.randn(n, generator=gen)
         v, start = torch.rand(len(edges) - 1, generator=gen), torch.tensor(edges, dtype=torch.int64)
         h = lowmem._Adam(1e-2, 0.1, 0.9, 0.999, 2, 1e-8)
-        return [p, g, m, v, start], [TENSOR, 0, TENSOR, 0, TENSOR, TENSOR, TENSOR, len(edges) - 1,
+        return [p, g, m, v, start], [TENSOR, 0, TENSOR, 0, TENSOR, TENSOR, TENSOR, len(edges) - 1, n,
                                      lowmem._Prep(1.0, 0.0, 1.0), h, 0, 0]
     return make
 
 
-ROW_KERNELS = ["lm_sumsq", "lm_row_sumsq", "lm_rowcol_sumsq", "lm_factored_sumsq", "lm_factored_apply", "lm_adam_rows"]
+ROW_KERNELS = ["lm_sumsq", "lm_row_sumsq", "lm_rowcol_sumsq", "lm_adalomo_factors", "lm_factored_sumsq", "lm_factored_apply",
+               "lm_adam_rows"]
 
 
 @pytest.mark.parametrize("kernel", ROW_KERNELS)
@@ -1411,10 +1421,15 @@ def test_emulated_cuda_row_and_column_kernels_agree_with_the_cpu_build(emu, kern
 
 
 def test_emulated_cuda_adam_blocks_of_uneven_sizes_agree_with_the_cpu_build(emu):
-    for n, pairs in ((300, 0), (5000, 0), (10_000, 4500)):  # 4500 blocks: past the grid cap
+    """Few large blocks (32 heads in a LLaMA q_proj) are cut into slices of at least 2048
+    elements, a CUDA block each, up to 1024 CUDA blocks; many blocks get one CUDA block each."""
+    for n, pairs in ((300, 0), (50_000, 0), (10_000, 4500)):  # 4500 blocks: past the grid cap
         cpu, cuda = both_builds(emu, "lm_adam_blocks", uneven_blocks_args(n, pairs))
         for a, b in zip(cpu, cuda):
             assert torch.allclose(a.float(), b.float(), rtol=1e-5, atol=1e-6), (n, (a - b).abs().max())
+        grids = [(name, grid) for name, grid, _, _ in launches(emu)]
+        sliced = [("k_slice_sumsq", 5 * 4), ("k_slice_v", 1), ("k_slice_apply", 5 * 4)]  # 50,000 // (5 * 2048)
+        assert grids == (sliced if n == 50_000 else [("k_adam_blocks", min(len(edges_of(n, pairs)) - 1, 4096))]), grids
 
 
 
@@ -1486,6 +1501,58 @@ def test_a_kernel_failing_in_step_leaves_every_parameter_with_the_state_of_its_w
         lib.emu_reset()
 
 
+def test_adalomo_cuda_path_is_kernels_only_into_a_kept_workspace(emu):
+    """Finding 10: AdaLomo's CUDA path cost about 28 small torch ops and 5 kernel calls per matrix
+    per step. Now a step of a matrix is 4 kernel calls (7 launches, in this order) and, after the
+    first step allocated the workspace, no torch op but a view."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Ops(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            ops.append(str(func))
+            return func(*args, **(kwargs or {}))
+    with cuda_emulated(emu) as lib:
+        p = nn.Parameter(torch.randn(64, 48))
+        opt = lowmem.AdaLomo([p], lr=0.01)
+        for step in range(2):
+            p.grad, ops = torch.randn(64, 48), []
+            lib.emu_reset()
+            with Ops():
+                opt.step()
+        assert [name for name, _, _, _ in launches(emu)] == ["k_rowsum", "k_colsum", "k_add_chunks", "k_factors",
+                                                             "k_factored_sumsq", "k_add_partials", "k_factored_apply"]
+        assert [op for op in ops if not op.startswith("profiler.")] == ["aten.split_with_sizes.default"], ops
+
+
+@pytest.mark.parametrize("name", ["lomo", "adam_mini"])
+def test_emulated_cuda_small_tensors_go_32_to_a_launch_bit_for_bit(emu, name):
+    """Finding 10: one launch per tensor. Runs of small tensors of an element-wise kernel (under
+    65,536 elements) now go 32 to a launch, their arguments in the launch; a large tensor, or a
+    hook's single tensor, is launched alone. The same bits as the CPU build, dtypes and
+    stochastic rounding mixed."""
+    sizes = [7 + 9 * i for i in range(40)] + [70_000] + [1, 300, 5, 64, 2]
+
+    def run(build):
+        torch.manual_seed(0)
+        named = [(f"layers.{i}.fc.bias", nn.Parameter(torch.randn(n).to(torch.bfloat16 if i % 3 else torch.float32)))
+                 for i, n in enumerate(sizes)]
+        make = (lambda: lowmem.LOMO([p for _, p in named], lr=0.05, weight_decay=0.1, stochastic_rounding=True)) \
+            if name == "lomo" else (lambda: lowmem.AdamMini(named, lr=0.01, stochastic_rounding=True))
+        with build:
+            opt = make()
+            for step in range(2):
+                for _, p in named:
+                    p.grad = torch.randn(p.shape, generator=torch.Generator().manual_seed(step)).to(p.dtype)
+                emu[1].emu_reset()
+                opt.step()
+        return [p.detach() for _, p in named]
+    cpu, cuda = run(contextlib.nullcontext()), run(cuda_emulated(emu))
+    assert all(torch.equal(a, b) for a, b in zip(cpu, cuda))
+    kernel = {"lomo": "k_sgd", "adam_mini": "k_adam_elem"}[name]
+    assert [(k, g) for k, g, _, _ in launches(emu)] == [(kernel + "_items", 32 * 8), (kernel + "_items", 8 * 8),
+                                                        (kernel, 274), (kernel + "_items", 5 * 8)]
+
+
 def test_emulated_cuda_sums_do_not_depend_on_block_order(emu):
     """The same inputs with the blocks run in three different orders give the same bits: each
     block's partial is added in index order (with a float atomicAdd per block, the order the
@@ -1514,6 +1581,11 @@ def mutation(old, new):
     return mutate
 
 
+def sgd_store_at(index):
+    """The CUDA LOMO/SGD element update storing its result at `index` instead of i."""
+    return mutation("    store(p, pdt, i, load(p, pdt, i) * decay - lr", f"    store(p, pdt, {index}, load(p, pdt, i) * decay - lr")
+
+
 def test_emulator_catches_a_wrong_index_and_a_divergent_barrier(tmp_path):
     """The emulated tests can fail: a kernel that writes one element too far (k_sgd's store at
     i + 1) is caught by the canaries, and a __syncthreads that only some threads reach (block_sum's
@@ -1521,8 +1593,7 @@ def test_emulator_catches_a_wrong_index_and_a_divergent_barrier(tmp_path):
     needs_kernels("cpu")
     (tmp_path / "index").mkdir()
     (tmp_path / "barrier").mkdir()
-    wrong_index = build_emulated_cuda(tmp_path / "index", mutation("GLOBAL_LOOP(i, n) store(p, pdt, i,",
-                                                                    "GLOBAL_LOOP(i, n) store(p, pdt, i + 1,"))
+    wrong_index = build_emulated_cuda(tmp_path / "index", sgd_store_at("i + 1"))
     with pytest.raises(AssertionError, match="wrote outside its tensors"):
         both_builds(wrong_index, "lm_sgd", elementwise_args("lm_sgd", 300, torch.float32, torch.float32, 0))
     divergent = build_emulated_cuda(tmp_path / "barrier", mutation("    __syncthreads();\n    x = threadIdx.x < THREADS / 32",
@@ -1567,8 +1638,7 @@ def test_a_cuda_build_proves_itself_before_use_and_falls_back_when_it_is_broken(
     caught too; the cached verdict is read without running the check again."""
     assert emulated_gpu(tmp_path / "good") is not None
     assert "cuda updates use CUDA kernels" in capfd.readouterr().err
-    wrong_index = mutation("GLOBAL_LOOP(i, n) store(p, pdt, i,", "GLOBAL_LOOP(i, n) store(p, pdt, i + 1,")
-    assert emulated_gpu(tmp_path / "broken", wrong_index) is None
+    assert emulated_gpu(tmp_path / "broken", sgd_store_at("i + 1")) is None
     line, = capfd.readouterr().err.strip().splitlines()
     assert line.startswith("lowmem: cuda updates use the PyTorch reference path (its kernels failed their self-check: "
                            "LOMO on a () float32 weight with float32 gradients: wrote outside the weight (kernels lm_multi_sgd)")
@@ -1582,8 +1652,7 @@ def test_a_cuda_build_proves_itself_before_use_and_falls_back_when_it_is_broken(
 
 
 def test_a_cuda_build_that_crashes_its_self_check_is_not_used(tmp_path, emulated_gpu, capfd):
-    crash = mutation("GLOBAL_LOOP(i, n) store(p, pdt, i,", "GLOBAL_LOOP(i, n) store(p, pdt, i + (1LL << 40),")
-    assert emulated_gpu(tmp_path / "crash", crash) is None
+    assert emulated_gpu(tmp_path / "crash", sgd_store_at("i + (1LL << 40)")) is None
     assert "self-check: the self-check process died (exit code -11: lowmem self-check: LOMO on a () float32 weight" \
         in capfd.readouterr().err
 
