@@ -246,12 +246,16 @@ def _find(objects, keys):
 
 
 class _Heads:
-    """Attention head geometry: given, read from the model's config, or derived from the
-    first query tensor (head_dim = q rows / n_heads: right even when head_dim != dim/n_heads,
-    where the released code's dim*dim/n_heads silently gives wrong blocks)."""
+    """Attention head geometry: given, read from the model's config (or its text config, where a
+    multimodal model nests it: Gemma 3, LLaVA, Qwen2-VL), or derived from the first query
+    tensor (head_dim = q rows / n_heads: right even when head_dim != dim/n_heads, where the
+    released code's dim*dim/n_heads silently gives wrong blocks)."""
 
     def __init__(self, model, n_heads, n_kv_heads, head_dim):
-        objs = [o for o in (model, getattr(model, "config", None)) if o is not None]
+        config = getattr(model, "config", None)
+        text = config.get_text_config() if callable(getattr(config, "get_text_config", None)) else None
+        objs = [o for o in (model, config, text) if o is not None]
+        self.given_head_dim = head_dim
         self.n_heads = n_heads or _find(objs, HEAD_KEYS)
         self.n_kv_heads = n_kv_heads or _find(objs, KV_HEAD_KEYS) or self.n_heads
         cfg = objs[-1] if objs else None  # Falcon-7B's multi-query attention: one k and v head, whatever num_kv_heads says
@@ -290,7 +294,10 @@ def _output_axis(module):
     return 1 if type(module).__name__ == "Conv1D" else 0  # HF Conv1D weight is (in, out)
 
 
-def _classify(name, p, module, heads):
+def _classify(name, p, module, heads, attention=None):
+    """The blocks of one tensor; `attention` is the module holding it and its siblings (a
+    q_proj's attention module), whose own head_dim, where it has one, wins over the model's:
+    a vision tower's heads are not the language model's."""
     leaf, owner = _owner_name(name)
     shape, numel = tuple(p.shape), p.numel()
     if "bias" in leaf:
@@ -321,7 +328,9 @@ def _classify(name, p, module, heads):
         return by_rows("qkv", *[s for g in range(groups) for s in (
             (g * per, (g + 1) * per - 2 * hd, hd), ((g + 1) * per - 2 * hd, (g + 1) * per - hd, hd), ((g + 1) * per - hd, (g + 1) * per, 1))])
     if owner in QK_NAMES:
-        return by_rows("head", (0, rows, heads.require(name)))
+        own = getattr(attention, "head_dim", None)
+        return by_rows("head", (0, rows, heads.given_head_dim or (own if isinstance(own, int) and own > 0 else None)
+                                or heads.require(name)))
     if isinstance(module, nn.Embedding) or owner in OUTPUT_NAMES or (
             module is None and any(s in name.lower() for s in EMBED_NAMES)):
         return by_rows("token", (0, rows, 1))
@@ -337,6 +346,7 @@ def partition(model_or_named_params, n_heads=None, n_kv_heads=None, head_dim=Non
     named = [(n, p) for n, p in (model.named_parameters() if model else model_or_named_params)
              if p.requires_grad]
     owners = _module_of(model) if model else {}
+    modules = dict(model.named_modules()) if model else {}
     heads = _Heads(model, n_heads, n_kv_heads, head_dim)
     for name, p in named:  # the first query (or fused qkv) tensor fixes head_dim
         leaf, owner = _owner_name(name)
@@ -344,7 +354,7 @@ def partition(model_or_named_params, n_heads=None, n_kv_heads=None, head_dim=Non
         if (fused or owner in {"q_proj", "wq", "query", "to_q", "q"}) and p.dim() >= 2:
             heads.infer_head_dim(p.shape[_output_axis(owners.get(id(p)))], fused)
             break
-    return Partition(_classify(n, p, owners.get(id(p)), heads) for n, p in named)
+    return Partition(_classify(n, p, owners.get(id(p)), heads, modules.get(n.rsplit(".", 2)[0])) for n, p in named)
 
 
 # ----------------------------------------------------------------------------------------
@@ -872,7 +882,7 @@ _CHECK_ON = {"cuda": "cuda"}  # device type -> the device its build is checked o
 _CHECK_SHAPES = [(), (1,), (300,), (1, 7), (7, 1), (33, 65), (2, 3, 4)]
 _CHECK_NAMED = [("embed_tokens.weight", (11, 8)), ("layers.0.self_attn.q_proj.weight", (8, 8)),
                 ("layers.0.self_attn.k_proj.weight", (4, 8)), ("layers.0.mlp.up_proj.weight", (6, 8)),
-                ("layers.0.mlp.up_proj.bias", (300,)), ("norm.weight", (8,))]
+                ("layers.0.mlp.up_proj.bias", (300,)), ("layers.0.mlp.down_proj.bias", (1,)), ("norm.weight", (8,))]
 _CHECK_OPTIMIZERS = {  # name -> (the (name, shape) of each weight, make an optimizer of one (name, weight))
     "LOMO": ([("w", s) for s in _CHECK_SHAPES], lambda named, **kw: LOMO([p for _, p in named], lr=0.05, weight_decay=0.1, **kw)),
     "AdaLomo": ([("w", s) for s in _CHECK_SHAPES], lambda named, **kw: AdaLomo([p for _, p in named], lr=0.05, weight_decay=0.1, **kw)),
@@ -914,39 +924,43 @@ def _kernels_for(device_type, lib):
         _multi_entry.cache_clear()
 
 
-def _check_run(opt_name, name, shape, dtypes, device, lib, side_stream=False):
-    """Two steps of one optimizer on one weight (inside canaries) with the kernels of `lib` on
-    `device` (lib None: the PyTorch rules); a run is a pure function of its arguments. With
-    side_stream (CUDA), it runs on a side stream whose inputs are written after a sleep: a kernel
-    launched on any other stream would read them before they are there. Returns (the weight and
-    state tensors, on the CPU; the kernels called; whether the canaries are intact)."""
+def _check_run(opt_name, weights, dtypes, device, lib, side_stream=False):
+    """Two steps of one optimizer on `weights` ((name, shape) pairs, each inside canaries) with
+    the kernels of `lib` on `device` (lib None: the PyTorch rules); a run is a pure function of
+    its arguments. With side_stream (CUDA), it runs on a side stream whose inputs are written
+    after a sleep: a kernel launched on any other stream would read them before they are there.
+    Returns (the weights' and their state's tensors, on the CPU; the kernels called; whether the
+    canaries are intact)."""
     pdt, gdt, sr = dtypes
-    n, gen = math.prod(shape), torch.Generator().manual_seed(len(shape) * 1000 + math.prod(shape))
-    w = torch.full((n + 2 * _CANARY,), _FILL)
-    w[_CANARY:_CANARY + n] = torch.randn(n, generator=gen)
-    sources = [w.to(device, pdt)] + [(torch.randn(shape, generator=gen) * 2).to(device, gdt) for _ in range(2)]
+    gen, sources = torch.Generator().manual_seed(len(weights)), []
+    for _, shape in weights:  # per weight: the canaried buffer, then two steps' gradients
+        w = torch.full((math.prod(shape) + 2 * _CANARY,), _FILL)
+        w[_CANARY:-_CANARY] = torch.randn(math.prod(shape), generator=gen)
+        sources += [w.to(device, pdt)] + [(torch.randn(shape, generator=gen) * 2).to(device, gdt) for _ in range(2)]
     stream = torch.cuda.Stream(device) if side_stream else None
     recorder = lib and _Recorder(lib[1])
     with _kernels_for(device.type, recorder and (lib[0], recorder)), torch.no_grad(), \
             (torch.cuda.stream(stream) if stream else contextlib.nullcontext()):
         if recorder:
             recorder.used.clear()  # _kernels_for asked it for lm_multi_adalomo
+        inputs = sources
         if stream:
             stream.wait_stream(torch.cuda.current_stream(device))
-            buf, *grads = [torch.zeros_like(t) for t in sources]
+            inputs = [torch.zeros_like(t) for t in sources]
             torch.cuda._sleep(10_000_000)
-            for t, source in zip([buf, *grads], sources):
+            for t, source in zip(inputs, sources):
                 t.copy_(source)
-        else:
-            buf, *grads = sources
-        p = nn.Parameter(buf[_CANARY:_CANARY + n].view(shape))
-        opt = _CHECK_OPTIMIZERS[opt_name][1]([(name, p)], clip_grad_value=3.0, stochastic_rounding=sr, seed=5)
-        for g in grads:
-            with _batched():
-                opt._apply(p, g.view(shape), 2.0, None, 0.9)  # every preparation: unscale, clip, norm coefficient
-        pads = torch.cat([buf[:_CANARY], buf[-_CANARY:]]).float().cpu()
-        tensors = [t.float().cpu() for t in [p.detach()] + [t for t in opt.state[p].values() if torch.is_tensor(t)]]
-    return tensors, sorted(recorder.used) if recorder else [], bool((pads == _FILL).all())
+        bufs, grads = inputs[0::3], list(zip(inputs[1::3], inputs[2::3]))
+        params = [nn.Parameter(buf[_CANARY:-_CANARY].view(shape)) for buf, (_, shape) in zip(bufs, weights)]
+        opt = _CHECK_OPTIMIZERS[opt_name][1]([(name, p) for (name, _), p in zip(weights, params)],
+                                             clip_grad_value=3.0, stochastic_rounding=sr, seed=5)
+        for step in range(2):
+            with _batched():  # every preparation: unscale, clip, norm coefficient
+                for p, g in zip(params, grads):
+                    opt._apply(p, g[step].view(p.shape), 2.0, None, 0.9)
+        intact = all(bool((torch.cat([b[:_CANARY], b[-_CANARY:]]).float() == _FILL).all()) for b in bufs)
+        tensors = [t.float().cpu() for p in params for t in [p.detach()] + [t for t in opt.state[p].values() if torch.is_tensor(t)]]
+    return tensors, sorted(recorder.used) if recorder else [], intact
 
 
 _ELEMENTWISE = {"lm_multi_sgd", "lm_multi_adam_elem"}  # kernels with no sum: the same bits in every build
@@ -961,25 +975,26 @@ def _self_check(device, lib, reference=None, log=None):
     give the same bits. Returns None, or one line: what failed, where, the kernels that ran."""
     cpu = torch.device("cpu")
     for opt_name, (named, _) in _CHECK_OPTIMIZERS.items():
-        for name, shape in named:
+        for weights in [[w] for w in named] + [named]:  # each weight alone, then all in one multi-tensor step
             for dtypes in _CHECK_DTYPES:
-                case = f"{opt_name} on a {tuple(shape)} {str(dtypes[0])[6:]} weight with {str(dtypes[1])[6:]} " \
+                what = f"a {tuple(weights[0][1])}" if len(weights) == 1 else f"{len(weights)} weights at once, each a"
+                case = f"{opt_name} on {what} {str(dtypes[0])[6:]} weight with {str(dtypes[1])[6:]} " \
                        f"gradients{', stochastic rounding' if dtypes[2] else ''}"
                 if log:
                     log(case)
                 used = []
                 try:
-                    got, used, intact = _check_run(opt_name, name, shape, dtypes, device, lib)
+                    got, used, intact = _check_run(opt_name, weights, dtypes, device, lib)
                     kernels = ", ".join(used)
                     if not intact:
                         return f"{case}: wrote outside the weight (kernels {kernels})"
-                    refs = [("the CPU build", _check_run(opt_name, name, shape, dtypes, cpu, reference)[0],
+                    refs = [("the CPU build", _check_run(opt_name, weights, dtypes, cpu, reference)[0],
                              set(used) <= _ELEMENTWISE)] if reference else []
                     if not dtypes[2]:  # the PyTorch rules round stochastically with other random bits
-                        refs.append(("the PyTorch rules", _check_run(opt_name, name, shape, dtypes, cpu, None)[0], False))
+                        refs.append(("the PyTorch rules", _check_run(opt_name, weights, dtypes, cpu, None)[0], False))
                     if device.type == "cuda":
                         refs.append(("the same run on a side stream",
-                                     _check_run(opt_name, name, shape, dtypes, device, lib, side_stream=True)[0], True))
+                                     _check_run(opt_name, weights, dtypes, device, lib, side_stream=True)[0], True))
                 except Exception as e:  # a kernel's error code, or anything else the check runs into
                     return f"{case}: {type(e).__name__}: {e} (kernels {', '.join(used) or 'not yet known'})"
                 for what, ref, bitwise in refs:

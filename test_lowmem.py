@@ -775,6 +775,55 @@ def test_partition_lora_and_1d_embed_names_do_not_crash():
     assert part["embed_norm.weight"] == ("tensor", 1)
 
 
+def test_partition_reads_nested_text_config_and_each_towers_own_heads():
+    """A multimodal model (LLaVA here; Gemma 3 and Qwen2-VL nest theirs the same way) keeps its
+    language model's head counts in config.text_config, and its vision tower has heads of its
+    own: the language model's q/k split by its 4 query and 2 key/value heads of 16, the vision
+    tower's by its own attention modules' head_dim (3 heads of 8). The partition used to refuse
+    the model (no head count on its config)."""
+    import transformers
+    text = transformers.LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=48, num_hidden_layers=1,
+                                    num_attention_heads=4, num_key_value_heads=2, head_dim=16)
+    vision = transformers.CLIPVisionConfig(hidden_size=24, intermediate_size=32, num_hidden_layers=1,
+                                           num_attention_heads=3, image_size=16, patch_size=8)
+    model = transformers.LlavaForConditionalGeneration(
+        transformers.LlavaConfig(text_config=text, vision_config=vision, image_token_index=63))
+    heads = lowmem._Heads(model, None, None, None)
+    assert (heads.n_heads, heads.n_kv_heads, heads.head_dim) == (4, 2, 16)
+    part = kinds(lowmem.partition(model))
+    assert part["model.language_model.layers.0.self_attn.q_proj.weight"] == ("head", 4)
+    assert part["model.language_model.layers.0.self_attn.k_proj.weight"] == ("head", 2)
+    assert part["model.vision_tower.encoder.layers.0.self_attn.q_proj.weight"] == ("head", 3)
+    assert part["model.vision_tower.encoder.layers.0.self_attn.k_proj.weight"] == ("head", 3)
+    assert part["model.language_model.embed_tokens.weight"] == ("token", 64)
+
+
+def test_adam_mini_on_a_peft_lora_model_updates_only_the_adapters_one_v_per_output_row():
+    """A real peft LoRA model: only the adapter tensors are trainable, and they are not heads
+    (lora_A is rank x in, lora_B out x rank): each gets one v per output row, finer than a head,
+    so never coarser than Adam-mini's rule for the weight it adapts. With update_in_backward the
+    adapters train; the frozen base weights stay bit for bit."""
+    import transformers
+    peft = pytest.importorskip("peft")
+    config = transformers.LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=48, num_hidden_layers=1,
+                                      num_attention_heads=4, num_key_value_heads=2, head_dim=16)
+    torch.manual_seed(0)
+    model = peft.get_peft_model(transformers.LlamaForCausalLM(config),
+                                peft.LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"]))
+    part = kinds(lowmem.partition(model))
+    prefix = "base_model.model.model.layers.0.self_attn."
+    assert part == {prefix + "q_proj.lora_A.default.weight": ("neuron", 4), prefix + "q_proj.lora_B.default.weight": ("neuron", 64),
+                    prefix + "v_proj.lora_A.default.weight": ("neuron", 4), prefix + "v_proj.lora_B.default.weight": ("neuron", 32)}
+    opt = lowmem.AdamMini(model, lr=1e-2, update_in_backward=True)
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    for _ in range(2):
+        x = torch.randint(0, 64, (2, 9))
+        model(input_ids=x, labels=x).loss.backward()
+        opt.step()
+    changed = {n for n, p in model.named_parameters() if not torch.equal(before[n], p)}
+    assert changed == set(part) and all(p.grad is None for p in model.parameters())
+
+
 GROUPED_QKV_FAMILIES = {  # tiny configs: 4 heads of 8; Falcon's multi-query (1 k/v head) and grouped (2)
     "gpt_neox": dict(model_type="gpt_neox", vocab_size=23, hidden_size=32, num_hidden_layers=1, num_attention_heads=4,
                      intermediate_size=64),
