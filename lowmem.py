@@ -855,7 +855,10 @@ def _load(device_type):
                     ffi.cdef(_CDEF)
                     _libs[device_type] = (ffi, ffi.dlopen(path))
                 if path and device_type in _CHECK_ON:  # section 5's self-check, cached with the build
-                    failed = _verdict(path, torch.device(_CHECK_ON[device_type]), _compile(cuda=False)[0])
+                    device = torch.device(_CHECK_ON[device_type])
+                    if device.type == "cuda" and device.index is None:  # this process's GPU (a torchrun rank's)
+                        device = torch.device("cuda", torch.cuda.current_device())
+                    failed = _verdict(path, device, _compile(cuda=False)[0])
                     if failed:
                         _libs[device_type], why = None, f"its kernels failed their self-check: {failed}"
             except ImportError:
@@ -883,7 +886,7 @@ _CHECK_SHAPES = [(), (1,), (300,), (1, 7), (7, 1), (33, 65), (2, 3, 4)]
 _CHECK_NAMED = [("embed_tokens.weight", (11, 8)), ("layers.0.self_attn.q_proj.weight", (8, 8)),
                 ("layers.0.self_attn.k_proj.weight", (4, 8)), ("layers.0.mlp.up_proj.weight", (6, 8)),
                 ("layers.0.mlp.up_proj.bias", (300,)), ("layers.0.mlp.down_proj.bias", (1,)), ("norm.weight", (8,))]
-_CHECK_OPTIMIZERS = {  # name -> (the (name, shape) of each weight, make an optimizer of one (name, weight))
+_CHECK_OPTIMIZERS = {  # name -> (the (name, shape) of each weight, make an optimizer of (name, weight) pairs)
     "LOMO": ([("w", s) for s in _CHECK_SHAPES], lambda named, **kw: LOMO([p for _, p in named], lr=0.05, weight_decay=0.1, **kw)),
     "AdaLomo": ([("w", s) for s in _CHECK_SHAPES], lambda named, **kw: AdaLomo([p for _, p in named], lr=0.05, weight_decay=0.1, **kw)),
     "AdamMini": (_CHECK_NAMED, lambda named, **kw: AdamMini(named, lr=0.01, weight_decay=0.1, n_heads=4, n_kv_heads=2, head_dim=2, **kw)),

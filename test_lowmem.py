@@ -600,6 +600,24 @@ def test_add_param_group_after_construction_trains_the_new_parameters(name, driv
 # ---------------------------------------------------------------------------- fp16 and rounding
 
 
+def test_add_param_group_refuses_a_parameter_sharded_on_another_mesh(tmp_path):
+    """A DTensor parameter added to an optimizer whose parameters are not sharded on its mesh is
+    refused by name, before any group changes (one gloo rank, in this process)."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.tensor import Shard, distribute_tensor
+    import torch.distributed as dist
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path}/store", rank=0, world_size=1)
+    try:
+        sharded = nn.Parameter(distribute_tensor(torch.randn(4, 3), init_device_mesh("cpu", (1,)), [Shard(0)]))
+        for cls in (lowmem.LOMO, lowmem.AdaLomo, lowmem.AdamMini):
+            opt = cls([("fc.weight", nn.Parameter(torch.randn(3, 2)))], lr=0.1)
+            with pytest.raises(TypeError, match="parameter 'extra.weight' is sharded on another mesh"):
+                opt.add_param_group({"params": [("extra.weight", sharded)]})
+            assert len(opt.param_groups) == 1 and len(opt._hooks) == 1
+    finally:
+        dist.destroy_process_group()
+
+
 @pytest.mark.parametrize("name", OPTIMIZERS)
 def test_fp16_overflow_skips_step_and_scale_backs_off_then_grows(name):
     model = TinyNet().half()
