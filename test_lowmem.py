@@ -1107,6 +1107,7 @@ CUDA_EMULATOR = r"""/* The CUDA half of fused_ext.c, run on the host: each CUDA 
    A launch checks its configuration against the hardware's limits and records its kernel,
    grid, block and stream; cudaGetLastError returns (and clears) the first failure. What it
    cannot show: real concurrency, nvcc's code generation, the driver, speed. */
+#include <setjmp.h>
 #include <ucontext.h>
 #include <stdint.h>
 #include <stdio.h>
@@ -1129,13 +1130,13 @@ struct cudaFuncAttributes { int maxThreadsPerBlock; };
 
 namespace emu {
 enum State { RUNNABLE, AT_BLOCK_BARRIER, AT_WARP_BARRIER, DONE };
-struct Fiber { ucontext_t ctx; State state; unsigned tid; };
+struct Fiber { ucontext_t ctx; jmp_buf at; State state; unsigned tid; bool started; };
 struct Launch { std::string kernel; long long grid, block, shmem; void *stream; };
 
 static const size_t STACK = 64 * 1024;
 static std::vector<Fiber> fibers(1024);
 static std::vector<char> stacks(1024 * STACK);
-static ucontext_t scheduler;
+static jmp_buf scheduler;
 static Fiber *current;
 static const std::function<void()> *body;
 static dim3 grid_dim, block_dim, block_idx;
@@ -1150,23 +1151,29 @@ static void fail(const std::string &why) {
     if (failure.empty()) failure = why;
     if (!last_error) last_error = cudaErrorLaunchFailure;
 }
-static void wait(State at) { current->state = at; swapcontext(&current->ctx, &scheduler); }
-static void trampoline() { (*body)(); current->state = DONE; }
+/* Switches are _setjmp/_longjmp (no system call); a fiber's context is made once, with
+   ucontext, and it runs one body after another, parked between blocks. */
+static void wait(State at) { current->state = at; if (!_setjmp(current->at)) _longjmp(scheduler, 1); }
+static void trampoline() { for (;;) { (*body)(); wait(DONE); } }
+static void resume(Fiber &f) {
+    current = &f;
+    if (_setjmp(scheduler)) return;  /* the fiber is back at a barrier, or done */
+    if (f.started) _longjmp(f.at, 1);
+    ucontext_t here;
+    f.started = true;
+    getcontext(&f.ctx);
+    f.ctx.uc_stack.ss_sp = &stacks[f.tid * STACK];
+    f.ctx.uc_stack.ss_size = STACK;
+    f.ctx.uc_link = NULL;
+    makecontext(&f.ctx, trampoline, 0);
+    swapcontext(&here, &f.ctx);
+}
 
 static bool run_block(unsigned n) {
-    for (unsigned t = 0; t < n; t++) {
-        Fiber &f = fibers[t];
-        getcontext(&f.ctx);
-        f.ctx.uc_stack.ss_sp = &stacks[t * STACK];
-        f.ctx.uc_stack.ss_size = STACK;
-        f.ctx.uc_link = &scheduler;
-        makecontext(&f.ctx, trampoline, 0);
-        f.state = RUNNABLE;
-        f.tid = t;
-    }
+    for (unsigned t = 0; t < n; t++) fibers[t].state = RUNNABLE, fibers[t].tid = t;
     for (;;) {
         for (unsigned t = 0; t < n; t++)
-            if (fibers[t].state == RUNNABLE) { current = &fibers[t]; swapcontext(&scheduler, &fibers[t].ctx); }
+            if (fibers[t].state == RUNNABLE) resume(fibers[t]);
         unsigned done = 0, at_block = 0;
         bool released = false;
         for (unsigned t = 0; t < n; t++) { done += fibers[t].state == DONE; at_block += fibers[t].state == AT_BLOCK_BARRIER; }
@@ -1182,6 +1189,7 @@ static bool run_block(unsigned n) {
             snprintf(why, sizeof why, "block %u: %u of %u threads at __syncthreads, %u exited, the others at a warp "
                      "shuffle that not all of their warp's lanes reach", block_idx.x, at_block, n, done);
             fail(why);
+            for (Fiber &f : fibers) f.started = false;  /* the stuck ones are dropped, mid-body */
             return false;
         }
     }
@@ -1286,7 +1294,7 @@ def build_emulated_cuda(directory, mutate=None):
     (directory / "cuda_emu.h").write_text(CUDA_EMULATOR)
     (directory / "fused_ext_emu.cpp").write_text(emulated_cuda_source(mutate(source) if mutate else source))
     lib = directory / "fused_ext_emu.so"
-    build = subprocess.run([cxx, "-std=c++17", "-O1", "-ffp-contract=off", "-fPIC", "-shared", "-D__CUDACC__",
+    build = subprocess.run([cxx, "-std=c++17", "-O1", "-U_FORTIFY_SOURCE", "-ffp-contract=off", "-fPIC", "-shared", "-D__CUDACC__",
                             "-include", str(directory / "cuda_emu.h"), "-x", "c++", str(directory / "fused_ext_emu.cpp"),
                             "-o", str(lib)], capture_output=True, text=True, timeout=300)
     assert build.returncode == 0, build.stderr[-3000:]
