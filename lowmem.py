@@ -328,9 +328,7 @@ def _classify(name, p, module, heads, attention=None):
         return by_rows("qkv", *[s for g in range(groups) for s in (
             (g * per, (g + 1) * per - 2 * hd, hd), ((g + 1) * per - 2 * hd, (g + 1) * per - hd, hd), ((g + 1) * per - hd, (g + 1) * per, 1))])
     if owner in QK_NAMES:
-        own = getattr(attention, "head_dim", None)
-        return by_rows("head", (0, rows, heads.given_head_dim or (own if isinstance(own, int) and own > 0 else None)
-                                or heads.require(name)))
+        return by_rows("head", (0, rows, heads.given_head_dim or _find([attention], ("head_dim",)) or heads.require(name)))
     if isinstance(module, nn.Embedding) or owner in OUTPUT_NAMES or (
             module is None and any(s in name.lower() for s in EMBED_NAMES)):
         return by_rows("token", (0, rows, 1))
@@ -851,9 +849,7 @@ def _load(device_type):
                 import cffi
                 path, why = _compile(cuda=device_type == "cuda")
                 if path:
-                    ffi = cffi.FFI()
-                    ffi.cdef(_CDEF)
-                    _libs[device_type] = (ffi, ffi.dlopen(path))
+                    _libs[device_type] = _open_build(path, cffi.FFI())
                 if path and device_type in _CHECK_ON:  # section 5's self-check, cached with the build
                     device = torch.device(_CHECK_ON[device_type])
                     if device.type == "cuda" and device.index is None:  # this process's GPU (a torchrun rank's)
@@ -869,6 +865,12 @@ def _load(device_type):
         print(f"lowmem: {device_type} updates use " + (used[device_type] if _libs[device_type]
               else f"the PyTorch reference path ({why})"), file=sys.stderr)
     return _libs[device_type]
+
+
+def _open_build(path, ffi):
+    """(ffi, library) of a build of fused_ext.c, declared to a new cffi.FFI() from the C source."""
+    ffi.cdef(_CDEF)
+    return ffi, ffi.dlopen(path)
 
 
 def kernels(device=None):
@@ -1000,12 +1002,12 @@ def _self_check(device, lib, reference=None, log=None):
                                      _check_run(opt_name, weights, dtypes, device, lib, side_stream=True)[0], True))
                 except Exception as e:  # a kernel's error code, or anything else the check runs into
                     return f"{case}: {type(e).__name__}: {e} (kernels {', '.join(used) or 'not yet known'})"
-                for what, ref, bitwise in refs:
+                for against, ref, bitwise in refs:
                     for a, b in zip(got, ref):
                         close = torch.equal(a, b) if bitwise else \
                             (a - b).abs().le(4 * torch.finfo(dtypes[0]).eps * b.abs() + 1e-6).all()
                         if not close:
-                            return f"{case}: differs from {what} by up to {(a - b).abs().max().item():.3g} " \
+                            return f"{case}: differs from {against} by up to {(a - b).abs().max().item():.3g} " \
                                    f"(kernels {kernels})"
     return None
 
@@ -1049,13 +1051,8 @@ def _verdict(path, device, reference):
 def _self_check_child(path, reference, device, out):
     """The child process of _verdict: runs the check, writes {"device", "verdict"} to `out`."""
     import cffi
-
-    def open_build(so):
-        ffi = cffi.FFI()
-        ffi.cdef(_CDEF)
-        return ffi, ffi.dlopen(so)
     device = torch.device(device)
-    verdict = _self_check(device, open_build(path), open_build(reference) if reference else None,
+    verdict = _self_check(device, _open_build(path, cffi.FFI()), _open_build(reference, cffi.FFI()) if reference else None,
                           log=lambda case: print(f"lowmem self-check: {case}", file=sys.stderr, flush=True))
     with open(out, "w") as f:
         json.dump({"device": _device_id(device), "verdict": verdict}, f)

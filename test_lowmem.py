@@ -1299,9 +1299,8 @@ def build_emulated_cuda(directory, mutate=None):
                             "-o", str(lib)], capture_output=True, text=True, timeout=300)
     assert build.returncode == 0, build.stderr[-3000:]
     ffi = cffi.FFI()
-    ffi.cdef(lowmem._CDEF)
     ffi.cdef(EMU_CDEF)
-    return ffi, ffi.dlopen(str(lib))
+    return lowmem._open_build(str(lib), ffi)
 
 
 @pytest.fixture(scope="module")
