@@ -4,6 +4,7 @@
     python bench.py speed    [--device cpu|cuda] [--quick] [--json]
     python bench.py ablation [--iters 1500] [--seeds 3]     # Adam-mini's partition and beta2, one change at a time
     python bench.py converge [--iters 1500] [--factors 0.5,1,2] [--seeds 3] [--optimizers ...] [--quick] [--json]
+    python bench.py state    [--model gpt|llama] [--seeds 3] [--arms ...]  # Adam-mini's m in fp32, bf16, 8 bits
     python bench.py kernels  [--device cpu|cuda] [--dtype float32|bfloat16] [--params 50e6] [--shape square|llama|small] [--json]
     python bench.py gpu      [--report gpu_report.md]    # on a GPU machine: every GPU check, one report
     python bench.py plan     [CONFIG] [--batch 8] [--seq 512] [--dtype ...] [--world N]   # will it fit (per rank: FSDP2)
@@ -49,6 +50,8 @@ BYTES = {
     "lomo": lambda pb, gb: 2 * pb + gb,                   # read p, g; write p
     "adamw": lambda pb, gb: 2 * pb + gb + 16,             # + read/write m and v
     "adam_mini": lambda pb, gb: 2 * pb + gb + 8,          # + read/write m (v is tiny)
+    "adam_mini_bf16_state": lambda pb, gb: 2 * pb + gb + 4,   # m in bf16
+    "adam_mini_8bit_state": lambda pb, gb: 2 * pb + gb + 2 + 8 / 256,  # m in 8 bits, a 4-byte scale per 256
     "adalomo": lambda pb, gb: 3 * pb + 3 * gb,            # g twice for the stats, p for its RMS, then apply
 }
 
@@ -114,6 +117,10 @@ def kernel_rows(n_params, dtype, device, repeats, shape="square"):
     add(f"lowmem LOMO ({lowmem.kernels(device)})", "lomo", lomo.step)
     add(f"lowmem AdaLomo ({lowmem.kernels(device)})", "adalomo", adalomo.step)
     add(f"lowmem Adam-mini ({lowmem.kernels(device)})", "adam_mini", mini.step)
+    for label, kind in (("bf16 m", "adam_mini_bf16_state"), ("8-bit m", "adam_mini_8bit_state")):
+        small_m = make_opt(kind, model)
+        add(f"lowmem Adam-mini, {label} ({lowmem.kernels(device)})", kind, small_m.step)
+        del small_m
     for name, kind, opt in (("LOMO", "lomo", lomo), ("AdaLomo", "adalomo", adalomo), ("Adam-mini", "adam_mini", mini)):
         add(f"lowmem {name}, one call per tensor (as in a hook)", kind, hook_calls(opt, params))
     elementwise = lowmem.AdamMini([(f"{i}.bias", p) for i, p in enumerate(params)], lr=1e-4)
@@ -262,9 +269,10 @@ def make_opt(name, model, lr=1e-4):
     import train_gpt2
     cfg = dict(optimizer=name, learning_rate=lr, weight_decay=0.0, grad_clip=0, stochastic_rounding=False,
                seed=0, beta1=0.9, beta2=0.95)
-    if name == "adam_mini_bf16_state":  # m in bf16, as the official package keeps it for bf16 parameters
-        return lowmem.AdamMini(model, lr=lr, betas=(0.9, 0.95), state_dtype=torch.bfloat16)
-    return None if name == "none" else train_gpt2.make_optimizer(model, cfg)
+    for state in ("bf16", "8bit"):  # Adam-mini with its first moment in bf16 or 8 bits
+        if name == f"adam_mini_{state}_state":
+            name, cfg["adam_mini_state"] = "adam_mini", {"bf16": "bfloat16", "8bit": "int8"}[state]
+    return None if name == "none" else train_gpt2.make_optimizer(model, dict(cfg, optimizer=name))
 
 
 def train_step(model, opt, batch_fn, fused):
@@ -283,7 +291,9 @@ def train_step(model, opt, batch_fn, fused):
 
 MEMORY_ROWS = [("no optimizer (grads freed)", "none", True), ("SGD", "sgd", False), ("AdamW", "adamw", False),
                ("Adam-mini classic", "adam_mini", False), ("Adam-mini classic, bf16 m", "adam_mini_bf16_state", False),
-               ("Adam-mini fused", "adam_mini", True), ("LOMO fused", "lomo", True), ("AdaLomo fused", "adalomo", True)]
+               ("Adam-mini fused", "adam_mini", True), ("Adam-mini fused, bf16 m", "adam_mini_bf16_state", True),
+               ("Adam-mini fused, 8-bit m", "adam_mini_8bit_state", True), ("LOMO fused", "lomo", True),
+               ("AdaLomo fused", "adalomo", True)]
 
 
 def _free_port():
@@ -372,7 +382,7 @@ def memory_rows(args, size=None, names=None):
     rows = []
     for dtype in [args.dtype]:
         for label, opt, fused in MEMORY_ROWS:
-            if (args.quick and opt in ("sgd", "adalomo")) or (opt == "adam_mini_bf16_state" and dtype != "bfloat16") \
+            if (args.quick and opt in ("sgd", "adalomo")) or (label == "Adam-mini classic, bf16 m" and dtype != "bfloat16") \
                     or (names and label not in names):
                 continue
             spec = dict(model=args.model, size=size, device=args.device, dtype=dtype, optimizer=opt, fused=fused,
@@ -558,6 +568,52 @@ def _converge_run(train_gpt2, base, name, lr, seed, label=None):
     return h
 
 
+STATE_ARMS = {  # Adam-mini's first moment m: (train scripts' adam_mini_state, AdamMini.m_rounding)
+    "fp32 m": ("float32", "stochastic"), "bf16 m, stochastic": ("bfloat16", "stochastic"),
+    "bf16 m, nearest": ("bfloat16", "nearest"), "8-bit m, stochastic": ("int8", "stochastic"),
+    "8-bit m, nearest": ("int8", "nearest")}
+
+
+def state_rows(args):
+    """Adam-mini with m in each STATE_ARMS form, at the same lr and seeds: the default train_gpt2
+    run (its DEFAULT_LR) or train_llama's offline demo (pre-training and fine-tuning, its DEMO_LR).
+    Best val loss per seed; the seeds go round the arms in turn."""
+    import train_gpt2
+    import train_llama
+    arms = [a for a in STATE_ARMS if not args.arms or any(w in a for w in args.arms.split(","))]
+    script = train_llama if args.model == "llama" else train_gpt2
+    base = dict(max_iters=args.iters) if args.model == "gpt" else {}
+    vals = {arm: [] for arm in arms}
+    for seed in range(args.seeds):
+        for arm in arms:
+            state, rounding = STATE_ARMS[arm]
+            argv = [f"--{k}={v}" for k, v in dict(base, optimizer="'adam_mini'", adam_mini_state=repr(state), seed=1337 + seed,
+                                                  out_dir=repr(f"/tmp/lowmem-state-{os.getpid()}"), overwrite=True,
+                                                  device="'cpu'").items()]
+            saved, lowmem.AdamMini.m_rounding = lowmem.AdamMini.m_rounding, rounding
+            try:
+                with contextlib.redirect_stdout(open(os.devnull, "w")):
+                    h = script.train(script.parse_config(argv) if script is train_gpt2 else
+                                     train_gpt2.parse_config(argv, train_llama.DEFAULTS, train_llama.OPTIONAL,
+                                                             train_llama.validate, train_llama.__file__))
+            finally:
+                lowmem.AdamMini.m_rounding = saved
+            vals[arm].append(h["best_val"])
+            print(f"  {arm:20s} seed {seed}: best val {h['best_val']:.4f}", file=sys.stderr, flush=True)
+    ref = statistics.mean(vals[arms[0]])
+    return [dict(arm=a, seeds=v, mean=statistics.mean(v), std=statistics.stdev(v) if len(v) > 1 else 0.0,
+                 vs_first=statistics.mean(v) / ref) for a, v in vals.items()]
+
+
+def print_state(rows, args):
+    what = "train_llama.py's offline demo (pre-training, then fine-tuning)" if args.model == "llama" else \
+        f"train_gpt2.py's default run, {args.iters} iters"
+    print(f"Adam-mini's first moment m on {what}; best val loss over {args.seeds} seed(s), same lr")
+    print(f"{'m':22s} {'best val loss':>18s} {'vs ' + rows[0]['arm']:>10s}  seeds")
+    for r in rows:
+        print(f"{r['arm']:22s} {r['mean']:9.4f} +- {r['std']:.4f} {r['vs_first']:9.4f}x  " + ", ".join(f"{v:.4f}" for v in r["seeds"]))
+
+
 def print_converge(results, base, args):
     n_seeds = 2 if args.quick else args.seeds
     sweep = "1x" if args.quick else ", ".join(f"{float(f):g}x" for f in args.factors.split(","))
@@ -687,7 +743,9 @@ PLAN_MODELS = {
     "gpt2": dict(model_type="gpt2", vocab_size=50257, n_positions=1024, n_embd=768, n_layer=12, n_head=12),
 }
 PLAN_ROWS = [("SGD", "sgd", False), ("AdamW", "adamw", False), ("Adam-mini classic", "adam_mini", False),
-             ("Adam-mini fused", "adam_mini", True), ("LOMO fused", "lomo", True), ("AdaLomo fused", "adalomo", True)]
+             ("Adam-mini fused", "adam_mini", True), ("Adam-mini fused, bf16 m", "adam_mini_bf16_state", True),
+             ("Adam-mini fused, 8-bit m", "adam_mini_8bit_state", True), ("LOMO fused", "lomo", True),
+             ("AdaLomo fused", "adalomo", True)]
 
 
 class LiveBytes(TorchDispatchMode):
@@ -1105,7 +1163,7 @@ def main():
         return
     formatter = type("Formatter", (argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter), {})
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=formatter)
-    ap.add_argument("command", choices=["memory", "speed", "converge", "ablation", "kernels", "gpu", "plan"],
+    ap.add_argument("command", choices=["memory", "speed", "converge", "state", "ablation", "kernels", "gpu", "plan"],
                     help="which table to measure (gpu: every GPU check in one report; plan: will it fit)")
     ap.add_argument("config", nargs="?", default="llama-7b",
                     help=f"plan: a config.json (GPT-2 or LLaMA) or one of {', '.join(PLAN_MODELS)}")
@@ -1127,6 +1185,7 @@ def main():
                     help="ablation: seeds first_seed .. first_seed+seeds-1 (the lr sweep at the first): runs can be split")
     ap.add_argument("--seeds", type=int, default=3, help="converge, ablation: seeds (converge: at the best lr)")
     ap.add_argument("--optimizers", default="adamw,adam_mini,adalomo,lomo", help="converge: which (sgd = lomo's math)")
+    ap.add_argument("--arms", default="", help="state: only the arms whose labels contain one of these words (comma-separated)")
     ap.add_argument("--plot", default="assets/loss_curves.png", help="converge: where the loss curves go (matplotlib)")
     ap.add_argument("--batch", type=int, default=8, help="plan: sequences per step")
     ap.add_argument("--seq", type=int, default=512, help="plan: tokens per sequence")
@@ -1160,6 +1219,9 @@ def main():
     elif args.command == "ablation":
         rows, base = ablation_rows(args)
         print(json.dumps(rows, indent=1)) if args.json else print_ablation(rows, base, args)
+    elif args.command == "state":
+        rows = state_rows(args)
+        print(json.dumps(rows, indent=1)) if args.json else print_state(rows, args)
     elif args.command == "converge":
         results, base = converge_rows(args)
         print(json.dumps(results, indent=1)) if args.json else print_converge(results, base, args)

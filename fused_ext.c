@@ -10,7 +10,8 @@
    keep each struct typedef on one line, and each CPU entry point as "int lm_name(...) {".
    Tensors are contiguous; lowmem checks shape, dtype and
    device before calling. dtype codes: 0 fp32, 1 bf16 (uint16_t), 2 fp16 (uint16_t). Math is
-   fp32; optimizer state is fp32. Every gradient element goes through the same preparation
+   fp32; optimizer state is fp32, except Adam-mini's first moment m, which can be bf16 or 8-bit
+   (struct moment below). Every gradient element goes through the same preparation
    as lowmem's PyTorch path (DESIGN.md "The gradient a rule sees"): g = clamp(g * inv_scale, +-clip) * coef.
    Without -fno-math-errno the sqrt loops do not vectorize (measured 6.7x slower).
    CUDA launchers take the stream as void* and return cudaGetLastError(). */
@@ -75,9 +76,16 @@ HD uint64_t mix64(uint64_t z) {  /* splitmix64's finalizer */
     z = (z ^ (z >> 27)) * 0x94D049BB133111EBull;
     return z ^ (z >> 31);
 }
-HD uint32_t hash_bits(uint64_t seed, int64_t i) {
-    return (uint32_t)mix64(mix64(seed) + (uint64_t)i * 0x9E3779B97F4A7C15ull) & 0xFFFF;
+/* 16 random bits of (seed, i), given mix64(seed) (taken out of the loops): murmur3's 32-bit
+   finalizer of the mixed seed plus i*golden, in 32-bit arithmetic, which vectorizes (indices
+   wrap at 2^32 elements) */
+HD uint32_t hash_mixed(uint64_t mixed_seed, int64_t i) {
+    uint32_t z = (uint32_t)mixed_seed + (uint32_t)i * 0x9E3779B9u;
+    z = (z ^ (z >> 16)) * 0x85EBCA6Bu;
+    z = (z ^ (z >> 13)) * 0xC2B2AE35u;
+    return (z ^ (z >> 16)) & 0xFFFF;
 }
+HD uint32_t hash_bits(uint64_t seed, int64_t i) { return hash_mixed(mix64(seed), i); }
 HD void store(void *x, int dt, int64_t i, float v, int sr, uint64_t seed) {
     if (dt == 0) { ((float *)x)[i] = v; return; }
     if (dt == 2) { ((uint16_t *)x)[i] = f2half(v); return; }
@@ -115,6 +123,27 @@ HD void adalomo_steps(const float *sums, int64_t n, adalomo_t h, float *decay, f
     float clip_div = at_least(sqrtf(sums[0] / (float)n) / h.clip_threshold, 1.0f);  /* grouped normalization */
     *decay = 1.0f - lr_t * h.weight_decay, *step = lr_t / clip_div;
 }
+/* Adam-mini's first moment m (AdamMini's state_dtype), by its mdt: 0 fp32; 1 bf16, written back
+   by stochastic rounding when sr; 3 8-bit: int8 codes, each run of QB elements of a row of cols
+   elements sharing one fp32 scale (scale[row * runs per row + run]), m = code * scale
+   (quantize_blocks / dequantize_blocks in lowmem.py), the codes rounded stochastically when sr.
+   The 8-bit kernels take m a run at a time, never across a row: its scale needs all of it. */
+#define M_INT8 3
+#define QB 256
+struct moment { void *m; int mdt; float *scale; int64_t cols; int sr; uint64_t seed; };
+HD float nan_max(float a, float b) { return ((b > a) | (b != b)) ? b : a; }  /* as torch.amax: NaN wins (| not ||: it vectorizes) */
+/* the code of x in a run whose max |x| is amax, given as inv = 127 / amax: round(x * inv), or
+   floor(x * inv + u), u uniform in [0, 1) from (seed, i) (mixed: mix64(seed)); 0 * inf (an
+   all-zero run) and NaN give 0 (a NaN is kept by its run's scale) */
+HD int8_t q8_code(float x, float inv, int sr, uint64_t mixed, int64_t i) {
+    float q = x * inv, r;
+    if (sr) q += (float)hash_mixed(mixed, i) * (1.0f / 65536.0f);
+    r = rintf(q);
+    q = sr && r > q ? r - 1.0f : r;  /* floor as rint and a step down: floorf does not vectorize */
+    if (q != q) q = 0.0f;
+    return (int8_t)(q < -127.0f ? -127.0f : (q > 127.0f ? 127.0f : q));
+}
+HD int64_t runs_per_row(int64_t cols) { return (cols + QB - 1) / QB; }
 
 #ifndef __CUDACC__
 /* ===================================== CPU ==========================================
@@ -153,6 +182,10 @@ static float *view(float *buf, const void *x, int dt, int64_t o, int64_t n) {
 }
 static void put(void *x, int dt, int64_t o, const float *s, int64_t n, int sr, uint64_t seed) {
     if (dt != 0) st_chunk(x, dt, o, s, n, sr, seed);
+}
+static int64_t m_chunk(struct moment M, int64_t o, int64_t e) {  /* the chunk at o of [o, e): an 8-bit m's ends with its row */
+    int64_t len = MIN(CH, e - o);
+    return M.mdt == M_INT8 ? MIN(len, M.cols - o % M.cols) : len;
 }
 /* the prepared gradient of a chunk: in place when there is nothing to prepare */
 static const float *grad_view(float *buf, const void *g, int dt, int64_t o, int64_t n, prep_t q) {
@@ -205,35 +238,66 @@ int lm_sgd(void *p, int pdt, const void *g, int gdt, int64_t n, prep_t q, float 
     (void)stream; return 0;
 }
 
+/* Adam-mini's update of [o, o+len) with an 8-bit m, whole runs of one row (m_chunk), with the
+   block's v: per run, m from its codes, m and w updated and the max |m| taken in one loop (the
+   bits of |m| order as |m| does, with every NaN above inf: an integer max, which vectorizes
+   where a float one may not, is torch.amax's, NaN if any m is), then the run's scale and codes */
+static void adam_chunk_q8(float *w, struct moment M, const float *d, float v, int64_t o, int64_t len, adam_t h) {
+    float m[QB], denom = adam_denom(v, h);
+    int8_t *code = (int8_t *)M.m + o;
+    float *scale = M.scale + o / M.cols * runs_per_row(M.cols) + o % M.cols / QB;
+    uint64_t mixed = mix64(M.seed);
+    for (int64_t k = 0; k < len; k += QB) {
+        int64_t n = MIN(QB, len - k);
+        float s = scale[k / QB], amax, inv;
+        uint32_t most = 0;
+        for (int64_t i = 0; i < n; i++) {
+            uint32_t bits;
+            m[i] = adam_m((float)code[k + i] * s, d[k + i], h);
+            w[k + i] = adam_w(w[k + i], m[i], denom, h);
+            bits = f2bits(m[i]) & 0x7FFFFFFFu;
+            most = bits > most ? bits : most;
+        }
+        amax = bits2f(most), inv = 127.0f / amax;
+        scale[k / QB] = amax / 127.0f;
+        if (M.sr) for (int64_t i = 0; i < n; i++) code[k + i] = q8_code(m[i], inv, 1, mixed, o + k + i);
+        else for (int64_t i = 0; i < n; i++) code[k + i] = q8_code(m[i], inv, 0, 0, o + k + i);
+    }
+}
 /* Adam update of elements [o, o+len) with prepared gradient d and second moment v[] (or the
    block's v when vstride == 0) */
-static void adam_chunk(void *p, int pdt, float *m, const float *d, const float *v, int vstride,
+static void adam_chunk(void *p, int pdt, struct moment M, const float *d, const float *v, int vstride,
                        int64_t o, int64_t len, adam_t h, int sr, uint64_t seed) {
-    float wbuf[CH], *w = view(wbuf, p, pdt, o, len);
-    if (vstride == 0) {  /* one v for the chunk (an Adam-mini block): its denominator once, not per element */
+    float wbuf[CH], mbuf[CH], *w = view(wbuf, p, pdt, o, len), *m = M.mdt == M_INT8 ? mbuf : view(mbuf, M.m, M.mdt, o, len);
+    if (M.mdt == M_INT8) {  /* always with one v (blocks of rows) */
+        adam_chunk_q8(w, M, d, v[0], o, len, h);
+    } else if (vstride == 0) {  /* one v for the chunk (an Adam-mini block): its denominator once, not per element */
         float denom = adam_denom(v[0], h);
         for (int64_t i = 0; i < len; i++) {
-            m[o + i] = adam_m(m[o + i], d[i], h);
-            w[i] = adam_w(w[i], m[o + i], denom, h);
+            m[i] = adam_m(m[i], d[i], h);
+            w[i] = adam_w(w[i], m[i], denom, h);
         }
     } else {
         for (int64_t i = 0; i < len; i++) {
-            m[o + i] = adam_m(m[o + i], d[i], h);
-            w[i] = adam_w(w[i], m[o + i], adam_denom(v[i], h), h);
+            m[i] = adam_m(m[i], d[i], h);
+            w[i] = adam_w(w[i], m[i], adam_denom(v[i], h), h);
         }
     }
     put(p, pdt, o, w, len, sr, seed);
+    if (M.mdt != M_INT8) put(M.m, M.mdt, o, m, len, M.sr, M.seed);
 }
 
 /* AdamW, one v per element (Adam-mini's bias blocks) */
-int lm_adam_elem(void *p, int pdt, const void *g, int gdt, float *m, float *v, int64_t n,
-                 prep_t q, adam_t h, int sr, uint64_t seed, void *stream) {
+int lm_adam_elem(void *p, int pdt, const void *g, int gdt, void *m, float *v, int64_t n, int mdt,
+                 prep_t q, adam_t h, int sr, uint64_t seed, int msr, uint64_t mseed, void *stream) {
+    struct moment M = {m, mdt, NULL, 0, msr, mseed};
+    if (mdt == M_INT8) return 2;  /* 8-bit m is for blocks of rows; lowmem keeps elements' m in fp32 or bf16 */
     PARALLEL_FOR(n >= SMALL, schedule(static),
                  for (int64_t o = 0; o < n; o += CH), {
         float gbuf[CH]; int64_t len = MIN(CH, n - o);
         const float *d = grad_view(gbuf, g, gdt, o, len, q);
         for (int64_t i = 0; i < len; i++) v[o + i] = adam_v(v[o + i], d[i] * d[i], h);
-        adam_chunk(p, pdt, m, d, v + o, 1, o, len, h, sr, seed);
+        adam_chunk(p, pdt, M, d, v + o, 1, o, len, h, sr, seed);
     });
     (void)stream; return 0;
 }
@@ -241,9 +305,11 @@ int lm_adam_elem(void *p, int pdt, const void *g, int gdt, float *m, float *v, i
 /* Adam-mini, blocks that are contiguous runs of elements: block b is [start[b], start[b+1]).
    Per block: mean g^2 -> v[b], then update the block while it is still in cache, so g is
    read from memory once (rows, heads, whole tensor). */
-int lm_adam_blocks(void *p, int pdt, const void *g, int gdt, float *m, float *v,
-                   const int64_t *start, int64_t n_v, int64_t n, prep_t q, adam_t h, int sr, uint64_t seed,
-                   void *stream) {  /* n: the elements of all blocks, start[n_v] - start[0] */
+int lm_adam_blocks(void *p, int pdt, const void *g, int gdt, void *m, float *mscale, float *v,
+                   const int64_t *start, int64_t n_v, int64_t n, int mdt, int64_t cols, prep_t q, adam_t h, int sr,
+                   uint64_t seed, int msr, uint64_t mseed, void *stream) {
+    /* n: the elements of all blocks, start[n_v] - start[0]; the blocks are runs of whole rows of cols */
+    struct moment M = {m, mdt, mscale, cols, msr, mseed};
     PARALLEL_FOR(n >= SMALL, schedule(static),
                  for (int64_t b = 0; b < n_v; b++), {
         float gbuf[CH]; int64_t a = start[b], e = start[b + 1];
@@ -251,8 +317,10 @@ int lm_adam_blocks(void *p, int pdt, const void *g, int gdt, float *m, float *v,
         for (int64_t o = a; o < e; o += CH) acc += sumsq_chunk(grad_view(gbuf, g, gdt, o, MIN(CH, e - o), q), MIN(CH, e - o));
         float vb = adam_v(v[b], (float)(acc / (double)(e - a)), h);
         v[b] = vb;
-        for (int64_t o = a; o < e; o += CH)
-            adam_chunk(p, pdt, m, grad_view(gbuf, g, gdt, o, MIN(CH, e - o), q), &vb, 0, o, MIN(CH, e - o), h, sr, seed);
+        for (int64_t o = a, len; o < e; o += len) {
+            len = m_chunk(M, o, e);
+            adam_chunk(p, pdt, M, grad_view(gbuf, g, gdt, o, len, q), &vb, 0, o, len, h, sr, seed);
+        }
     });
     (void)stream; return 0;
 }
@@ -270,13 +338,14 @@ int lm_row_sumsq(const void *g, int gdt, int64_t rows, int64_t cols, prep_t q, f
     (void)stream; return 0;
 }
 
-int lm_adam_rows(void *p, int pdt, const void *g, int gdt, float *m, const float *vrow, int64_t rows,
-                 int64_t cols, prep_t q, adam_t h, int sr, uint64_t seed, void *stream) {
+int lm_adam_rows(void *p, int pdt, const void *g, int gdt, void *m, float *mscale, const float *vrow, int64_t rows,
+                 int64_t cols, int mdt, prep_t q, adam_t h, int sr, uint64_t seed, int msr, uint64_t mseed, void *stream) {
+    struct moment M = {m, mdt, mscale, cols, msr, mseed};
     PARALLEL_FOR(rows * cols >= SMALL, schedule(static), for (int64_t r = 0; r < rows; r++), {
         float gbuf[CH];
         for (int64_t o = r * cols; o < (r + 1) * cols; o += CH) {
             int64_t len = MIN(CH, (r + 1) * cols - o);
-            adam_chunk(p, pdt, m, grad_view(gbuf, g, gdt, o, len, q), vrow + r, 0, o, len, h, sr, seed);
+            adam_chunk(p, pdt, M, grad_view(gbuf, g, gdt, o, len, q), vrow + r, 0, o, len, h, sr, seed);
         }
     });
     (void)stream; return 0;
@@ -402,16 +471,18 @@ int lm_adalomo(void *p, int pdt, const void *g, int gdt, float *row, float *col,
 static int capped(int64_t blocks) { return (int)(blocks < MAX_BLOCKS ? (blocks > 0 ? blocks : 1) : MAX_BLOCKS); }
 static int grid_for(int64_t n) { return capped((n + THREADS - 1) / THREADS); }
 
-__device__ float block_sum(float x) {  /* sum over the block; valid in thread 0 */
+__device__ float reduce_op(float a, float b, int max) { return max ? nan_max(a, b) : a + b; }
+__device__ float block_reduce(float x, int max) {  /* sum (or max, with 0 for absent lanes) over the block; valid in thread 0 */
     __shared__ float warp[THREADS / 32];
-    for (int o = 16; o > 0; o >>= 1) x += __shfl_down_sync(0xffffffff, x, o);
+    for (int o = 16; o > 0; o >>= 1) x = reduce_op(x, __shfl_down_sync(0xffffffff, x, o), max);
     if ((threadIdx.x & 31) == 0) warp[threadIdx.x >> 5] = x;
     __syncthreads();
     x = threadIdx.x < THREADS / 32 ? warp[threadIdx.x] : 0.0f;
-    if (threadIdx.x < 32) for (int o = 16; o > 0; o >>= 1) x += __shfl_down_sync(0xffffffff, x, o);
+    if (threadIdx.x < 32) for (int o = 16; o > 0; o >>= 1) x = reduce_op(x, __shfl_down_sync(0xffffffff, x, o), max);
     __syncthreads();
     return x;
 }
+__device__ float block_sum(float x) { return block_reduce(x, 0); }
 
 /* Sums over many blocks are run-to-run deterministic: each block writes its partial sum to
    stream-ordered scratch, then one block adds the partials in index order (a float atomicAdd
@@ -436,19 +507,20 @@ __device__ void sgd_at(void *p, int pdt, const void *g, int gdt, int64_t i, prep
 __global__ void k_sgd(void *p, int pdt, const void *g, int gdt, int64_t n, prep_t q, float lr, float decay, int sr, uint64_t seed) {
     GLOBAL_LOOP(i, n) sgd_at(p, pdt, g, gdt, i, q, lr, decay, sr, seed);
 }
-__device__ void adam_elem(void *p, int pdt, float *m, float g, float v, int64_t i, adam_t h, int sr, uint64_t seed) {
-    m[i] = adam_m(m[i], g, h);
-    store(p, pdt, i, adam_w(load(p, pdt, i), m[i], adam_denom(v, h), h), sr, seed);
+__device__ void adam_elem(void *p, int pdt, struct moment M, float g, float v, int64_t i, adam_t h, int sr, uint64_t seed) {  /* m fp32 or bf16 */
+    float m = adam_m(load(M.m, M.mdt, i), g, h);
+    store(M.m, M.mdt, i, m, M.sr, M.seed);
+    store(p, pdt, i, adam_w(load(p, pdt, i), m, adam_denom(v, h), h), sr, seed);
 }
-__device__ void adam_elem_at(void *p, int pdt, const void *g, int gdt, float *m, float *v, int64_t i, prep_t q, adam_t h, int sr, uint64_t seed) {
+__device__ void adam_elem_at(void *p, int pdt, const void *g, int gdt, struct moment M, float *v, int64_t i, prep_t q, adam_t h, int sr, uint64_t seed) {
     float gi = prep(g, gdt, i, q);
     v[i] = adam_v(v[i], gi * gi, h);
-    adam_elem(p, pdt, m, gi, v[i], i, h, sr, seed);
+    adam_elem(p, pdt, M, gi, v[i], i, h, sr, seed);
 }
-__global__ void k_adam_elem(void *p, int pdt, const void *g, int gdt, float *m, float *v, int64_t n, prep_t q, adam_t h, int sr, uint64_t seed) {
-    GLOBAL_LOOP(i, n) adam_elem_at(p, pdt, g, gdt, m, v, i, q, h, sr, seed);
+__global__ void k_adam_elem(void *p, int pdt, const void *g, int gdt, struct moment M, float *v, int64_t n, prep_t q, adam_t h, int sr, uint64_t seed) {
+    GLOBAL_LOOP(i, n) adam_elem_at(p, pdt, g, gdt, M, v, i, q, h, sr, seed);
 }
-__global__ void k_adam_blocks(void *p, int pdt, const void *g, int gdt, float *m, float *v, const int64_t *start, int64_t n_v, prep_t q, adam_t h, int sr, uint64_t seed) {
+__global__ void k_adam_blocks(void *p, int pdt, const void *g, int gdt, struct moment M, float *v, const int64_t *start, int64_t n_v, prep_t q, adam_t h, int sr, uint64_t seed) {
     __shared__ float vb;  /* one CUDA block per Adam-mini block at a time */
     for (int64_t b = blockIdx.x; b < n_v; b += gridDim.x) {
         int64_t a = start[b], e = start[b + 1];
@@ -457,7 +529,7 @@ __global__ void k_adam_blocks(void *p, int pdt, const void *g, int gdt, float *m
         acc = block_sum(acc);  /* its barriers also keep vb until every thread is done with it */
         if (threadIdx.x == 0) { vb = adam_v(v[b], acc / (float)(e - a), h); v[b] = vb; }
         __syncthreads();
-        for (int64_t i = a + threadIdx.x; i < e; i += blockDim.x) adam_elem(p, pdt, m, prep(g, gdt, i, q), vb, i, h, sr, seed);
+        for (int64_t i = a + threadIdx.x; i < e; i += blockDim.x) adam_elem(p, pdt, M, prep(g, gdt, i, q), vb, i, h, sr, seed);
     }
 }
 /* Adam-mini with few large blocks (32 attention heads, one whole tensor) would leave most of
@@ -487,11 +559,38 @@ __global__ void k_slice_v(const float *partial, const int64_t *start, int64_t n_
         v[b] = adam_v(v[b], acc / (float)(start[b + 1] - start[b]), h);
     }
 }
-__global__ void k_slice_apply(void *p, int pdt, const void *g, int gdt, float *m, const float *v, const int64_t *start, int64_t n_v, int64_t split, prep_t q, adam_t h, int sr, uint64_t seed) {
+__global__ void k_slice_apply(void *p, int pdt, const void *g, int gdt, struct moment M, const float *v, const int64_t *start, int64_t n_v, int64_t split, prep_t q, adam_t h, int sr, uint64_t seed) {
     for (int64_t item = blockIdx.x; item < n_v * split; item += gridDim.x) {
         int64_t b, lo, hi;
         slice_of(start, item, split, &b, &lo, &hi);
-        for (int64_t i = lo + threadIdx.x; i < hi; i += blockDim.x) adam_elem(p, pdt, m, prep(g, gdt, i, q), v[b], i, h, sr, seed);
+        for (int64_t i = lo + threadIdx.x; i < hi; i += blockDim.x) adam_elem(p, pdt, M, prep(g, gdt, i, q), v[b], i, h, sr, seed);
+    }
+}
+/* Adam-mini with an 8-bit m: one CUDA block per run of QB (= THREADS) elements at a time, a
+   thread per element: m from its code, m and the weight updated, then the run's new scale from
+   the max |m| over the threads, and the codes. Each row's v: vrow[row], or with start (the
+   Adam-mini blocks' element offsets, the first 0) the v of the block holding the row. */
+HD int64_t block_at(const int64_t *start, int64_t n_v, int64_t e) {  /* the last b with start[b] <= e */
+    int64_t lo = 0, hi = n_v - 1;
+    while (lo < hi) { int64_t mid = (lo + hi + 1) / 2; if (start[mid] <= e) lo = mid; else hi = mid - 1; }
+    return lo;
+}
+__global__ void k_adam_q8(void *p, int pdt, const void *g, int gdt, struct moment M, const float *v, const int64_t *start, int64_t n_v, int64_t rows, prep_t q, adam_t h, int sr, uint64_t seed) {
+    __shared__ float inv;  /* 127 / the run's max |m| */
+    int8_t *code = (int8_t *)M.m;
+    for (int64_t k = blockIdx.x; k < rows * runs_per_row(M.cols); k += gridDim.x) {
+        int64_t r = k / runs_per_row(M.cols), c = k % runs_per_row(M.cols) * QB + threadIdx.x, i = r * M.cols + c;
+        float m = 0.0f;
+        if (c < M.cols) {
+            float vb = start ? v[block_at(start, n_v, r * M.cols)] : v[r];
+            m = adam_m((float)code[i] * M.scale[k], prep(g, gdt, i, q), h);
+            store(p, pdt, i, adam_w(load(p, pdt, i), m, adam_denom(vb, h), h), sr, seed);
+        }
+        float amax = block_reduce(fabsf(m), 1);  /* its barriers: every thread has read the old scale */
+        if (threadIdx.x == 0) M.scale[k] = amax / 127.0f, inv = 127.0f / amax;
+        __syncthreads();
+        if (c < M.cols) code[i] = q8_code(m, inv, M.sr, mix64(M.seed), i);
+        __syncthreads();  /* everyone has read inv before the next run's thread 0 writes it */
     }
 }
 __global__ void k_rowsum(const void *g, int gdt, int64_t rows, int64_t cols, prep_t q, float add, float *rowsum) {
@@ -502,15 +601,9 @@ __global__ void k_rowsum(const void *g, int gdt, int64_t rows, int64_t cols, pre
         if (threadIdx.x == 0) rowsum[i] = acc;
     }
 }
-__global__ void k_adam_rows(void *p, int pdt, const void *g, int gdt, float *m, const float *vrow, int64_t rows, int64_t cols, prep_t q, adam_t h, int sr, uint64_t seed) {
-    for (int64_t i = blockIdx.x; i < rows; i += gridDim.x) {  /* one CUDA block per row */
-        float denom = adam_denom(vrow[i], h);
-        for (int64_t j = threadIdx.x; j < cols; j += blockDim.x) {
-            int64_t e = i * cols + j;
-            m[e] = adam_m(m[e], prep(g, gdt, e, q), h);
-            store(p, pdt, e, adam_w(load(p, pdt, e), m[e], denom, h), sr, seed);
-        }
-    }
+__global__ void k_adam_rows(void *p, int pdt, const void *g, int gdt, struct moment M, const float *vrow, int64_t rows, int64_t cols, prep_t q, adam_t h, int sr, uint64_t seed) {
+    for (int64_t i = blockIdx.x; i < rows; i += gridDim.x)  /* one CUDA block per row */
+        for (int64_t j = threadIdx.x; j < cols; j += blockDim.x) adam_elem(p, pdt, M, prep(g, gdt, i * cols + j, q), vrow[i], i * cols + j, h, sr, seed);
 }
 __global__ void k_colsum(const void *g, int gdt, int64_t batch, int64_t rows, int64_t cols, prep_t q, float add, float *partial) {
     /* work item = (batch, chunk of 32 rows, column): adjacent threads read adjacent columns
@@ -603,33 +696,43 @@ EXPORT int lm_sumsq(const void *x, int dt, int64_t n, float scale, float *out, v
 EXPORT int lm_sgd(void *p, int pdt, const void *g, int gdt, int64_t n, prep_t q, float lr, float decay, int sr, uint64_t seed, void *stream) {
     if (n > 0) k_sgd<<<grid_for(n), THREADS, 0, S>>>(p, pdt, g, gdt, n, q, lr, decay, sr, seed); DONE;
 }
-EXPORT int lm_adam_elem(void *p, int pdt, const void *g, int gdt, float *m, float *v, int64_t n, prep_t q, adam_t h, int sr, uint64_t seed, void *stream) {
-    if (n > 0) k_adam_elem<<<grid_for(n), THREADS, 0, S>>>(p, pdt, g, gdt, m, v, n, q, h, sr, seed); DONE;
+EXPORT int lm_adam_elem(void *p, int pdt, const void *g, int gdt, void *m, float *v, int64_t n, int mdt, prep_t q, adam_t h, int sr, uint64_t seed, int msr, uint64_t mseed, void *stream) {
+    struct moment M = {m, mdt, NULL, 0, msr, mseed};
+    if (mdt == M_INT8) return 2;  /* 8-bit m is for blocks of rows */
+    if (n > 0) k_adam_elem<<<grid_for(n), THREADS, 0, S>>>(p, pdt, g, gdt, M, v, n, q, h, sr, seed); DONE;
 }
 #define BUSY 1024  /* CUDA blocks that keep every SM of a large GPU streaming */
 #define SLICE 2048  /* elements a slice has at least */
-EXPORT int lm_adam_blocks(void *p, int pdt, const void *g, int gdt, float *m, float *v, const int64_t *start, int64_t n_v, int64_t n, prep_t q, adam_t h, int sr, uint64_t seed, void *stream) {
+EXPORT int lm_adam_blocks(void *p, int pdt, const void *g, int gdt, void *m, float *mscale, float *v, const int64_t *start, int64_t n_v, int64_t n, int mdt, int64_t cols, prep_t q, adam_t h, int sr, uint64_t seed, int msr, uint64_t mseed, void *stream) {
+    struct moment M = {m, mdt, mscale, cols, msr, mseed};
     int64_t split;  /* slices per block: CUDA blocks enough to keep the GPU busy, none under SLICE elements */
     float *partial;
     int err;
-    if (n_v <= 0) DONE;
+    if (n_v <= 0 || n <= 0) DONE;
     split = n / (n_v * SLICE);
     if (split > BUSY / n_v) split = BUSY / n_v;
     if (split < 1) split = 1;
-    if (split == 1) {  /* blocks enough: one CUDA block per Adam-mini block, g read while in cache */
-        k_adam_blocks<<<capped(n_v), THREADS, 0, S>>>(p, pdt, g, gdt, m, v, start, n_v, q, h, sr, seed); DONE;
+    if (split == 1 && mdt != M_INT8) {  /* blocks enough: one CUDA block per Adam-mini block, g read while in cache */
+        k_adam_blocks<<<capped(n_v), THREADS, 0, S>>>(p, pdt, g, gdt, M, v, start, n_v, q, h, sr, seed); DONE;
     }
     if ((err = scratch(&partial, n_v * split, stream))) return err;
     k_slice_sumsq<<<capped(n_v * split), THREADS, 0, S>>>(g, gdt, start, n_v, split, q, partial);
     k_slice_v<<<grid_for(n_v), THREADS, 0, S>>>(partial, start, n_v, split, v, h);
-    k_slice_apply<<<capped(n_v * split), THREADS, 0, S>>>(p, pdt, g, gdt, m, v, start, n_v, split, q, h, sr, seed);
+    if (mdt == M_INT8)  /* a CUDA block per run of m: its new scale needs the whole run */
+        k_adam_q8<<<capped(n / cols * runs_per_row(cols)), THREADS, 0, S>>>(p, pdt, g, gdt, M, v, start, n_v, n / cols, q, h, sr, seed);
+    else
+        k_slice_apply<<<capped(n_v * split), THREADS, 0, S>>>(p, pdt, g, gdt, M, v, start, n_v, split, q, h, sr, seed);
     cudaFreeAsync(partial, S); DONE;
 }
 EXPORT int lm_row_sumsq(const void *g, int gdt, int64_t rows, int64_t cols, prep_t q, float add, float *rowsum, void *stream) {
     if (rows * cols > 0) k_rowsum<<<capped(rows), THREADS, 0, S>>>(g, gdt, rows, cols, q, add, rowsum); DONE;
 }
-EXPORT int lm_adam_rows(void *p, int pdt, const void *g, int gdt, float *m, const float *vrow, int64_t rows, int64_t cols, prep_t q, adam_t h, int sr, uint64_t seed, void *stream) {
-    if (rows * cols > 0) k_adam_rows<<<capped(rows), THREADS, 0, S>>>(p, pdt, g, gdt, m, vrow, rows, cols, q, h, sr, seed); DONE;
+EXPORT int lm_adam_rows(void *p, int pdt, const void *g, int gdt, void *m, float *mscale, const float *vrow, int64_t rows, int64_t cols, int mdt, prep_t q, adam_t h, int sr, uint64_t seed, int msr, uint64_t mseed, void *stream) {
+    struct moment M = {m, mdt, mscale, cols, msr, mseed};
+    if (rows * cols <= 0) DONE;
+    if (mdt == M_INT8) k_adam_q8<<<capped(rows * runs_per_row(cols)), THREADS, 0, S>>>(p, pdt, g, gdt, M, vrow, NULL, 0, rows, q, h, sr, seed);
+    else k_adam_rows<<<capped(rows), THREADS, 0, S>>>(p, pdt, g, gdt, M, vrow, rows, cols, q, h, sr, seed);
+    DONE;
 }
 EXPORT int lm_rowcol_sumsq(const void *g, int gdt, int64_t batch, int64_t rows, int64_t cols, prep_t q, float add, float *rowsum, float *colsum, void *stream) {
     if (batch * rows * cols == 0) DONE;
@@ -671,8 +774,8 @@ EXPORT int lm_factored_apply(void *p, int pdt, const void *g, int gdt, int64_t b
    ones, which share launches (below). Returns the first nonzero error, and in *done how many items
    ran (on CUDA a failed launch ends the list: lowmem gives the others back their step). */
 typedef struct { uintptr_t p; int pdt; uintptr_t g; int gdt; int64_t n; prep_t q; float lr, decay; int sr; uint64_t seed; } sgd_call;
-typedef struct { uintptr_t p; int pdt; uintptr_t g; int gdt; uintptr_t m, v; int64_t n; prep_t q; adam_t h; int sr; uint64_t seed; } adam_elem_call;
-typedef struct { uintptr_t p; int pdt; uintptr_t g; int gdt; uintptr_t m, v, start; int64_t n_v, n; prep_t q; adam_t h; int sr; uint64_t seed; } adam_blocks_call;
+typedef struct { uintptr_t p; int pdt; uintptr_t g; int gdt; uintptr_t m, v; int64_t n; int mdt; prep_t q; adam_t h; int sr; uint64_t seed; int msr; uint64_t mseed; } adam_elem_call;
+typedef struct { uintptr_t p; int pdt; uintptr_t g; int gdt; uintptr_t m, mscale, v, start; int64_t n_v, n; int mdt; int64_t cols; prep_t q; adam_t h; int sr; uint64_t seed; int msr; uint64_t mseed; } adam_blocks_call;
 typedef struct { uintptr_t p; int pdt; uintptr_t g; int gdt; uintptr_t row, col; int64_t batch, rows, cols; prep_t q; adalomo_t h; int sr; uint64_t seed; } adalomo_call;
 #define P(x) ((void *)(x))
 
@@ -714,7 +817,10 @@ __global__ void k_sgd_items(sgd_batch b) {
     ITEM_LOOP(b, c, i) sgd_at(P(c->p), c->pdt, P(c->g), c->gdt, i, c->q, c->lr, c->decay, c->sr, c->seed);
 }
 __global__ void k_adam_elem_items(adam_elem_batch b) {
-    ITEM_LOOP(b, c, i) adam_elem_at(P(c->p), c->pdt, P(c->g), c->gdt, (float *)P(c->m), (float *)P(c->v), i, c->q, c->h, c->sr, c->seed);
+    ITEM_LOOP(b, c, i) {
+        struct moment M = {P(c->m), c->mdt, NULL, 0, c->msr, c->mseed};  /* fp32 or bf16 */
+        adam_elem_at(P(c->p), c->pdt, P(c->g), c->gdt, M, (float *)P(c->v), i, c->q, c->h, c->sr, c->seed);
+    }
 }
 static void sgd_items(const void *items, int64_t count, void *stream) {
     sgd_batch b;
@@ -741,10 +847,11 @@ int lm_multi_##name(const type *items, int64_t count, int64_t *done, void *strea
 MULTI(sgd, sgd_call, c->n, k_sgd, sgd_items,
       lm_sgd(P(c->p), c->pdt, P(c->g), c->gdt, c->n, c->q, c->lr, c->decay, c->sr, c->seed, stream))
 MULTI(adam_elem, adam_elem_call, c->n, k_adam_elem, adam_elem_items,
-      lm_adam_elem(P(c->p), c->pdt, P(c->g), c->gdt, (float *)P(c->m), (float *)P(c->v), c->n, c->q, c->h, c->sr, c->seed, stream))
+      lm_adam_elem(P(c->p), c->pdt, P(c->g), c->gdt, P(c->m), (float *)P(c->v), c->n, c->mdt, c->q, c->h, c->sr, c->seed,
+                   c->msr, c->mseed, stream))
 MULTI(adam_blocks, adam_blocks_call, c->n, k_adam_blocks, NONE,
-      lm_adam_blocks(P(c->p), c->pdt, P(c->g), c->gdt, (float *)P(c->m), (float *)P(c->v), (const int64_t *)P(c->start),
-                     c->n_v, c->n, c->q, c->h, c->sr, c->seed, stream))
+      lm_adam_blocks(P(c->p), c->pdt, P(c->g), c->gdt, P(c->m), (float *)P(c->mscale), (float *)P(c->v), (const int64_t *)P(c->start),
+                     c->n_v, c->n, c->mdt, c->cols, c->q, c->h, c->sr, c->seed, c->msr, c->mseed, stream))
 #ifndef __CUDACC__
 MULTI(adalomo, adalomo_call, c->batch * c->rows * c->cols, none, NONE,  /* CPU only: no CUDA kernel */
       lm_adalomo(P(c->p), c->pdt, P(c->g), c->gdt, (float *)P(c->row), (float *)P(c->col), c->batch, c->rows, c->cols,

@@ -38,8 +38,9 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 from torch import nn
+from torch.nn import functional as F
 
-__all__ = ["lomo_update", "adalomo_update", "adam_mini_update", "LOMO", "AdaLomo", "AdamMini",
+__all__ = ["lomo_update", "adalomo_update", "adam_mini_update", "quantize_blocks", "dequantize_blocks", "LOMO", "AdaLomo", "AdamMini",
            "partition", "Partition", "Blocks", "DynamicLossScaler", "kernels"]
 
 # ----------------------------------------------------------------------------------------
@@ -176,6 +177,36 @@ def adam_mini_update(p, g, m, v, blocks, step, lr, betas=(0.9, 0.999), eps=1e-8,
         p.mul_(1 - lr * weight_decay)
     denom = (v.sqrt() / math.sqrt(1 - b2 ** step)).add_(eps)
     return p.addcdiv_(m, expand_blocks(denom, blocks, p.shape, geo), value=-lr / (1 - b1 ** step))
+
+
+# Adam-mini's first moment in 8 bits (AdamMini(state_dtype=torch.int8)): m is kept as int8 codes,
+# each run of QBLOCK elements of a row (dim 0; a row's last run may be shorter) with one fp32
+# scale, and taken back to fp32 around the rule above. Linear codes fit Adam-mini: its update is
+# m / sqrt(v_b) with v_b shared by a whole block of rows, so what matters is m's error in absolute
+# terms, which absmax scaling bounds by half a step, scale/2, in every element (DESIGN.md "Adam-mini").
+QBLOCK = 256
+
+
+def quantize_blocks(m, codes, scales, noise=None):
+    """fp32 m -> its int8 codes and (rows, ceil(cols/QBLOCK)) fp32 scales, in place:
+
+        code = round(m * 127 / a)  in -127..127,  scale = a / 127,   a = max(|m| over the block)
+    round: to nearest (noise None), or floor(m*127/a + noise) with noise uniform in [0, 1),
+    stochastic rounding (unbiased). A NaN in m makes its block's scale NaN: NaN stays NaN."""
+    rows, cols = codes.shape[0], math.prod(codes.shape[1:])
+    x = F.pad(m.reshape(rows, cols), (0, -cols % QBLOCK)).view(rows, scales.shape[1], QBLOCK)
+    a = x.abs().amax(-1, keepdim=True)
+    torch.div(a.squeeze(-1), 127, out=scales)
+    q = x * (127 / a)
+    q = q.round_() if noise is None else q.add_(noise).floor_()
+    q = q.nan_to_num_(0.0).clamp_(-127, 127).flatten(1)[:, :cols]  # 0 * inf (an all-zero block): 0
+    return codes.copy_(q.reshape(codes.shape))
+
+
+def dequantize_blocks(codes, scales):
+    """The fp32 m of quantize_blocks' codes: code * the scale of its block."""
+    x = codes.reshape(codes.shape[0], math.prod(codes.shape[1:])).float()
+    return x.mul_(scales.repeat_interleave(QBLOCK, dim=1)[:, :x.shape[1]]).view(codes.shape)
 
 
 # ----------------------------------------------------------------------------------------
@@ -472,11 +503,15 @@ class _LowMemOptimizer(torch.optim.Optimizer):
         return self._generators[key]
 
     def _sr_seed(self, x):
-        """Per-call seed for the kernels' stochastic rounding (0 = round to nearest)."""
+        """(stochastic?, seed) for the kernels' rounding of x's new values (0, 0: to nearest)."""
         if not (self.stochastic_rounding and x.dtype == torch.bfloat16):
             return 0, 0
+        return 1, self._next_seed()
+
+    def _next_seed(self):
+        """A new seed for each kernel call that rounds stochastically (reproducible: in state_dict)."""
         self._sr_calls += 1
-        return 1, (self.seed * 0x9E3779B97F4A7C15 + self._sr_calls) % 2 ** 64
+        return (self.seed * 0x9E3779B97F4A7C15 + self._sr_calls) % 2 ** 64
 
     def _reduce_across_ranks(self, p, grad, scale):
         """Fused driver under torch.distributed: average the (unscaled, fp32) gradient. FSDP2
@@ -636,6 +671,9 @@ class _LowMemOptimizer(torch.optim.Optimizer):
         """Load state exactly (dtype kept: torch's loader would cast fp32 state to bf16)."""
         _load_state(self, state_dict)
 
+    def _adopt_state(self, p, saved):  # AdamMini checks its m's format
+        return saved
+
     def __getstate__(self):  # copy.deepcopy and pickle
         return _copyable_state(self)
 
@@ -708,8 +746,12 @@ class AdamMini(_LowMemOptimizer):
 
     m = b1*m + (1-b1)*g;  v_b = b2*v_b + (1-b2)*mean_block(g*g)
     p = p*(1 - lr*wd) - lr * m_hat / (sqrt(v_hat_b) + eps)
-    Weight decay is skipped on 1-D tensors (norms, biases). State is fp32 by default
-    whatever the parameter dtype (`state_dtype`)."""
+    Weight decay is skipped on 1-D tensors (norms, biases). v is fp32; m is fp32 whatever the
+    parameter dtype unless `state_dtype` says otherwise: torch.bfloat16 (2 bytes per parameter),
+    or torch.int8 (1 byte: quantize_blocks, for tensors of 2 or more dims; vectors keep fp32 m).
+    Either is written back by stochastic rounding (`m_rounding`; seeded, saved in state_dict)."""
+
+    m_rounding = "stochastic"  # of a bf16 or 8-bit m: "stochastic" (RESULTS.md "8-bit first moment") or "nearest"
 
     def __init__(self, model_or_named_params, lr=1e-3, betas=(0.9, 0.999), eps=1e-8,
                  weight_decay=0.0, n_heads=None, n_kv_heads=None, head_dim=None,
@@ -741,24 +783,55 @@ class AdamMini(_LowMemOptimizer):
         self._blocks.update(zip(trainable, part))
         self.partition.extend(part)
 
+    def _m_dtype(self, x):
+        """How m of a parameter whose data (or shard) is x is kept: 8 bits needs rows to scale by."""
+        if self.state_dtype == torch.int8 and not (x.dim() >= 2 and math.prod(x.shape[1:]) > 0):
+            return torch.float32
+        return self.state_dtype
+
     def _begin(self, x, state, blocks):
         if not state:
             state["step"] = 0
-            state["m"] = torch.zeros_like(x, dtype=self.state_dtype)
+            state["m"] = torch.zeros_like(x, dtype=self._m_dtype(x))
+            if state["m"].dtype == torch.int8:  # one scale per QBLOCK elements of each row
+                state["m_scale"] = torch.zeros(x.shape[0], -(-math.prod(x.shape[1:]) // QBLOCK), device=x.device)
             v_shape = x.shape if blocks.kind == "element" else (blocks.n_v,)
-            state["v"] = torch.zeros(v_shape, dtype=self.state_dtype, device=x.device)
+            state["v"] = torch.zeros(v_shape, dtype=torch.float32, device=x.device)
         state["step"] += 1
         return state["step"], state["m"], state["v"]
 
     def _update(self, p, w, g, group, state, lr):
         blocks = self._blocks[p]
         t, m, v = self._begin(w, state, blocks)
-        m32, v32 = m.float(), v.float()  # the tensors themselves in fp32 (the default)
+        m32 = dequantize_blocks(m, state["m_scale"]) if m.dtype == torch.int8 else m.float()
         wd = group["weight_decay"] if blocks.decay else 0.0
-        adam_mini_update(w, g, m32, v32, blocks, t, lr, group["betas"], group["eps"], wd, self._geo[p])
-        if m32 is not m:  # state_dtype=bf16: rounded back
-            m.copy_(m32)
-            v.copy_(v32)
+        adam_mini_update(w, g, m32, v, blocks, t, lr, group["betas"], group["eps"], wd, self._geo[p])
+        if m32 is not m:  # bf16 or 8-bit m: rounded back
+            self._store_m(m, state.get("m_scale"), m32)
+
+    def _store_m(self, m, scales, m32):
+        """m32 written back into m (bf16, or 8-bit codes and their scales), rounded as m_rounding says."""
+        gen = self._generator(m.device) if self.m_rounding == "stochastic" else None
+        if m.dtype == torch.int8:
+            noise = gen and torch.rand((*scales.shape, QBLOCK), generator=gen, device=m.device)
+            quantize_blocks(m32, m, scales, noise)
+        else:
+            m.copy_(_stochastic_round_bf16(m32, gen) if gen else m32)
+
+    def _m_seed(self, m):
+        """(stochastic?, seed) for a kernel's rounding of m; fp32 m is not rounded."""
+        return (1, self._next_seed()) if m.dtype != torch.float32 and self.m_rounding == "stochastic" else (0, 0)
+
+    def _adopt_state(self, p, saved):
+        """load_state_dict: a saved m must be kept as this optimizer keeps it (no silent
+        conversion to or from 8 bits); a v saved in bf16 (older checkpoints) is taken as fp32."""
+        m, want = saved.get("m"), self._m_dtype(p.to_local() if self._geo[p].sharded else p)
+        if torch.is_tensor(m) and m.dtype != want:
+            raise ValueError(
+                f"load_state_dict: parameter '{self._names[p]}' has its first moment m saved as {m.dtype}, but this "
+                f"optimizer keeps it as {want} (state_dtype={self.state_dtype}): build it with the state_dtype "
+                "the checkpoint was written with")
+        return dict(saved, v=saved["v"].float()) if torch.is_tensor(saved.get("v")) else saved
 
     def _kernel_update(self, p, x, grad, prep, group, state, lr):
         return _adam_mini_kernel(self, p, x, grad, prep, group, state, lr)
@@ -891,7 +964,9 @@ _CHECK_NAMED = [("embed_tokens.weight", (11, 8)), ("layers.0.self_attn.q_proj.we
 _CHECK_OPTIMIZERS = {  # name -> (the (name, shape) of each weight, make an optimizer of (name, weight) pairs)
     "LOMO": ([("w", s) for s in _CHECK_SHAPES], lambda named, **kw: LOMO([p for _, p in named], lr=0.05, weight_decay=0.1, **kw)),
     "AdaLomo": ([("w", s) for s in _CHECK_SHAPES], lambda named, **kw: AdaLomo([p for _, p in named], lr=0.05, weight_decay=0.1, **kw)),
-    "AdamMini": (_CHECK_NAMED, lambda named, **kw: AdamMini(named, lr=0.01, weight_decay=0.1, n_heads=4, n_kv_heads=2, head_dim=2, **kw)),
+    **{f"AdamMini{m}": (_CHECK_NAMED, lambda named, dtype=dtype, **kw: AdamMini(
+        named, lr=0.01, weight_decay=0.1, n_heads=4, n_kv_heads=2, head_dim=2, state_dtype=dtype, **kw))
+       for m, dtype in (("", torch.float32), (" with a bf16 m", torch.bfloat16), (" with an 8-bit m", torch.int8))},
 }
 _CHECK_DTYPES = [(torch.float32, torch.float32, False), (torch.bfloat16, torch.bfloat16, False),
                  (torch.bfloat16, torch.float32, False), (torch.float16, torch.float16, False),
@@ -959,6 +1034,7 @@ def _check_run(opt_name, weights, dtypes, device, lib, side_stream=False):
         params = [nn.Parameter(buf[_CANARY:-_CANARY].view(shape)) for buf, (_, shape) in zip(bufs, weights)]
         opt = _CHECK_OPTIMIZERS[opt_name][1]([(name, p) for (name, _), p in zip(weights, params)],
                                              clip_grad_value=3.0, stochastic_rounding=sr, seed=5)
+        opt.m_rounding = "stochastic" if sr else "nearest"  # an Adam-mini's bf16 or 8-bit m, as its weights
         for step in range(2):
             with _batched():  # every preparation: unscale, clip, norm coefficient
                 for p, g in zip(params, grads):
@@ -1067,7 +1143,7 @@ def _is_dtensor(t):
 
 
 _PLAIN = (torch.Tensor, nn.Parameter)  # the common case, answered without walking the MRO
-_KERNEL_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.int64)
+_KERNEL_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.int64, torch.int8)  # int8: an 8-bit m
 
 
 def _check_kernel_args(like, tensors):
@@ -1082,7 +1158,7 @@ def _check_kernel_args(like, tensors):
             raise ValueError(f"fused kernel: tensor of shape {tuple(t.shape)} is not contiguous")
         if t.device != like.device:
             raise ValueError(f"fused kernel: tensor on {t.device}, expected {like.device}")
-        if t.dtype not in _DTYPE_CODE and t.dtype != torch.int64:
+        if t.dtype not in _KERNEL_DTYPES:
             raise ValueError(f"fused kernel: dtype {t.dtype} is not fp32, bf16 or fp16")
 
 
@@ -1321,32 +1397,38 @@ def _adalomo_passes(opt, p, x, grad, prep, group, moments, lr, beta2t, geo):
     call("lm_factored_apply", x, pdt, grad, gdt, batch, rows, cols, prep, r, c, sums, geo.numel, h, *opt._sr_seed(x))
 
 
+_M_CODE = {torch.float32: 0, torch.bfloat16: 1, torch.int8: 3}  # Adam-mini's m (fused_ext.c struct moment)
+
+
 def _adam_mini_kernel(opt, p, x, grad, prep, group, state, lr):
     """adam_mini_update in one pass: each block's mean g^2, v and update while the block is in
-    cache. HF Conv1D's column blocks are not contiguous and a sharded norm weight is one block
-    across ranks: those take the PyTorch rule, as does state_dtype other than fp32."""
+    cache, m read from and written back to its fp32, bf16 or 8-bit form on the way. HF Conv1D's
+    column blocks are not contiguous, a sharded norm weight is one block across ranks, and an
+    8-bit m is for blocks of rows: those take the PyTorch rule."""
     blocks, geo = opt._blocks[p], opt._geo[p]
-    if blocks.axis == 1 or opt.state_dtype != torch.float32 or (geo.sharded and blocks.kind == "tensor"):
+    if blocks.axis == 1 or (geo.sharded and blocks.kind == "tensor") or \
+            (blocks.kind == "element" and opt._m_dtype(x) == torch.int8):
         return False
     t, m, v = opt._begin(x, state, blocks)
     wd = group["weight_decay"] if blocks.decay else 0.0
-    h = _Adam(lr, wd, *group["betas"], t, group["eps"])
+    h, mdt = _Adam(lr, wd, *group["betas"], t, group["eps"]), _M_CODE[m.dtype]
     if blocks.kind == "element":
-        _launch(opt, p, "lm_adam_elem", x, grad, (m, v), (x.numel(),), (prep, h, *opt._sr_seed(x)))
+        _launch(opt, p, "lm_adam_elem", x, grad, (m, v), (x.numel(), mdt), (prep, h, *opt._sr_seed(x), *opt._m_seed(m)))
     elif geo.sharded:
-        _adam_mini_sharded_rows(opt, x, grad, prep, m, v, h, group["betas"][1], blocks, geo)
+        _adam_mini_sharded_rows(opt, x, grad, prep, state, h, group["betas"][1], blocks, geo)
     else:
         starts, n = _block_starts(opt, p, x, blocks)
-        _launch(opt, p, "lm_adam_blocks", x, grad, (m, v, starts), (blocks.n_v, n), (prep, h, *opt._sr_seed(x)))
+        _launch(opt, p, "lm_adam_blocks", x, grad, (m, state.get("m_scale"), v, starts),
+                (blocks.n_v, n, mdt, math.prod(x.shape[1:])), (prep, h, *opt._sr_seed(x), *opt._m_seed(m)))
     return True
 
 
-def _adam_mini_sharded_rows(opt, x, grad, prep, m, v, h, b2, blocks, geo):
+def _adam_mini_sharded_rows(opt, x, grad, prep, state, h, b2, blocks, geo):
     """FSDP2: a block (an attention head) can straddle two ranks, so the one-pass kernel cannot
     take its mean: one kernel sums g^2 over each of this rank's rows, the block means are
     summed over the ranks (one collective, block_means) and v updated in torch (tiny vectors),
     then one kernel applies each row's v. An empty shard runs the collective and no kernel."""
-    rows, pdt, gdt = geo.rows, _DTYPE_CODE[x.dtype], _DTYPE_CODE[grad.dtype]
+    rows, pdt, gdt, m, v = geo.rows, _DTYPE_CODE[x.dtype], _DTYPE_CODE[grad.dtype], state["m"], state["v"]
     cols = x.numel() // rows if rows else 0
     row_sums = torch.zeros(rows, dtype=torch.float32, device=x.device)
     if x.numel():
@@ -1354,7 +1436,8 @@ def _adam_mini_sharded_rows(opt, x, grad, prep, m, v, h, b2, blocks, geo):
     ema_(v, block_means(row_sums, blocks, geo), b2)
     if x.numel():
         row_v = expand_blocks(v, blocks, x.shape, geo).reshape(-1)
-        _call(x, "lm_adam_rows", x, pdt, grad, gdt, m, row_v, rows, cols, prep, h, *opt._sr_seed(x))
+        _call(x, "lm_adam_rows", x, pdt, grad, gdt, m, state.get("m_scale"), row_v, rows, cols, _M_CODE[m.dtype], prep, h,
+              *opt._sr_seed(x), *opt._m_seed(m))
 
 
 def _block_starts(opt, p, x, blocks):
@@ -1576,8 +1659,9 @@ def _check_adam_mini_args(betas, eps, state_dtype):
     if len(betas) != 2 or any(not isinstance(b, (int, float)) or not 0.0 <= b < 1.0 for b in betas):
         raise ValueError(f"betas must be two numbers in [0, 1), got {betas!r}")
     _check_positive("eps", eps, allow_none=False)
-    if not state_dtype.is_floating_point:
-        raise TypeError(f"state_dtype must be a floating point dtype, got {state_dtype}")
+    if state_dtype not in (torch.float32, torch.bfloat16, torch.int8):
+        raise TypeError(f"state_dtype (Adam-mini's first moment m) must be torch.float32, torch.bfloat16 or "
+                        f"torch.int8 (8 bits, in blocks), got {state_dtype}")
 
 
 def _check_no_grads(params, names):
@@ -1619,7 +1703,7 @@ def _load_state(opt, state_dict):
     for i, s in state_dict["state"].items():
         p = by_id[i]
         new_state[p] = {k: v.to(device=p.device, copy=True) if torch.is_tensor(v) else v
-                        for k, v in s.items()}
+                        for k, v in opt._adopt_state(p, s).items()}
     opt.state = new_state
     opt._kernel_args.clear()  # the replaced state's addresses (and the tensors they keep alive)
     for s, g in zip(saved, opt.param_groups):

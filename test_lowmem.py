@@ -1407,9 +1407,10 @@ def elementwise_args(kernel, n, pdt, gdt, sr, seed=7):
         codes = lowmem._DTYPE_CODE
         if kernel == "lm_sgd":
             return [p, g], [TENSOR, codes[pdt], TENSOR, codes[gdt], n, prep, 0.1, 0.99, sr, seed]
-        m, v = torch.randn(n, generator=gen), torch.rand(n, generator=gen)
-        h = lowmem._Adam(1e-2, 0.1, 0.9, 0.999, 3, 1e-8)
-        return [p, g, m, v], [TENSOR, codes[pdt], TENSOR, codes[gdt], TENSOR, TENSOR, n, prep, h, sr, seed]
+        m, v = torch.randn(n, generator=gen).to(pdt if pdt != torch.float16 else torch.float32), torch.rand(n, generator=gen)
+        h = lowmem._Adam(1e-2, 0.1, 0.9, 0.999, 3, 1e-8)  # m bf16 (rounded as the weights) where the weights are
+        return [p, g, m, v], [TENSOR, codes[pdt], TENSOR, codes[gdt], TENSOR, TENSOR, n, lowmem._M_CODE[m.dtype], prep, h,
+                              sr, seed, sr, seed + 1]
     return make
 
 
@@ -1454,7 +1455,8 @@ def reduction_args(kernel, batch, rows, cols, gdt=torch.float32, pdt=torch.float
                                   [TENSOR, codes[pdt], TENSOR, codes[gdt], batch, rows, cols, prep, TENSOR, TENSOR, TENSOR,
                                    n, lowmem._AdaLomoArgs((0.3, 1e-30, 1e-3, 0.01, 0.1, 1.0)), 0, 0]),
             "lm_adam_rows": ([p, g, torch.randn(n, generator=gen), r],
-                             [TENSOR, codes[pdt], TENSOR, codes[gdt], TENSOR, TENSOR, batch * rows, cols, prep, h, 0, 0]),
+                             [TENSOR, codes[pdt], TENSOR, codes[gdt], TENSOR, None, TENSOR, batch * rows, cols, 0, prep, h,
+                              0, 0, 0, 0]),
         }[kernel]
     return make
 
@@ -1473,8 +1475,8 @@ def uneven_blocks_args(n, pairs=0):
         p, g, m = torch.randn(n, generator=gen), torch.randn(n, generator=gen), torch.randn(n, generator=gen)
         v, start = torch.rand(len(edges) - 1, generator=gen), torch.tensor(edges, dtype=torch.int64)
         h = lowmem._Adam(1e-2, 0.1, 0.9, 0.999, 2, 1e-8)
-        return [p, g, m, v, start], [TENSOR, 0, TENSOR, 0, TENSOR, TENSOR, TENSOR, len(edges) - 1, n,
-                                     lowmem._Prep(1.0, 0.0, 1.0), h, 0, 0]
+        return [p, g, m, v, start], [TENSOR, 0, TENSOR, 0, TENSOR, None, TENSOR, TENSOR, len(edges) - 1, n, 0, 1,
+                                     lowmem._Prep(1.0, 0.0, 1.0), h, 0, 0, 0, 0]
     return make
 
 

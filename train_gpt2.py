@@ -64,6 +64,7 @@ learning_rate = None  # None: DEFAULT_LR[optimizer] (adamw 5e-3, adam_mini 4e-3,
 weight_decay = None  # None: DEFAULT_WD[optimizer] (0.1 for adamw, adam_mini; 0 for the others)
 beta1 = 0.9  # adamw, adam_mini
 beta2 = 0.99  # adamw, adam_mini (0.99: a small model with few tokens per step, as nanoGPT's char runs)
+adam_mini_state = "float32"  # adam_mini's first moment m: float32 | bfloat16 | int8 (8 bits: 1 byte a parameter)
 grad_clip = None  # global norm, 0 = off; None: DEFAULT_CLIP[optimizer] (1.0; 0 for adalomo)
 stochastic_rounding = True  # bf16 parameters, lowmem optimizers
 batch_size = 12  # sequences per micro-batch
@@ -681,6 +682,8 @@ def validate_training(cfg, optimizers, out_prefix, default_lr=None):
                      "parameter inside backward, so each backward is a whole optimizer step")
     if cfg["dtype"] not in ("float32", "bfloat16", "float16"):
         config_error(f"dtype must be float32, bfloat16 or float16, got {cfg['dtype']!r}")
+    if cfg["adam_mini_state"] not in ("float32", "bfloat16", "int8"):
+        config_error(f"adam_mini_state must be float32, bfloat16 or int8, got {cfg['adam_mini_state']!r}")
     if cfg["amp"] and cfg["dtype"] != "float32":
         config_error("amp=True autocasts fp32 parameters; it needs dtype=float32")
     if cfg["fsdp"] and tuple(int(x) for x in torch.__version__.split(".")[:2]) < (2, 10):
@@ -768,7 +771,8 @@ def make_optimizer(model, cfg):
     if name == "sgd":
         return torch.optim.SGD(model.parameters(), lr=lr, weight_decay=wd)
     if name == "adam_mini":  # 1-D tensors are not decayed (its partition decides)
-        return lowmem.AdamMini(model, lr=lr, betas=(cfg["beta1"], cfg["beta2"]), weight_decay=wd, **lowmem_args)
+        return lowmem.AdamMini(model, lr=lr, betas=(cfg["beta1"], cfg["beta2"]), weight_decay=wd,
+                               state_dtype=getattr(torch, cfg.get("adam_mini_state", "float32")), **lowmem_args)
     cls = lowmem.AdaLomo if name == "adalomo" else lowmem.LOMO
     return cls(model, lr=lr, weight_decay=wd, **lowmem_args)
 

@@ -50,6 +50,7 @@ learning_rate = None  # None: DEFAULT_LR (5e-4 for adalomo, as the AdaLomo paper
 weight_decay = 0.0  # decoupled, p *= 1 - lr*wd (Adam-mini skips 1-D tensors)
 beta1 = 0.9  # adam_mini, adamw
 beta2 = 0.95  # adam_mini, adamw
+adam_mini_state = "float32"  # adam_mini's first moment m: float32 | bfloat16 | int8 (8 bits: 1 byte a parameter)
 grad_clip = None  # None: 1.0, except 0 (off) for adalomo (train_gpt2.DEFAULT_CLIP)
 stochastic_rounding = True  # bf16 parameters, lowmem optimizers
 batch_size = 8  # examples per micro-batch
