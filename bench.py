@@ -584,7 +584,7 @@ def state_rows(args):
     script = train_llama if args.model == "llama" else train_gpt2
     base = dict(max_iters=args.iters) if args.model == "gpt" else {}
     vals = {arm: [] for arm in arms}
-    for seed in range(args.seeds):
+    for seed in range(args.first_seed, args.first_seed + args.seeds):
         for arm in arms:
             state, rounding = STATE_ARMS[arm]
             argv = [f"--{k}={v}" for k, v in dict(base, optimizer="'adam_mini'", adam_mini_state=repr(state), seed=1337 + seed,
@@ -1182,7 +1182,7 @@ def main():
                     help="converge, ablation: the lr sweep, as multiples of DEFAULT_LR (default 0.5,1,2; ablation 1)")
     ap.add_argument("--variants", default="", help="ablation: only the variants whose labels contain one of these words")
     ap.add_argument("--first_seed", type=int, default=0,
-                    help="ablation: seeds first_seed .. first_seed+seeds-1 (the lr sweep at the first): runs can be split")
+                    help="ablation, state: seeds first_seed .. first_seed+seeds-1 (the lr sweep at the first): runs can be split")
     ap.add_argument("--seeds", type=int, default=3, help="converge, ablation: seeds (converge: at the best lr)")
     ap.add_argument("--optimizers", default="adamw,adam_mini,adalomo,lomo", help="converge: which (sgd = lomo's math)")
     ap.add_argument("--arms", default="", help="state: only the arms whose labels contain one of these words (comma-separated)")
