@@ -131,7 +131,6 @@ HD void adalomo_steps(const float *sums, int64_t n, adalomo_t h, float *decay, f
 #define M_INT8 3
 #define QB 256
 struct moment { void *m; int mdt; float *scale; int64_t cols; int sr; uint64_t seed; };
-HD float nan_max(float a, float b) { return ((b > a) | (b != b)) ? b : a; }  /* as torch.amax: NaN wins (| not ||: it vectorizes) */
 /* the code of x in a run whose max |x| is amax, given as inv = 127 / amax: round(x * inv), or
    floor(x * inv + u), u uniform in [0, 1) from (seed, i) (mixed: mix64(seed)); 0 * inf (an
    all-zero run) and NaN give 0 (a NaN is kept by its run's scale) */
@@ -268,10 +267,14 @@ static void adam_chunk_q8(float *w, struct moment M, const float *d, float v, in
    block's v when vstride == 0) */
 static void adam_chunk(void *p, int pdt, struct moment M, const float *d, const float *v, int vstride,
                        int64_t o, int64_t len, adam_t h, int sr, uint64_t seed) {
-    float wbuf[CH], mbuf[CH], *w = view(wbuf, p, pdt, o, len), *m = M.mdt == M_INT8 ? mbuf : view(mbuf, M.m, M.mdt, o, len);
+    float wbuf[CH], mbuf[CH], *w = view(wbuf, p, pdt, o, len), *m;
     if (M.mdt == M_INT8) {  /* always with one v (blocks of rows) */
         adam_chunk_q8(w, M, d, v[0], o, len, h);
-    } else if (vstride == 0) {  /* one v for the chunk (an Adam-mini block): its denominator once, not per element */
+        put(p, pdt, o, w, len, sr, seed);
+        return;
+    }
+    m = view(mbuf, M.m, M.mdt, o, len);
+    if (vstride == 0) {  /* one v for the chunk (an Adam-mini block): its denominator once, not per element */
         float denom = adam_denom(v[0], h);
         for (int64_t i = 0; i < len; i++) {
             m[i] = adam_m(m[i], d[i], h);
@@ -284,7 +287,7 @@ static void adam_chunk(void *p, int pdt, struct moment M, const float *d, const 
         }
     }
     put(p, pdt, o, w, len, sr, seed);
-    if (M.mdt != M_INT8) put(M.m, M.mdt, o, m, len, M.sr, M.seed);
+    put(M.m, M.mdt, o, m, len, M.sr, M.seed);
 }
 
 /* AdamW, one v per element (Adam-mini's bias blocks) */
@@ -471,7 +474,7 @@ int lm_adalomo(void *p, int pdt, const void *g, int gdt, float *row, float *col,
 static int capped(int64_t blocks) { return (int)(blocks < MAX_BLOCKS ? (blocks > 0 ? blocks : 1) : MAX_BLOCKS); }
 static int grid_for(int64_t n) { return capped((n + THREADS - 1) / THREADS); }
 
-__device__ float reduce_op(float a, float b, int max) { return max ? nan_max(a, b) : a + b; }
+__device__ float reduce_op(float a, float b, int max) { return max ? ((b > a || b != b) ? b : a) : a + b; }  /* max: NaN wins, as torch.amax */
 __device__ float block_reduce(float x, int max) {  /* sum (or max, with 0 for absent lanes) over the block; valid in thread 0 */
     __shared__ float warp[THREADS / 32];
     for (int o = 16; o > 0; o >>= 1) x = reduce_op(x, __shfl_down_sync(0xffffffff, x, o), max);

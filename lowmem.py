@@ -40,8 +40,8 @@ import torch.distributed as dist
 from torch import nn
 from torch.nn import functional as F
 
-__all__ = ["lomo_update", "adalomo_update", "adam_mini_update", "quantize_blocks", "dequantize_blocks", "LOMO", "AdaLomo", "AdamMini",
-           "partition", "Partition", "Blocks", "DynamicLossScaler", "kernels"]
+__all__ = ["lomo_update", "adalomo_update", "adam_mini_update", "quantize_blocks", "dequantize_blocks", "LOMO",
+           "AdaLomo", "AdamMini", "partition", "Partition", "Blocks", "DynamicLossScaler", "kernels"]
 
 # ----------------------------------------------------------------------------------------
 # 1. The update rules. Each updates the fp32 weights p and its state in place from the fp32
@@ -182,8 +182,8 @@ def adam_mini_update(p, g, m, v, blocks, step, lr, betas=(0.9, 0.999), eps=1e-8,
 # Adam-mini's first moment in 8 bits (AdamMini(state_dtype=torch.int8)): m is kept as int8 codes,
 # each run of QBLOCK elements of a row (dim 0; a row's last run may be shorter) with one fp32
 # scale, and taken back to fp32 around the rule above. Linear codes fit Adam-mini: its update is
-# m / sqrt(v_b) with v_b shared by a whole block of rows, so what matters is m's error in absolute
-# terms, which absmax scaling bounds by half a step, scale/2, in every element (DESIGN.md "Adam-mini").
+# m / sqrt(v_b) with v_b shared by a whole block of rows, so m's error counts in absolute terms,
+# which absmax scaling bounds by half a step in every element (DESIGN.md "A first moment in bf16 or 8 bits").
 QBLOCK = 256
 
 
@@ -751,7 +751,7 @@ class AdamMini(_LowMemOptimizer):
     or torch.int8 (1 byte: quantize_blocks, for tensors of 2 or more dims; vectors keep fp32 m).
     Either is written back by stochastic rounding (`m_rounding`; seeded, saved in state_dict)."""
 
-    m_rounding = "stochastic"  # of a bf16 or 8-bit m: "stochastic" (RESULTS.md "8-bit first moment") or "nearest"
+    m_rounding = "stochastic"  # of a bf16 or 8-bit m, or "nearest" (RESULTS.md "Adam-mini's first moment in bf16 or 8 bits")
 
     def __init__(self, model_or_named_params, lr=1e-3, betas=(0.9, 0.999), eps=1e-8,
                  weight_decay=0.0, n_heads=None, n_kv_heads=None, head_dim=None,

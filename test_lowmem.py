@@ -2414,9 +2414,10 @@ def test_train_gpt2_every_optimizer_lowers_the_loss(tmp_path, optimizer, fused):
     assert os.path.isfile(tmp_path / "out" / "ckpt.pt")
 
 
-@pytest.mark.parametrize("optimizer", ["adamw", "adam_mini", "adalomo"])
+@pytest.mark.parametrize("optimizer", ["adamw", "adam_mini", "adalomo", "adam_mini int8"])
 def test_train_gpt2_resume_is_exact(tmp_path, optimizer):
-    common = dict(optimizer=optimizer, lr_decay_iters=8, dropout=0.1, eval_interval=4)
+    optimizer, _, state = optimizer.partition(" ")  # adam_mini_state=int8: an 8-bit m, rounded stochastically
+    common = dict(optimizer=optimizer, lr_decay_iters=8, dropout=0.1, eval_interval=4, adam_mini_state=state or "float32")
     whole = train_gpt2.train(train_gpt2.parse_config(gpt_args(tmp_path / "a", max_iters=8, **common)))
     train_gpt2.train(train_gpt2.parse_config(gpt_args(tmp_path / "b", max_iters=4, **common)))
     resumed = train_gpt2.train(train_gpt2.parse_config(gpt_args(tmp_path / "b", max_iters=8, init_from="resume",
@@ -2998,6 +2999,7 @@ def bad_jsonl(tmp_path):
     ("gpt2", lambda d: ["--device='cuda'"], "device='cuda', but this torch .* sees no CUDA GPU: use --device=cpu"),
     ("gpt2", lambda d: ["--learning_rate=-1"], "learning_rate must be >= 0, got -1.0"),
     ("gpt2", lambda d: ["--beta2=1.5"], r"beta2 must be in \[0, 1\), got 1.5"),
+    ("llama", lambda d: ["--adam_mini_state='int4'"], "adam_mini_state must be float32, bfloat16 or int8, got 'int4'"),
     ("gpt2", lambda d: [f"--dataset={str(d / 'nope')!r}"], "error: dataset=.*nope' is not a directory"),
     ("gpt2", lambda d: [f"--init_from={str(d)!r}"], "error: .*config.json not found"),
     ("llama", lambda d: [f"--init_from={str(d)!r}"], "error: .*config.json not found"),
