@@ -4,7 +4,7 @@
     python bench.py speed    [--device cpu|cuda] [--quick] [--json]
     python bench.py ablation [--iters 1500] [--seeds 3]     # Adam-mini's partition and beta2, one change at a time
     python bench.py converge [--iters 1500] [--factors 0.5,1,2] [--seeds 3] [--optimizers ...] [--quick] [--json]
-    python bench.py state    [--model gpt|llama] [--seeds 3] [--arms ...]  # Adam-mini's m in fp32, bf16, 8 bits
+    python bench.py state    [--model gpt|llama] [--seeds 3] [--arms ...] [--drift]  # Adam-mini's m in fp32, bf16, 8 bits
     python bench.py kernels  [--device cpu|cuda] [--dtype float32|bfloat16] [--params 50e6] [--shape square|llama|small] [--json]
     python bench.py gpu      [--report gpu_report.md]    # on a GPU machine: every GPU check, one report
     python bench.py plan     [CONFIG] [--batch 8] [--seq 512] [--dtype ...] [--world N]   # will it fit (per rank: FSDP2)
@@ -605,6 +605,81 @@ def state_rows(args):
                  vs_first=statistics.mean(v) / ref) for a, v in vals.items()]
 
 
+def m_drift_rows(args):
+    """How far a bf16 or 8-bit m drifts from the exact m: the default train_gpt2 run with Adam-mini
+    (fp32 m) for args.iters steps, and beside it, fed the same (1-beta1)*g each step, a copy of
+    every matrix's m kept in each STATE_ARMS form (the rules' rounding: lowmem.quantize_blocks,
+    or bf16). Every 100 steps: ||m_kept - m|| / ||m|| over all matrices, and the part of m_kept
+    along m, <m_kept, m> / <m, m> (1: unbiased; under 1: m_kept lags or shrinks)."""
+    import train_gpt2
+    arms = [a for a in STATE_ARMS if a != "fp32 m"]
+    gen, rows, olds = torch.Generator().manual_seed(0), [], {}
+
+    def keep(rounding, m, kept):  # kept m <- its form of m (in place); returns it in fp32
+        noise = rounding == "stochastic"
+        if kept.dtype == torch.int8:
+            scales = kept_scales[id(kept)]
+            lowmem.quantize_blocks(m, kept, scales, torch.rand((*scales.shape, 256), generator=gen) if noise else None)
+            return lowmem.dequantize_blocks(kept, scales)
+        kept.copy_(lowmem._stochastic_round_bf16(m, gen) if noise else m)
+        return kept.float()
+
+    kept, kept_scales = {}, {}
+
+    def before(opt, *_):
+        olds.update({p: s["m"].clone() for p, s in opt.state.items() if p.dim() >= 2})
+
+    def after(opt, *_):
+        b1, step = opt.param_groups[0]["betas"][0], next(iter(opt.state.values()))["step"]
+        err, dot, norm = {a: 0.0 for a in arms}, {a: 0.0 for a in arms}, 0.0
+        for p, s in opt.state.items():
+            if p.dim() < 2:
+                continue
+            new = s["m"] - b1 * olds.get(p, torch.zeros_like(s["m"]))  # (1-b1)*g, as the optimizer took it
+            norm += s["m"].square().sum().item()
+            for arm in arms:
+                state, rounding = STATE_ARMS[arm]
+                if (p, arm) not in kept:
+                    kept[p, arm] = torch.zeros_like(p, dtype=getattr(torch, state))
+                    kept_scales[id(kept[p, arm])] = torch.zeros(p.shape[0], -(-p[0].numel() // 256))
+                    olds_kept = torch.zeros_like(p)
+                else:
+                    k = kept[p, arm]
+                    olds_kept = lowmem.dequantize_blocks(k, kept_scales[id(k)]) if k.dtype == torch.int8 else k.float()
+                m_kept = keep(rounding, olds_kept * b1 + new, kept[p, arm])
+                err[arm] += (m_kept - s["m"]).square().sum().item()
+                dot[arm] += (m_kept * s["m"]).sum().item()
+        if step % 100 == 0:
+            rows.extend(dict(step=step, arm=a, rel_err=math.sqrt(err[a] / norm), along=dot[a] / norm) for a in arms)
+            print(f"  step {step}: " + ", ".join(f"{a} {math.sqrt(err[a] / norm):.4f}" for a in arms), file=sys.stderr, flush=True)
+
+    import lowmem as lm
+    saved = lm.AdamMini.__init__
+
+    def with_hooks(self, *a, **kw):
+        saved(self, *a, **kw)
+        self.register_step_pre_hook(before), self.register_step_post_hook(after)
+    lm.AdamMini.__init__ = with_hooks
+    try:
+        argv = [f"--{k}={v}" for k, v in dict(max_iters=args.iters, optimizer="'adam_mini'", device="'cpu'", sample_tokens=0,
+                                              out_dir=repr(f"/tmp/lowmem-drift-{os.getpid()}"), overwrite=True).items()]
+        with contextlib.redirect_stdout(open(os.devnull, "w")):
+            train_gpt2.train(train_gpt2.parse_config(argv))
+    finally:
+        lm.AdamMini.__init__ = saved
+    return rows
+
+
+def print_m_drift(rows, args):
+    print(f"Adam-mini's m kept in bf16 or 8 bits beside the exact fp32 m, the default train_gpt2 run ({args.iters} iters), "
+          "every matrix; rel err = ||m_kept - m|| / ||m||, along = <m_kept, m> / <m, m>")
+    arms = list(dict.fromkeys(r["arm"] for r in rows))
+    print(f"{'step':>6s}" + "".join(f"  {a + ': rel err, along':>36s}" for a in arms))
+    for step in sorted({r["step"] for r in rows}):
+        by = {r["arm"]: r for r in rows if r["step"] == step}
+        print(f"{step:6d}" + "".join(f"  {by[a]['rel_err']:26.4f} {by[a]['along']:9.4f}" for a in arms))
+
+
 def print_state(rows, args):
     what = "train_llama.py's offline demo (pre-training, then fine-tuning)" if args.model == "llama" else \
         f"train_gpt2.py's default run, {args.iters} iters"
@@ -1185,6 +1260,7 @@ def main():
                     help="ablation, state: seeds first_seed .. first_seed+seeds-1 (the lr sweep at the first): runs can be split")
     ap.add_argument("--seeds", type=int, default=3, help="converge, ablation: seeds (converge: at the best lr)")
     ap.add_argument("--optimizers", default="adamw,adam_mini,adalomo,lomo", help="converge: which (sgd = lomo's math)")
+    ap.add_argument("--drift", action="store_true", help="state: how far a bf16 or 8-bit m drifts from the exact m over a run")
     ap.add_argument("--arms", default="", help="state: only the arms whose labels contain one of these words (comma-separated)")
     ap.add_argument("--plot", default="assets/loss_curves.png", help="converge: where the loss curves go (matplotlib)")
     ap.add_argument("--batch", type=int, default=8, help="plan: sequences per step")
@@ -1219,6 +1295,9 @@ def main():
     elif args.command == "ablation":
         rows, base = ablation_rows(args)
         print(json.dumps(rows, indent=1)) if args.json else print_ablation(rows, base, args)
+    elif args.command == "state" and args.drift:
+        rows = m_drift_rows(args)
+        print(json.dumps(rows, indent=1)) if args.json else print_m_drift(rows, args)
     elif args.command == "state":
         rows = state_rows(args)
         print(json.dumps(rows, indent=1)) if args.json else print_state(rows, args)

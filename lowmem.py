@@ -813,7 +813,7 @@ class AdamMini(_LowMemOptimizer):
         """m32 written back into m (bf16, or 8-bit codes and their scales), rounded as m_rounding says."""
         gen = self._generator(m.device) if self.m_rounding == "stochastic" else None
         if m.dtype == torch.int8:
-            noise = gen and torch.rand((*scales.shape, QBLOCK), generator=gen, device=m.device)
+            noise = torch.rand((*scales.shape, QBLOCK), generator=gen, device=m.device) if gen else None
             quantize_blocks(m32, m, scales, noise)
         else:
             m.copy_(_stochastic_round_bf16(m32, gen) if gen else m32)
