@@ -1082,8 +1082,8 @@ class MasterWeights:
 # ---------------------------------------------------------------------------- gpu: one command for a GPU machine
 
 GPU_RUNS = [("adamw", False), ("adam_mini", False), ("adam_mini", True), ("adalomo", True), ("lomo", True)]
-GPU_MEMORY_ROWS = ("no optimizer (grads freed)", "AdamW", "Adam-mini classic", "Adam-mini fused", "LOMO fused",
-                   "AdaLomo fused")
+GPU_MEMORY_ROWS = ("no optimizer (grads freed)", "AdamW", "Adam-mini classic", "Adam-mini fused", "Adam-mini fused, 8-bit m",
+                   "LOMO fused", "AdaLomo fused")
 
 
 def gpu_report(args):

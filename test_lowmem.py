@@ -426,27 +426,31 @@ def test_grad_norm_then_fused_backward(name):
 @pytest.mark.parametrize("name", OPTIMIZERS)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_state_dict_resume_is_exact(name, dtype):
-    data = batches(8)
     kw = {"stochastic_rounding": True} if dtype == torch.bfloat16 else {}
-    model = TinyNet().to(dtype)
-    start = copy.deepcopy(model)
-    opt = make(name, model, **kw)
-    train(model, opt, data, fused=True)
+    model, _, fresh, opt2 = whole_and_resumed(lambda m: make(name, m, **kw), TinyNet().to(dtype), batches(8))
+    assert all(t.dtype == torch.float32 for s in opt2.state.values() for t in s.values() if torch.is_tensor(t))
+    assert max_diff(model, fresh) == 0
 
-    resumed = copy.deepcopy(start)
-    opt1 = make(name, resumed, **kw)
-    train(resumed, opt1, data[:3], fused=True)
+
+def whole_and_resumed(make_opt, start, data, at=3, fused=True):
+    """(model, optimizer) trained from `start` on all of data, and (model, optimizer) trained on
+    data[:at], saved (torch.save of both state_dicts), loaded into fresh ones, trained on the rest."""
+    model = copy.deepcopy(start)
+    opt = make_opt(model)
+    train(model, opt, data, fused)
+    first = copy.deepcopy(start)
+    opt1 = make_opt(first)
+    train(first, opt1, data[:at], fused)
     buf = io.BytesIO()
-    torch.save({"model": resumed.state_dict(), "opt": opt1.state_dict()}, buf)
+    torch.save({"model": first.state_dict(), "opt": opt1.state_dict()}, buf)
     buf.seek(0)
     ckpt = torch.load(buf, weights_only=True)
-    fresh = copy.deepcopy(start)
-    fresh.load_state_dict(ckpt["model"])
-    opt2 = make(name, fresh, **kw)
+    resumed = copy.deepcopy(start)
+    resumed.load_state_dict(ckpt["model"])
+    opt2 = make_opt(resumed)
     opt2.load_state_dict(ckpt["opt"])
-    assert all(t.dtype == torch.float32 for s in opt2.state.values() for t in s.values() if torch.is_tensor(t))
-    train(fresh, opt2, data[3:], fused=True)
-    assert max_diff(model, fresh) == 0
+    train(resumed, opt2, data[at:], fused)
+    return model, opt, resumed, opt2
 
 
 def test_load_state_dict_rejects_mismatch_before_changing_anything():
@@ -2051,25 +2055,10 @@ def test_small_m_with_fp16_loss_scaling_trains_and_skips_an_overflow():
 def test_small_m_resume_is_exact(state_dtype, fused):
     """bf16 weights, stochastic rounding of weights and m: resumed from state_dict after 3 steps,
     the run ends with the same weights and state, bit for bit."""
-    data = batches(7)
     torch.manual_seed(0)
-    start = TinyNet().to(torch.bfloat16)
-    kw = dict(state_dtype=state_dtype, stochastic_rounding=True)
-    model = copy.deepcopy(start)
-    opt = make("adam_mini", model, **kw)
-    train(model, opt, data, fused)
-    first = copy.deepcopy(start)
-    opt1 = make("adam_mini", first, **kw)
-    train(first, opt1, data[:3], fused)
-    buf = io.BytesIO()
-    torch.save({"model": first.state_dict(), "opt": opt1.state_dict()}, buf)
-    buf.seek(0)
-    ckpt = torch.load(buf, weights_only=True)
-    resumed = copy.deepcopy(start)
-    resumed.load_state_dict(ckpt["model"])
-    opt2 = make("adam_mini", resumed, **kw)
-    opt2.load_state_dict(ckpt["opt"])
-    train(resumed, opt2, data[3:], fused)
+    model, opt, resumed, opt2 = whole_and_resumed(
+        lambda m: make("adam_mini", m, state_dtype=state_dtype, stochastic_rounding=True), TinyNet().to(torch.bfloat16),
+        batches(7), fused=fused)
     assert max_diff(model, resumed) == 0
     ours, theirs = opt.state_dict()["state"], opt2.state_dict()["state"]
     assert all(torch.equal(ours[i][k], theirs[i][k]) for i in ours for k in ours[i] if torch.is_tensor(ours[i][k]))
