@@ -117,8 +117,8 @@ def kernel_rows(n_params, dtype, device, repeats, shape="square"):
     add(f"lowmem LOMO ({lowmem.kernels(device)})", "lomo", lomo.step)
     add(f"lowmem AdaLomo ({lowmem.kernels(device)})", "adalomo", adalomo.step)
     add(f"lowmem Adam-mini ({lowmem.kernels(device)})", "adam_mini", mini.step)
-    for label, kind in (("bf16 m", "adam_mini_bf16_state"), ("8-bit m", "adam_mini_8bit_state")):
-        small_m = make_opt(kind, model)
+    for label, kind, state_dtype in (("bf16 m", "adam_mini_bf16_state", torch.bfloat16), ("8-bit m", "adam_mini_8bit_state", torch.int8)):
+        small_m = lowmem.AdamMini(model, lr=1e-4, state_dtype=state_dtype, **heads)
         add(f"lowmem Adam-mini, {label} ({lowmem.kernels(device)})", kind, small_m.step)
         del small_m
     for name, kind, opt in (("LOMO", "lomo", lomo), ("AdaLomo", "adalomo", adalomo), ("Adam-mini", "adam_mini", mini)):
