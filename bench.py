@@ -932,9 +932,12 @@ def _planning(hf_eager):
     """The meta device as a kernel device: lowmem's C/CUDA kernels update in place and allocate
     nothing, so a kernel call is counted as nothing (its reference path's full-size temporaries
     would be counted otherwise). Attention saves what a fused kernel saves or, with hf_eager,
-    what the LOMO paper's transformers 4.28 saved (its attention and RMSNorm)."""
+    what the LOMO paper's transformers 4.28 saved (its attention and RMSNorm). The meta device has
+    no random generator, so a bf16 m on the reference path (a sharded norm weight's) is rounded to
+    nearest here: its noise, a temporary the size of that small tensor, is not counted."""
     import train_llama
     saved = dict(lowmem._libs), lowmem._call, lowmem._run_multi, F.scaled_dot_product_attention, train_llama.RMSNorm.forward
+    rounding, lowmem.AdamMini.m_rounding = lowmem.AdamMini.m_rounding, "nearest"
     lowmem._libs["meta"] = "kernels: in place, no allocation"
     lowmem._call = lowmem._run_multi = lambda *args: None
     F.scaled_dot_product_attention = _eager_attention if hf_eager else _flash_attention
@@ -944,6 +947,7 @@ def _planning(hf_eager):
         yield
     finally:
         lowmem._libs.clear(), lowmem._libs.update(saved[0])
+        lowmem.AdamMini.m_rounding = rounding
         lowmem._call, lowmem._run_multi, F.scaled_dot_product_attention, train_llama.RMSNorm.forward = saved[1:]
 
 
