@@ -171,7 +171,15 @@ static void st_chunk(void *x, int dt, int64_t o, const float *s, int64_t n, int 
     if (dt == 0) { float *d = (float *)x + o; for (int64_t i = 0; i < n; i++) d[i] = s[i]; }
     else if (dt == 2) { uint16_t *d = (uint16_t *)x + o; for (int64_t i = 0; i < n; i++) d[i] = f2half(s[i]); }
     else if (!sr) { uint16_t *d = (uint16_t *)x + o; for (int64_t i = 0; i < n; i++) d[i] = f2bf16(s[i]); }
-    else for (int64_t i = 0; i < n; i++) store(x, 1, o + i, s[i], 1, seed);
+    else {  /* store()'s stochastic rounding, its seed mixed once: the loop vectorizes */
+        uint16_t *d = (uint16_t *)x + o;
+        uint64_t mixed = mix64(seed);
+        for (int64_t i = 0; i < n; i++) {
+            uint32_t u = f2bits(s[i]);
+            u = (u & 0x7F800000) != 0x7F800000 ? (u + hash_mixed(mixed, o + i)) & 0xFFFF0000u : (uint32_t)f2bf16(s[i]) << 16;
+            d[i] = (uint16_t)(u >> 16);
+        }
+    }
 }
 /* fp32 data is used in place; bf16/fp16 are staged through buf (written back by put) */
 static float *view(float *buf, const void *x, int dt, int64_t o, int64_t n) {
