@@ -85,14 +85,15 @@ HD uint32_t hash_mixed(uint64_t mixed_seed, int64_t i) {
     z = (z ^ (z >> 13)) * 0xC2B2AE35u;
     return (z ^ (z >> 16)) & 0xFFFF;
 }
-HD uint32_t hash_bits(uint64_t seed, int64_t i) { return hash_mixed(mix64(seed), i); }
+/* v to bf16: to nearest even, or (sr, with mixed = mix64(seed)) stochastically; inf and NaN to nearest */
+HD uint16_t to_bf16(float v, int sr, uint64_t mixed, int64_t i) {
+    uint32_t u = f2bits(v);
+    return sr && (u & 0x7F800000) != 0x7F800000 ? (uint16_t)(((u + hash_mixed(mixed, i)) & 0xFFFF0000u) >> 16) : f2bf16(v);
+}
 HD void store(void *x, int dt, int64_t i, float v, int sr, uint64_t seed) {
     if (dt == 0) { ((float *)x)[i] = v; return; }
     if (dt == 2) { ((uint16_t *)x)[i] = f2half(v); return; }
-    uint32_t u = f2bits(v);
-    if (sr && (u & 0x7F800000) != 0x7F800000) u = (u + hash_bits(seed, i)) & 0xFFFF0000u;
-    else u = (uint32_t)f2bf16(v) << 16;
-    ((uint16_t *)x)[i] = (uint16_t)(u >> 16);
+    ((uint16_t *)x)[i] = to_bf16(v, sr, sr ? mix64(seed) : 0, i);
 }
 /* Bounds as torch.clamp has them: NaN stays NaN (fminf/fmaxf would return the bound, so a NaN
    gradient would become a full clip-sized step and hide the divergence). */
@@ -171,14 +172,10 @@ static void st_chunk(void *x, int dt, int64_t o, const float *s, int64_t n, int 
     if (dt == 0) { float *d = (float *)x + o; for (int64_t i = 0; i < n; i++) d[i] = s[i]; }
     else if (dt == 2) { uint16_t *d = (uint16_t *)x + o; for (int64_t i = 0; i < n; i++) d[i] = f2half(s[i]); }
     else if (!sr) { uint16_t *d = (uint16_t *)x + o; for (int64_t i = 0; i < n; i++) d[i] = f2bf16(s[i]); }
-    else {  /* store()'s stochastic rounding, its seed mixed once: the loop vectorizes */
+    else {  /* stochastically, the seed mixed once for the chunk */
         uint16_t *d = (uint16_t *)x + o;
         uint64_t mixed = mix64(seed);
-        for (int64_t i = 0; i < n; i++) {
-            uint32_t u = f2bits(s[i]);
-            u = (u & 0x7F800000) != 0x7F800000 ? (u + hash_mixed(mixed, o + i)) & 0xFFFF0000u : (uint32_t)f2bf16(s[i]) << 16;
-            d[i] = (uint16_t)(u >> 16);
-        }
+        for (int64_t i = 0; i < n; i++) d[i] = to_bf16(s[i], 1, mixed, o + i);
     }
 }
 /* fp32 data is used in place; bf16/fp16 are staged through buf (written back by put) */
