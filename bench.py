@@ -58,18 +58,26 @@ BYTES = {
 
 def timed(fn, device, repeats):
     """Median wall time (ms) of fn() after one warm-up call (repeats=0: one call, timed)."""
+    return timed_in_turns([fn], device, repeats)[0]
+
+
+def timed_in_turns(fns, device, repeats):
+    """timed() of each fn, taking turns: each round calls every fn once, so a slow spell of a
+    shared machine falls on all of them alike and their ratios hold."""
     if repeats:
-        fn()
-    times = []
+        for fn in fns:
+            fn()
+    times = [[] for _ in fns]
     for _ in range(max(repeats, 1)):
-        if device == "cuda":
-            torch.cuda.synchronize()
-        t0 = time.perf_counter()
-        fn()
-        if device == "cuda":
-            torch.cuda.synchronize()
-        times.append((time.perf_counter() - t0) * 1e3)
-    return statistics.median(times)
+        for fn, ts in zip(fns, times):
+            if device == "cuda":
+                torch.cuda.synchronize()
+            t0 = time.perf_counter()
+            fn()
+            if device == "cuda":
+                torch.cuda.synchronize()
+            ts.append((time.perf_counter() - t0) * 1e3)
+    return [statistics.median(ts) for ts in times]
 
 
 KERNEL_SHAPES = {  # --shape: (what the tensor set is, the official adam_mini's dim / n_heads for it)
@@ -105,9 +113,11 @@ def kernel_rows(n_params, dtype, device, repeats, shape="square"):
     heads = {} if shape == "llama" else dict(n_heads=official["n_heads"])  # the Llama's config has its heads
     rows = []
 
-    def add(name, kind, fn):
-        ms = timed(fn, device, repeats)
-        rows.append(dict(name=name, kind=kind, ms=ms, gbps=BYTES[kind](pb, gb) * n / ms / 1e6, us_per_tensor=ms * 1e3 / len(params)))
+    def add(names, kinds, fns):  # one row, or rows timed in turns (a comparison that must hold)
+        if isinstance(names, str):
+            names, kinds, fns = [names], [kinds], [fns]
+        for name, kind, ms in zip(names, kinds, timed_in_turns(fns, device, repeats)):
+            rows.append(dict(name=name, kind=kind, ms=ms, gbps=BYTES[kind](pb, gb) * n / ms / 1e6, us_per_tensor=ms * 1e3 / len(params)))
 
     copies = [torch.empty_like(p) for p in params]
     add("torch copy_ (bandwidth reference)", "copy", lambda: [c.copy_(p) for c, p in zip(copies, params)])
@@ -116,11 +126,10 @@ def kernel_rows(n_params, dtype, device, repeats, shape="square"):
     lomo, adalomo = lowmem.LOMO(model, lr=1e-4), lowmem.AdaLomo(model, lr=1e-4)
     add(f"lowmem LOMO ({lowmem.kernels(device)})", "lomo", lomo.step)
     add(f"lowmem AdaLomo ({lowmem.kernels(device)})", "adalomo", adalomo.step)
-    add(f"lowmem Adam-mini ({lowmem.kernels(device)})", "adam_mini", mini.step)
-    for label, kind, state_dtype in (("bf16 m", "adam_mini_bf16_state", torch.bfloat16), ("8-bit m", "adam_mini_8bit_state", torch.int8)):
-        small_m = lowmem.AdamMini(model, lr=1e-4, state_dtype=state_dtype, **heads)
-        add(f"lowmem Adam-mini, {label} ({lowmem.kernels(device)})", kind, small_m.step)
-        del small_m
+    small_m = [lowmem.AdamMini(model, lr=1e-4, state_dtype=dtype, **heads) for dtype in (torch.bfloat16, torch.int8)]
+    add([f"lowmem Adam-mini{label} ({lowmem.kernels(device)})" for label in ("", ", bf16 m", ", 8-bit m")],  # in turns
+        ["adam_mini", "adam_mini_bf16_state", "adam_mini_8bit_state"], [mini.step] + [o.step for o in small_m])
+    del small_m
     for name, kind, opt in (("LOMO", "lomo", lomo), ("AdaLomo", "adalomo", adalomo), ("Adam-mini", "adam_mini", mini)):
         add(f"lowmem {name}, one call per tensor (as in a hook)", kind, hook_calls(opt, params))
     elementwise = lowmem.AdamMini([(f"{i}.bias", p) for i, p in enumerate(params)], lr=1e-4)
@@ -193,6 +202,8 @@ def print_kernels(rows, n, args):
               f"{adamw_ms / r['ms']:8.2f}x {vs_off:>11s}")
     print("GB/s counts the bytes each update must move (bench.py BYTES); 'vs AdamW' and "
           "'vs official' are speedups (time of the other / time of this row).")
+    mini = [by[f"lowmem Adam-mini{label} ({lowmem.kernels(args.device)})"]["ms"] for label in ("", ", bf16 m", ", 8-bit m")]
+    print(f"Adam-mini's forms of m, timed in turns: bf16 m {mini[1] / mini[0]:.2f}x, 8-bit m {mini[2] / mini[0]:.2f}x the fp32 m step")
     print("per tensor, one call each (what a fused driver's hook pays, host and kernel): " + ", ".join(
         f"{r['name'].removeprefix('lowmem ').split(',')[0]} {r['us_per_tensor']:.1f} us" for r in rows if "one call per tensor" in r["name"]))
 

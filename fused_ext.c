@@ -76,15 +76,18 @@ HD uint64_t mix64(uint64_t z) {  /* splitmix64's finalizer */
     z = (z ^ (z >> 27)) * 0x94D049BB133111EBull;
     return z ^ (z >> 31);
 }
-/* 16 random bits of (seed, i), given mix64(seed) (taken out of the loops): murmur3's 32-bit
+/* 32 random bits of (seed, i), given mix64(seed) (taken out of the loops): murmur3's 32-bit
    finalizer of the mixed seed plus i*golden, in 32-bit arithmetic, which vectorizes (indices
    wrap at 2^32 elements) */
-HD uint32_t hash_mixed(uint64_t mixed_seed, int64_t i) {
+HD uint32_t hash32(uint64_t mixed_seed, int64_t i) {
     uint32_t z = (uint32_t)mixed_seed + (uint32_t)i * 0x9E3779B9u;
     z = (z ^ (z >> 16)) * 0x85EBCA6Bu;
     z = (z ^ (z >> 13)) * 0xC2B2AE35u;
-    return (z ^ (z >> 16)) & 0xFFFF;
+    return z ^ (z >> 16);
 }
+HD uint32_t hash_mixed(uint64_t mixed_seed, int64_t i) { return hash32(mixed_seed, i) & 0xFFFF; }  /* 16 bits */
+/* 8 random bits of (seed, i): byte i % 4 of hash32(seed, i / 4), so one hash serves four codes */
+HD uint32_t byte_noise(uint64_t mixed_seed, int64_t i) { return hash32(mixed_seed, i >> 2) >> (8 * (i & 3)) & 0xFF; }
 /* v to bf16: to nearest even, or (sr, with mixed = mix64(seed)) stochastically; inf and NaN to nearest */
 HD uint16_t to_bf16(float v, int sr, uint64_t mixed, int64_t i) {
     uint32_t u = f2bits(v);
@@ -133,16 +136,18 @@ HD void adalomo_steps(const float *sums, int64_t n, adalomo_t h, float *decay, f
 #define QB 256
 struct moment { void *m; int mdt; float *scale; int64_t cols; int sr; uint64_t seed; };
 /* the code of x in a run whose max |x| is amax, given as inv = 127 / amax: round(x * inv), or
-   floor(x * inv + u), u uniform in [0, 1) from (seed, i) (mixed: mix64(seed)); 0 * inf (an
-   all-zero run) and NaN give 0 (a NaN is kept by its run's scale) */
-HD int8_t q8_code(float x, float inv, int sr, uint64_t mixed, int64_t i) {
-    float q = x * inv, r;
-    if (sr) q += (float)hash_mixed(mixed, i) * (1.0f / 65536.0f);
-    r = rintf(q);
-    q = sr && r > q ? r - 1.0f : r;  /* floor as rint and a step down: floorf does not vectorize */
-    if (q != q) q = 0.0f;
-    return (int8_t)(q < -127.0f ? -127.0f : (q > 127.0f ? 127.0f : q));
+   stochastically from a random byte b: x * inv to the nearest 1/256 of a code, plus b/256 of a
+   code, rounded down (in integers offset by 128 codes, so truncation is floor). The code is
+   rounded up with probability the fraction, so its expectation is x * inv within 1/512 of a
+   code. q8_coded(inv) is false for a run of zeros, with a NaN or an inf, or a max below
+   127 / FLT_MAX: its codes are 0 (its scale keeps the NaN or inf), so the per-element loops
+   need no NaN checks. */
+HD int8_t q8_near(float x, float inv) { return (int8_t)rintf(x * inv); }
+HD int8_t q8_sr(float x, float inv, uint32_t b) {
+    int32_t c = (((int32_t)(x * inv * 256.0f + 32768.5f) + (int32_t)b) >> 8) - 128;
+    return (int8_t)(c > 127 ? 127 : c);  /* x * inv may be 127 and a bit */
 }
+HD int q8_coded(float inv) { return inv > 0.0f && inv <= 3.402823466e38f; }
 HD int64_t runs_per_row(int64_t cols) { return (cols + QB - 1) / QB; }
 
 #ifndef __CUDACC__
@@ -242,30 +247,40 @@ int lm_sgd(void *p, int pdt, const void *g, int gdt, int64_t n, prep_t q, float 
     (void)stream; return 0;
 }
 
-/* Adam-mini's update of [o, o+len) with an 8-bit m, whole runs of one row (m_chunk), with the
-   block's v: per run, m from its codes, m and w updated and the max |m| taken in one loop (the
-   bits of |m| order as |m| does, with every NaN above inf: an integer max, which vectorizes
-   where a float one may not, is torch.amax's, NaN if any m is), then the run's scale and codes */
+/* Adam-mini's update of one run of n <= QB elements of a row of an 8-bit m, at element index at,
+   with the block's denominator: m from its codes, m and w updated and the max |m| taken in one
+   loop (the bits of |m| order as |m| does, with every NaN above inf: an integer max, which
+   vectorizes where a float one may not, is torch.amax's, NaN if any m is), then the run's
+   scale and codes. Inlined with n = QB for full runs, so its loops have a fixed length. */
+static inline void adam_run_q8(float *w, int8_t *code, float *scale, const float *d, int64_t n, int64_t at,
+                               float denom, adam_t h, int sr, uint64_t mixed) {
+    float m[QB], amax, inv;
+    uint32_t most = 0;
+    for (int64_t i = 0; i < n; i++) {
+        uint32_t bits;
+        m[i] = adam_m((float)code[i] * *scale, d[i], h);
+        w[i] = adam_w(w[i], m[i], denom, h);
+        bits = f2bits(m[i]) & 0x7FFFFFFFu;
+        most = bits > most ? bits : most;
+    }
+    amax = bits2f(most), inv = 127.0f / amax;
+    *scale = amax / 127.0f;
+    if (!q8_coded(inv)) for (int64_t i = 0; i < n; i++) code[i] = 0;
+    else if (!sr) for (int64_t i = 0; i < n; i++) code[i] = q8_near(m[i], inv);
+    else {  /* the hashes of the four-element groups the run touches, then a byte each */
+        uint32_t hashes[QB / 4 + 2];
+        const uint8_t *b = (const uint8_t *)hashes + (at & 3);
+        for (int64_t j = 0; j < (n + (at & 3) + 3) / 4; j++) hashes[j] = hash32(mixed, (at >> 2) + j);
+        for (int64_t i = 0; i < n; i++) code[i] = q8_sr(m[i], inv, b[i]);
+    }
+}
 static void adam_chunk_q8(float *w, struct moment M, const float *d, float v, int64_t o, int64_t len, adam_t h) {
-    float m[QB], denom = adam_denom(v, h);
+    float denom = adam_denom(v, h), *scale = M.scale + o / M.cols * runs_per_row(M.cols) + o % M.cols / QB;
     int8_t *code = (int8_t *)M.m + o;
-    float *scale = M.scale + o / M.cols * runs_per_row(M.cols) + o % M.cols / QB;
     uint64_t mixed = mix64(M.seed);
     for (int64_t k = 0; k < len; k += QB) {
-        int64_t n = MIN(QB, len - k);
-        float s = scale[k / QB], amax, inv;
-        uint32_t most = 0;
-        for (int64_t i = 0; i < n; i++) {
-            uint32_t bits;
-            m[i] = adam_m((float)code[k + i] * s, d[k + i], h);
-            w[k + i] = adam_w(w[k + i], m[i], denom, h);
-            bits = f2bits(m[i]) & 0x7FFFFFFFu;
-            most = bits > most ? bits : most;
-        }
-        amax = bits2f(most), inv = 127.0f / amax;
-        scale[k / QB] = amax / 127.0f;
-        if (M.sr) for (int64_t i = 0; i < n; i++) code[k + i] = q8_code(m[i], inv, 1, mixed, o + k + i);
-        else for (int64_t i = 0; i < n; i++) code[k + i] = q8_code(m[i], inv, 0, 0, o + k + i);
+        if (len - k >= QB) adam_run_q8(w + k, code + k, scale + k / QB, d + k, QB, o + k, denom, h, M.sr, mixed);
+        else adam_run_q8(w + k, code + k, scale + k / QB, d + k, len - k, o + k, denom, h, M.sr, mixed);
     }
 }
 /* Adam update of elements [o, o+len) with prepared gradient d and second moment v[] (or the
@@ -597,7 +612,7 @@ __global__ void k_adam_q8(void *p, int pdt, const void *g, int gdt, struct momen
         float amax = block_reduce(fabsf(m), 1);  /* its barriers: every thread has read the old scale */
         if (threadIdx.x == 0) M.scale[k] = amax / 127.0f, inv = 127.0f / amax;
         __syncthreads();
-        if (c < M.cols) code[i] = q8_code(m, inv, M.sr, mix64(M.seed), i);
+        if (c < M.cols) code[i] = !q8_coded(inv) ? 0 : M.sr ? q8_sr(m, inv, byte_noise(mix64(M.seed), i)) : q8_near(m, inv);
         __syncthreads();  /* everyone has read inv before the next run's thread 0 writes it */
     }
 }

@@ -192,14 +192,16 @@ def quantize_blocks(m, codes, scales, noise=None):
 
         code = round(m * 127 / a)  in -127..127,  scale = a / 127,   a = max(|m| over the block)
     round: to nearest (noise None), or floor(m*127/a + noise) with noise uniform in [0, 1),
-    stochastic rounding (unbiased). A NaN in m makes its block's scale NaN: NaN stays NaN."""
+    stochastic rounding (unbiased). A NaN in m makes its block's scale NaN: NaN stays NaN.
+    A block whose 127/a is not finite (all zeros, a NaN or inf, a < 3.7e-37) gets codes 0."""
     rows, cols = codes.shape[0], math.prod(codes.shape[1:])
     x = F.pad(m.reshape(rows, cols), (0, -cols % QBLOCK)).view(rows, scales.shape[1], QBLOCK)
     a = x.abs().amax(-1, keepdim=True)
     torch.div(a.squeeze(-1), 127, out=scales)
-    q = x * (127 / a)
+    inv = 127 / a
+    q = x * inv.where(inv.isfinite(), 0)
     q = q.round_() if noise is None else q.add_(noise).floor_()
-    q = q.nan_to_num_(0.0).clamp_(-127, 127).flatten(1)[:, :cols]  # 0 * inf (an all-zero block): 0
+    q = q.nan_to_num_(0.0).clamp_(-127, 127).flatten(1)[:, :cols]  # NaN * 0: 0; x*127/a may be 127 and a bit
     return codes.copy_(q.reshape(codes.shape))
 
 

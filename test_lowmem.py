@@ -1783,6 +1783,31 @@ def test_a_nan_gradient_stays_nan_through_value_clipping(emu, build):
         assert w.isnan().all(), w  # the update's RMS is NaN: nothing is silently rescaled
 
 
+@pytest.mark.parametrize("rounding", ["nearest", "stochastic"])
+@pytest.mark.parametrize("build", ["c", "cuda"])
+def test_8bit_m_runs_of_nan_inf_zeros_and_tiny_values_code_as_the_reference(emu, build, rounding):
+    """A run of an 8-bit m with a NaN keeps it in its scale (its weights go NaN), an inf gradient
+    (NaN through lerp) likewise; zeros and a max too small for 127/max get codes 0: as the torch path."""
+    def run(build):
+        g = torch.randn(4, 512, generator=torch.Generator().manual_seed(0))
+        g[0, 7], g[1, 300], g[2, :256], g[3, 256:] = float("nan"), float("inf"), 0.0, 1e-38
+        p = nn.Parameter(torch.zeros(4, 512))
+        with build_of(build, emu) as on:
+            opt = on(lowmem.AdamMini([("mlp.w", p)], lr=0.01, betas=(0.0, 0.999), state_dtype=torch.int8))
+            opt.m_rounding = rounding
+            p.grad = g
+            opt.step()
+        return p.detach(), opt.state[p]["m"], opt.state[p]["m_scale"]
+    (p, codes, scales), (ref_p, ref_codes, ref_scales) = run(build), run("torch")
+    assert torch.equal(scales.isnan(), ref_scales.isnan()) and torch.equal(scales.nan_to_num(), ref_scales.nan_to_num())
+    assert scales[0, 0].isnan() and scales[1, 1].isnan() and scales[2, 0] == 0 and 0 < scales[3, 1] < 1e-39
+    bad = ~(scales.isfinite() & (scales > 0)).repeat_interleave(256, 1) | (scales < 1e-38).repeat_interleave(256, 1)
+    assert torch.equal(codes[bad], torch.zeros(int(bad.sum()), dtype=torch.int8)) and torch.equal(ref_codes[bad], codes[bad])
+    if rounding == "nearest":
+        assert torch.equal(codes, ref_codes)
+    assert torch.equal(p.isnan(), ref_p.isnan()) and p[0].isnan().all() and not p[2:].isnan().any()
+
+
 @pytest.mark.parametrize("build", ["torch", "c", "cuda"])
 def test_stochastic_rounding_streams_are_independent_across_seeds_and_calls(emu, build):
     """Each weight sits halfway between two bf16 values, so it rounds up with probability 1/2.
@@ -1926,13 +1951,15 @@ def test_quantize_blocks_error_is_bounded_per_block(shape):
 
 
 def test_quantize_blocks_keeps_nan_and_zero_blocks():
+    """A NaN or inf block keeps it in its scale; zeros, and a max too small for 127/max, give codes 0."""
     m = torch.randn(2, 600)
-    m[0, 300], m[1, :256] = float("nan"), 0.0
+    m[0, 300], m[1, :256], m[1, 256:512] = float("nan"), 0.0, 1e-38
+    m[1, 512] = float("inf")
     codes, scales = torch.empty(2, 600, dtype=torch.int8), torch.empty(2, 3)
     back = lowmem.dequantize_blocks(lowmem.quantize_blocks(m, codes, scales), scales)
     assert back[0, 256:512].isnan().all() and not back[0, :256].isnan().any() and not back[0, 512:].isnan().any()
-    assert torch.equal(back[1, :256], torch.zeros(256)) and scales[1, 0] == 0
-    assert torch.isfinite(back[1]).all()
+    assert torch.equal(back[1, :512], torch.zeros(512)) and scales[1, 0] == 0 and torch.equal(codes[1, 256:], torch.zeros(344, dtype=torch.int8))
+    assert scales[1, 2] == float("inf") and back[1, 512:].isnan().all()
 
 
 @pytest.mark.parametrize("state_dtype", [torch.bfloat16, torch.int8])
