@@ -5,6 +5,7 @@
     python bench.py ablation [--iters 1500] [--seeds 3]     # Adam-mini's partition and beta2, one change at a time
     python bench.py converge [--iters 1500] [--factors 0.5,1,2] [--seeds 3] [--optimizers ...] [--quick] [--json]
     python bench.py state    [--model gpt|llama] [--seeds 3] [--arms ...] [--drift]  # Adam-mini's m in fp32, bf16, 8 bits
+    python bench.py accumulate [--iters 1500] [--seeds 3] [--optimizers ...] [--ratio]  # fused drivers' gradient accumulation
     python bench.py kernels  [--device cpu|cuda] [--dtype float32|bfloat16] [--params 50e6] [--shape square|llama|small] [--json]
     python bench.py gpu      [--report gpu_report.md]    # on a GPU machine: every GPU check, one report
     python bench.py plan     [CONFIG] [--batch 8] [--seq 512] [--dtype ...] [--world N]   # will it fit (per rank: FSDP2)
@@ -275,11 +276,12 @@ def build(model_kind, size, device, dtype, seed=0):
     return model, batch_fn_for(model, batch, block, device, torch.Generator().manual_seed(seed)), batch * block
 
 
-def make_opt(name, model, lr=1e-4):
-    """The training scripts' optimizers (train_gpt2.make_optimizer), clipping off."""
+def make_opt(name, model, lr=1e-4, fused=False):
+    """The training scripts' optimizers (train_gpt2.make_optimizer), clipping off; fused = k > 1
+    (an int): the fused driver accumulating k micro-batches a step."""
     import train_gpt2
     cfg = dict(optimizer=name, learning_rate=lr, weight_decay=0.0, grad_clip=0, stochastic_rounding=False,
-               seed=0, beta1=0.9, beta2=0.95)
+               seed=0, beta1=0.9, beta2=0.95, fused=bool(fused), gradient_accumulation_steps=int(fused) or 1)
     for state in ("bf16", "8bit"):  # Adam-mini with its first moment in bf16 or 8 bits
         if name == f"adam_mini_{state}_state":
             name, cfg["adam_mini_state"] = "adam_mini", {"bf16": "bfloat16", "8bit": "int8"}[state]
@@ -287,6 +289,11 @@ def make_opt(name, model, lr=1e-4):
 
 
 def train_step(model, opt, batch_fn, fused):
+    """One optimizer step; fused = k > 1 (an int): k micro-batches, each its own fused_backward."""
+    if fused > 1:
+        for _ in range(fused):
+            opt.fused_backward(model(*batch_fn())[1] / fused)
+        return
     loss = model(*batch_fn())[1]
     if opt is None:
         loss.backward()  # gradients freed as they arrive (hooks below): activations only
@@ -304,7 +311,8 @@ MEMORY_ROWS = [("no optimizer (grads freed)", "none", True), ("SGD", "sgd", Fals
                ("Adam-mini classic", "adam_mini", False), ("Adam-mini classic, bf16 m", "adam_mini_bf16_state", False),
                ("Adam-mini fused", "adam_mini", True), ("Adam-mini fused, bf16 m", "adam_mini_bf16_state", True),
                ("Adam-mini fused, 8-bit m", "adam_mini_8bit_state", True), ("LOMO fused", "lomo", True),
-               ("AdaLomo fused", "adalomo", True)]
+               ("AdaLomo fused", "adalomo", True),
+               ("Adam-mini fused, accumulating 4", "adam_mini", 4), ("AdaLomo fused, accumulating 4", "adalomo", 4)]
 
 
 def _free_port():
@@ -352,7 +360,7 @@ def memory_row(spec):
         base = _proc_kb("VmRSS") * 1024
         with open("/proc/self/clear_refs", "w") as f:
             f.write("5")  # reset VmHWM to the current RSS
-    opt = make_opt(spec["optimizer"], model)
+    opt = make_opt(spec["optimizer"], model, fused=spec["fused"])
     if opt is None:
         _free_grads_on_arrival(model)
     times = []
@@ -377,14 +385,15 @@ def _warm_up(spec, device, dtype, model, batch_fn):
     model(*batch_fn())[1].backward()
     model.zero_grad(set_to_none=True)
     toy = nn.Sequential(nn.Embedding(8, 64), nn.Linear(64, 8)).to(device=device, dtype=dtype)
-    opt = make_opt(spec["optimizer"], toy)
-    loss = toy(torch.arange(8, device=device)).float().square().mean()
-    if opt is None:
-        loss.backward()
-    elif spec["fused"]:
-        opt.fused_backward(loss)
-    else:
-        loss.backward(), opt.step()
+    opt = make_opt(spec["optimizer"], toy, fused=spec["fused"])
+    for _ in range(max(1, int(spec["fused"]))):  # an accumulated step: its micro-batches
+        loss = toy(torch.arange(8, device=device)).float().square().mean()
+        if opt is None:
+            loss.backward()
+        elif spec["fused"]:
+            opt.fused_backward(loss)
+        else:
+            loss.backward(), opt.step()
 
 
 def memory_rows(args, size=None, names=None):
@@ -393,7 +402,8 @@ def memory_rows(args, size=None, names=None):
     rows = []
     for dtype in [args.dtype]:
         for label, opt, fused in MEMORY_ROWS:
-            if (args.quick and opt in ("sgd", "adalomo")) or (label == "Adam-mini classic, bf16 m" and dtype != "bfloat16") \
+            if (args.quick and (opt in ("sgd", "adalomo") or fused > 1)) or \
+                    (label == "Adam-mini classic, bf16 m" and dtype != "bfloat16") \
                     or (names and label not in names):
                 continue
             spec = dict(model=args.model, size=size, device=args.device, dtype=dtype, optimizer=opt, fused=fused,
@@ -691,6 +701,105 @@ def print_m_drift(rows, args):
         print(f"{step:6d}" + "".join(f"  {by[a]['rel_err']:26.4f} {by[a]['along']:9.4f}" for a in arms))
 
 
+ACCUMULATE = dict(batch_size=3, gradient_accumulation_steps=4, grad_clip=0.0)  # 12 sequences a step, as the default run
+ACCUMULATE_CLASSIC = {"adam_mini": "adam_mini", "adalomo": "adalomo", "lomo": "sgd"}  # true accumulation of the same math
+
+
+def accumulate_rows(args):
+    """The default train_gpt2 run as ACCUMULATE micro-batches: each lowmem optimizer in its fused
+    driver (accumulation_steps, each micro-batch used in its backward) against the classic driver
+    accumulating .grad (LOMO's: SGD), at the same lr (DEFAULT_LR), without clipping (the fused
+    drivers cannot clip an accumulated gradient). Best val loss per seed, the arms in turn."""
+    import train_gpt2
+    rows = []
+    for name in args.optimizers.split(","):
+        if name not in ACCUMULATE_CLASSIC:
+            raise SystemExit(f"accumulate: --optimizers takes {', '.join(ACCUMULATE_CLASSIC)}, got {name!r}")
+        vals = {"classic": [], "fused": []}
+        for seed in range(args.first_seed, args.first_seed + args.seeds):
+            for arm, opt_name in (("classic", ACCUMULATE_CLASSIC[name]), ("fused", name)):
+                base = dict(ACCUMULATE, max_iters=args.iters, fused=arm == "fused")
+                h = _converge_run(train_gpt2, base, opt_name, train_gpt2.DEFAULT_LR[name], seed, f"{name} {arm}")
+                vals[arm].append(h["best_val"])
+        mean = {arm: statistics.mean(v) for arm, v in vals.items()}
+        rows.append(dict(optimizer=name, classic=vals["classic"], fused=vals["fused"], classic_mean=mean["classic"],
+                         fused_mean=mean["fused"], ratio=mean["fused"] / mean["classic"]))
+    return rows
+
+
+def fold_ratio_rows(args, every=10):
+    """Why Adam-mini's fold scales the micro-batches' mean(g*g): the default train_gpt2 run as
+    ACCUMULATE micro-batches, Adam-mini in the classic driver (true accumulation) for args.iters
+    steps; every `every` steps each micro-batch's gradient apart, and per block the accumulated
+    gradient's mean(G*G) beside the sum S of the micro-batches' mean(g*g). Their ratio is in
+    [1, k] in expectation (1: noise around a zero mean, k: the micro-batches agree). Rows: per
+    100 steps, the median over blocks of the ratio of their sums over those steps (what an EMA
+    of v, ~100 steps long at beta2 = 0.99, sees), and over the whole run."""
+    import train_gpt2
+    cfg = train_gpt2.parse_config(["--optimizer='adam_mini'", "--fused=False", "--device='cpu'", f"--max_iters={args.iters}"]
+                                  + [f"--{key}={value}" for key, value in ACCUMULATE.items()])
+    train_gpt2.prepare_stdlib()
+    data = train_gpt2.Data(train_gpt2.STDLIB_DIR, cfg["block_size"])
+    torch.manual_seed(cfg["seed"])
+    model = train_gpt2.build_model(cfg, data)
+    opt, k = train_gpt2.make_optimizer(model, cfg), cfg["gradient_accumulation_steps"]
+    gen, rows, sums = torch.Generator().manual_seed(cfg["seed"]), [], {}
+    window = {"true": 0.0, "folded": 0.0}
+
+    def row(label, true, folded):
+        ratios = sorted((true / folded).tolist())
+        return dict(iters=label, blocks=len(ratios), median=statistics.median(ratios), p10=ratios[len(ratios) // 10],
+                    p90=ratios[9 * len(ratios) // 10])
+    for it in range(args.iters):
+        for group in opt.param_groups:
+            group["lr"] = train_gpt2.get_lr(it, cfg)
+        micro = [data.batch("train", cfg["batch_size"], gen) for _ in range(k)]
+        if it % every == 0:
+            grads = []
+            for x, y in micro:
+                (model(x, y)[1] / k).backward()
+                grads.append([p.grad for p in model.parameters()])
+                model.zero_grad(set_to_none=True)
+            true, folded = [], []
+            for i, (p, blocks) in enumerate(zip(model.parameters(), opt.partition)):
+                whole = lowmem.Whole(p.shape)
+                true.append(lowmem.block_mean_sq(sum(g[i] for g in grads), blocks, whole).flatten())
+                folded.append(sum(lowmem.block_mean_sq(g[i], blocks, whole) for g in grads).flatten())
+            true, folded = torch.cat(true), torch.cat(folded)
+            for key, value in (("true", true), ("folded", folded)):
+                window[key] = window[key] + value
+                sums[key] = sums.get(key, 0.0) + value
+        if (it + 1) % 100 == 0:
+            rows.append(row(f"{it - 98}-{it + 1}", window["true"], window["folded"]))
+            window = {"true": 0.0, "folded": 0.0}
+            print(f"  iters {rows[-1]['iters']}: median {rows[-1]['median']:.3f}", file=sys.stderr, flush=True)
+        for x, y in micro:
+            (model(x, y)[1] / k).backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+    rows.append(row(f"1-{args.iters}", sums["true"], sums["folded"]))
+    return rows
+
+
+def print_fold_ratio(rows, args):
+    k = ACCUMULATE["gradient_accumulation_steps"]
+    print(f"Adam-mini, train_gpt2's default run as {k} micro-batches of {ACCUMULATE['batch_size']} (classic driver), "
+          f"{args.iters} iters: per block, the sum over the steps of mean(G*G) of the accumulated gradient over the "
+          f"sum of the micro-batches' mean(g*g) (1: noise, {k}: agreement), every 10th step")
+    print(f"{'iters':>10s} {'blocks':>7s} {'median':>7s} {'p10':>7s} {'p90':>7s}")
+    for r in rows:
+        print(f"{r['iters']:>10s} {r['blocks']:7d} {r['median']:7.3f} {r['p10']:7.3f} {r['p90']:7.3f}")
+
+
+def print_accumulate(rows, args):
+    print(f"train_gpt2.py's default run as {ACCUMULATE['gradient_accumulation_steps']} micro-batches of "
+          f"{ACCUMULATE['batch_size']}, {args.iters} iters, no clipping; best val loss, mean of {args.seeds} seed(s)")
+    print(f"{'optimizer':10s} {'classic (true sum)':>19s} {'fused, accumulating':>20s} {'fused/classic':>14s}  seeds (classic | fused)")
+    for r in rows:
+        print(f"{r['optimizer']:10s} {r['classic_mean']:19.4f} {r['fused_mean']:20.4f} {r['ratio']:13.4f}x  "
+              + ", ".join(f"{v:.4f}" for v in r["classic"]) + " | " + ", ".join(f"{v:.4f}" for v in r["fused"]))
+
+
 def print_state(rows, args):
     what = "train_llama.py's offline demo (pre-training, then fine-tuning)" if args.model == "llama" else \
         f"train_gpt2.py's default run, {args.iters} iters"
@@ -981,7 +1090,7 @@ def plan_peak(config, optimizer, fused, batch, seq, dtype, checkpointing=False, 
         batch_fn = batch_fn_for(model, batch, seq, "meta")
         with _planning(hf_eager), LiveBytes(tensors) as live:
             counters.append(live)
-            opt = make_opt(optimizer, model)
+            opt = make_opt(optimizer, model, fused=fused)
             master = MasterWeights(model, opt) if master_weights else None
             if opt is None:
                 _free_grads_on_arrival(model)
@@ -1253,7 +1362,8 @@ def main():
         return
     formatter = type("Formatter", (argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter), {})
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=formatter)
-    ap.add_argument("command", choices=["memory", "speed", "converge", "state", "ablation", "kernels", "gpu", "plan"],
+    ap.add_argument("command", choices=["memory", "speed", "converge", "state", "accumulate", "ablation", "kernels", "gpu",
+                                        "plan"],
                     help="which table to measure (gpu: every GPU check in one report; plan: will it fit)")
     ap.add_argument("config", nargs="?", default="llama-7b",
                     help=f"plan: a config.json (GPT-2 or LLaMA) or one of {', '.join(PLAN_MODELS)}")
@@ -1272,9 +1382,13 @@ def main():
                     help="converge, ablation: the lr sweep, as multiples of DEFAULT_LR (default 0.5,1,2; ablation 1)")
     ap.add_argument("--variants", default="", help="ablation: only the variants whose labels contain one of these words")
     ap.add_argument("--first_seed", type=int, default=0,
-                    help="ablation, state: seeds first_seed .. first_seed+seeds-1 (the lr sweep at the first): runs can be split")
-    ap.add_argument("--seeds", type=int, default=3, help="converge, ablation: seeds (converge: at the best lr)")
-    ap.add_argument("--optimizers", default="adamw,adam_mini,adalomo,lomo", help="converge: which (sgd = lomo's math)")
+                    help="ablation, state, accumulate: seeds first_seed .. first_seed+seeds-1 (the lr sweep at the first): runs can be split")
+    ap.add_argument("--seeds", type=int, default=3, help="converge, ablation, state, accumulate: seeds (converge: at the best lr)")
+    ap.add_argument("--optimizers", default=None,
+                    help="converge: which (sgd = lomo's math; default adamw,adam_mini,adalomo,lomo); accumulate: "
+                         "lowmem's (default adam_mini,adalomo,lomo)")
+    ap.add_argument("--ratio", action="store_true",
+                    help="accumulate: the statistic behind Adam-mini's fold of v (true over per-micro-batch, per block)")
     ap.add_argument("--drift", action="store_true", help="state: how far a bf16 or 8-bit m drifts from the exact m over a run")
     ap.add_argument("--arms", default="", help="state: only the arms whose labels contain one of these words (comma-separated)")
     ap.add_argument("--plot", default="assets/loss_curves.png", help="converge: where the loss curves go (matplotlib)")
@@ -1291,6 +1405,7 @@ def main():
     ap.add_argument("--report", default="gpu_report.md", help="gpu: where the markdown report is written")
     args = ap.parse_args()
     args.factors = args.factors or ("1" if args.command == "ablation" else "0.5,1,2")
+    args.optimizers = args.optimizers or ("adam_mini,adalomo,lomo" if args.command == "accumulate" else "adamw,adam_mini,adalomo,lomo")
     if args.command == "gpu":
         sys.exit(gpu_report(args))
     if args.command == "plan":
@@ -1313,6 +1428,12 @@ def main():
     elif args.command == "state" and args.drift:
         rows = m_drift_rows(args)
         print(json.dumps(rows, indent=1)) if args.json else print_m_drift(rows, args)
+    elif args.command == "accumulate" and args.ratio:
+        rows = fold_ratio_rows(args)
+        print(json.dumps(rows, indent=1)) if args.json else print_fold_ratio(rows, args)
+    elif args.command == "accumulate":
+        rows = accumulate_rows(args)
+        print(json.dumps(rows, indent=1)) if args.json else print_accumulate(rows, args)
     elif args.command == "state":
         rows = state_rows(args)
         print(json.dumps(rows, indent=1)) if args.json else print_state(rows, args)

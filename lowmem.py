@@ -170,9 +170,34 @@ def adam_mini_update(p, g, m, v, blocks, step, lr, betas=(0.9, 0.999), eps=1e-8,
         p   <- p*(1 - lr*weight_decay) - lr * (m / (1-b1^t)) / (sqrt(v_b / (1-b2^t)) + eps)
     v holds blocks.n_v values (p's shape for element blocks, which is AdamW); t = step."""
     geo = geo or Whole(p.shape)
+    adam_mini_fold(g, m, v, blocks, betas, True, geo)
+    return adam_mini_apply(p, m, v, blocks, step, lr, betas, eps, weight_decay, geo)
+
+
+def adam_mini_fold(g, m, v, blocks, betas, first, geo, k=1):
+    """Adam-mini's moments from g: the first (or only) gradient of a step decays them, the
+    next ones of the same step (gradient accumulation, k micro-batches) add to them:
+        first:  m <- b1*m + (1-b1)*g,   v_b <- b2*v_b + (1-b2)*sqrt(k)*mean(g*g over block b)
+        next:   m <- m + (1-b1)*g,      v_b <- v_b + (1-b2)*sqrt(k)*mean(g*g over block b)
+    After k micro-batches m = b1*m + (1-b1)*(g_1 + ... + g_k): the accumulated gradient's m,
+    exactly. v needs mean(G*G) of the sum G, which no micro-batch sees: the sum of the
+    micro-batches' mean(g*g) is its expectation when their gradients are pure noise, and 1/k
+    of it when they all agree; sqrt(k) times it is within sqrt(k) of it either way
+    (DESIGN.md "Gradient accumulation")."""
     b1, b2 = betas
-    m.lerp_(g, 1 - b1)
-    ema_(v, block_mean_sq(g, blocks, geo), b2)
+    ms = block_mean_sq(g, blocks, geo)
+    if k > 1:
+        ms = ms * math.sqrt(k)
+    if first:
+        m.lerp_(g, 1 - b1)
+        return ema_(v, ms, b2)
+    m.add_(g, alpha=1 - b1)
+    return v.add_(ms, alpha=1 - b2)
+
+
+def adam_mini_apply(p, m, v, blocks, step, lr, betas, eps, weight_decay, geo):
+    """Adam-mini's weight update from its moments, with bias correction for step t."""
+    b1, b2 = betas
     if weight_decay:
         p.mul_(1 - lr * weight_decay)
     denom = (v.sqrt() / math.sqrt(1 - b2 ** step)).add_(eps)
@@ -444,10 +469,10 @@ class _LowMemOptimizer(torch.optim.Optimizer):
     (section 5) does the same on the C/CUDA kernels and returns False where they cannot."""
 
     def __init__(self, model_or_params, defaults, clip_grad_norm=None, clip_grad_value=None,
-                 loss_scale=None, stochastic_rounding=False, seed=0, update_in_backward=False):
+                 loss_scale=None, stochastic_rounding=False, seed=0, update_in_backward=False, accumulation_steps=1):
         groups, self._names = _param_groups(model_or_params)
         params = _check_driver_args(groups, self._names, defaults, clip_grad_norm, clip_grad_value,
-                                    loss_scale, update_in_backward)
+                                    loss_scale, update_in_backward, accumulation_steps)
         self._geo, self._shard_mesh = _geometries(model_or_params, params, self._names)  # Whole, or Shard (FSDP2)
         self._kernel_args = {}  # section 5: each parameter's checked state addresses, kept between steps
         super().__init__(groups, defaults)
@@ -465,7 +490,10 @@ class _LowMemOptimizer(torch.optim.Optimizer):
         # fused_backward/grad_norm (the official code's hooks are permanent: any backward
         # updated weights, so nobody could run a plain backward on the model).
         self.update_in_backward = update_in_backward
-        self._in_caller_backward, self._unstepped_backward = False, False
+        # Gradient accumulation in the fused drivers: the micro-batches (backward passes) since the
+        # last optimizer step, and the parameters they reached, in order (each one's first is decayed).
+        self.accumulation_steps, self._micro, self._window = accumulation_steps, 0, {}
+        self._in_caller_backward = False
         self._hooks = [p.register_post_accumulate_grad_hook(self._hook) for p in params if p.requires_grad]
 
     # -- per-parameter pipeline shared by both drivers --------------------------------
@@ -474,14 +502,22 @@ class _LowMemOptimizer(torch.optim.Optimizer):
     def loss_scale(self):
         return self.loss_scaler.scale if self.loss_scaler else self.static_loss_scale
 
-    def _apply(self, p, grad, scale, lr, clip_coef):
+    def _apply(self, p, grad, scale, lr, clip_coef, micro=False):
         """Unscale, value clip, norm-clip coefficient, then the rule: in one fused kernel when
         possible, else the PyTorch rule. A sharded parameter is updated through its local rows
-        (grad is already local)."""
+        (grad is already local). micro: grad is a micro-batch's, in a fused driver accumulating
+        (the optimizer's _micro_batch)."""
         group, state = self._group_of[p], self.state[p]
         lr = group["lr"] if lr is None else lr
         prep = _Prep(1.0 / scale, self.clip_grad_value or 0.0, 1.0 if clip_coef is None else clip_coef)
         x = p.to_local() if self._geo[p].sharded else p
+        if micro:
+            first = p not in self._window
+            self._window[p] = True
+            return self._micro_batch(p, x, grad, prep, group, state, lr, first)
+        self._rule(p, x, grad, prep, group, state, lr)
+
+    def _rule(self, p, x, grad, prep, group, state, lr):
         if _kernel_ok(x, grad) and self._kernel_update(p, x, grad, prep, group, state, lr):
             return
         w = x.float() if x.dtype != torch.float32 else x
@@ -556,7 +592,7 @@ class _LowMemOptimizer(torch.optim.Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()  # update_in_backward: the closure's backward is the update
-        self._unstepped_backward = False
+        self._end_window()
         grads = {p: p.grad.to_local() if self._geo[p].sharded else p.grad
                  for g in self.param_groups for p in g["params"] if p.grad is not None}
         clip_coef = None  # replicated .grad is synced by DDP in this driver, sharded by FSDP2
@@ -583,25 +619,44 @@ class _LowMemOptimizer(torch.optim.Optimizer):
         if self._mode == "norm":
             self._add_sumsq(p, grad, scale)  # on device: no sync
         else:
-            self._apply(p, grad, scale, self._lr, self._clip_coef)
+            self._apply(p, grad, scale, self._lr, self._clip_coef, self.accumulation_steps > 1)  # micro: accumulating
 
     def _caller_backward_starts(self):
-        """update_in_backward: the first hook of each backward of the caller's. A backward
-        whose predecessor was not followed by step() is gradient accumulation, which cannot
-        work when every backward applies its gradients: refused before its first update."""
+        """update_in_backward: the first hook of each backward of the caller's. More backward
+        passes without step() than accumulation_steps (1: each backward is a step) are refused
+        before their first update: the gradients would be accumulated into a step already taken."""
         if self._in_caller_backward:
             return
-        if self._unstepped_backward:
+        if self._micro >= self.accumulation_steps:
+            k = self.accumulation_steps
             raise RuntimeError(
-                "update_in_backward=True: a second backward() ran without optimizer.step() after "
-                "the first. Every backward already updates the weights, so gradients cannot be "
-                "accumulated over micro-batches (e.g. the HF Trainer's gradient_accumulation_steps "
-                "> 1): use 1 and a larger batch, or the classic driver (update_in_backward=False).")
+                f"update_in_backward=True: backward() number {k + 1} ran without optimizer.step(), and this "
+                f"optimizer accumulates {k} micro-batch{'es' if k > 1 else ''} a step (accumulation_steps={k}). "
+                "For gradient accumulation (e.g. the HF Trainer's gradient_accumulation_steps=n) build it "
+                "with accumulation_steps=n; every micro-batch's gradient is then used in its backward.")
         self._in_caller_backward = True
         torch.autograd.Variable._execution_engine.queue_callback(self._caller_backward_ends)
 
     def _caller_backward_ends(self):
-        self._in_caller_backward, self._unstepped_backward = False, True
+        self._in_caller_backward, self._micro = False, self._micro + 1
+
+    # -- gradient accumulation in the fused drivers (accumulation_steps=k) -------------------
+
+    def _micro_batch(self, p, x, grad, prep, group, state, lr, first):
+        """Use one micro-batch's gradient of p (first: p's first in this step). LOMO's: applied at
+        once, at the full lr (the caller's loss is divided by k, so the k gradients add up to the
+        step's), weight decay only with the first; AdaLomo's: one step at lr/k (section 4)."""
+        self._rule(p, x, grad, prep, group if first else dict(group, weight_decay=0.0), state, lr)
+
+    def _finish_step(self):
+        """The end of an accumulated step: Adam-mini moves the weights (section 4); LOMO and
+        AdaLomo have already."""
+
+    @torch.no_grad()
+    def _end_window(self):
+        if self._window:
+            self._finish_step()
+        self._micro, self._window = 0, {}
 
     def _backward(self, loss, mode, retain_graph=False):
         _check_no_grads(self._group_of, self._names)
@@ -620,7 +675,6 @@ class _LowMemOptimizer(torch.optim.Optimizer):
         self._pending_norm = self._norm_from_sumsq()
         return self._pending_norm
 
-    @torch.optim.Optimizer.profile_hook_step  # step pre/post hooks and the profiler, as around step()
     def fused_backward(self, loss, lr=None):
         """Backward with every parameter updated (and its gradient freed) the moment its
         gradient is complete. `lr` overrides the param_groups lr for this step only.
@@ -629,9 +683,24 @@ class _LowMemOptimizer(torch.optim.Optimizer):
         before any update, so they cost one extra backward (grad_norm) unless the caller
         ran grad_norm(loss) already. Returns False if the step was skipped on overflow.
         Do not wrap the model in DDP: under torch.distributed each gradient is averaged
-        across ranks inside the hook."""
+        across ranks inside the hook.
+
+        With accumulation_steps=k each call is one micro-batch (pass it loss / k): the k-th
+        call ends the optimizer step (step() ends one early); the step hooks fire around it."""
         if lr is not None:
             _check_positive("lr", lr, allow_none=False, allow_zero=True)
+        if self._micro + 1 < self.accumulation_steps:
+            self._lr = lr
+            try:
+                self._backward(loss, "update")
+            finally:
+                self._lr = None
+            self._micro += 1
+            return True
+        return self._fused_step(loss, lr)
+
+    @torch.optim.Optimizer.profile_hook_step  # step pre/post hooks and the profiler, as around step()
+    def _fused_step(self, loss, lr):
         norm, self._pending_norm = self._pending_norm, None
         if norm is None and (self.clip_grad_norm is not None or self.loss_scaler):
             norm, self._pending_norm = self.grad_norm(loss), None
@@ -641,6 +710,8 @@ class _LowMemOptimizer(torch.optim.Optimizer):
         self._lr, self._clip_coef = lr, (self._clip_coef_from(norm) if norm is not None else None)
         try:
             self._backward(loss, "update")
+            if self.accumulation_steps > 1:
+                self._end_window()
         finally:
             self._lr, self._clip_coef = None, None
         if self.loss_scaler:
@@ -663,6 +734,11 @@ class _LowMemOptimizer(torch.optim.Optimizer):
                    for t in s.values() if torch.is_tensor(t))
 
     def state_dict(self):
+        if self._micro:
+            raise RuntimeError(
+                f"state_dict() in the middle of an accumulated step ({self._micro} of {self.accumulation_steps} "
+                "micro-batches used): the weights and state are part-way through it. Save after step() "
+                "(or the step's last fused_backward).")
         sd = super().state_dict()
         sd["lowmem"] = {"loss_scaler": self.loss_scaler.state_dict() if self.loss_scaler else None,
                         "generators": {k: g.get_state() for k, g in self._generators.items()},
@@ -670,8 +746,10 @@ class _LowMemOptimizer(torch.optim.Optimizer):
         return sd
 
     def load_state_dict(self, state_dict):
-        """Load state exactly (dtype kept: torch's loader would cast fp32 state to bf16)."""
+        """Load state exactly (dtype kept: torch's loader would cast fp32 state to bf16); a step
+        being accumulated is dropped."""
         _load_state(self, state_dict)
+        self._micro, self._window = 0, {}
 
     def _adopt_state(self, p, saved):  # AdamMini checks its m's format
         return saved
@@ -692,9 +770,9 @@ class LOMO(_LowMemOptimizer):
 
     def __init__(self, model_or_params, lr=1e-3, weight_decay=0.0, clip_grad_norm=None,
                  clip_grad_value=None, loss_scale=None, stochastic_rounding=False, seed=0,
-                 update_in_backward=False):
+                 update_in_backward=False, accumulation_steps=1):
         super().__init__(model_or_params, dict(lr=lr, weight_decay=weight_decay), clip_grad_norm,
-                         clip_grad_value, loss_scale, stochastic_rounding, seed, update_in_backward)
+                         clip_grad_value, loss_scale, stochastic_rounding, seed, update_in_backward, accumulation_steps)
 
     def _update(self, p, w, g, group, state, lr):
         lomo_update(w, g, lr, group["weight_decay"])
@@ -715,12 +793,12 @@ class AdaLomo(_LowMemOptimizer):
 
     def __init__(self, model_or_params, lr=1e-3, eps=(1e-30, 1e-3), clip_threshold=1.0,
                  decay_rate=-0.8, weight_decay=0.0, clip_grad_norm=None, clip_grad_value=None,
-                 loss_scale=None, stochastic_rounding=False, seed=0, update_in_backward=False):
+                 loss_scale=None, stochastic_rounding=False, seed=0, update_in_backward=False, accumulation_steps=1):
         _check_adalomo_args(eps, clip_threshold, decay_rate)
         defaults = dict(lr=lr, eps=tuple(eps), clip_threshold=clip_threshold,
                         decay_rate=decay_rate, weight_decay=weight_decay)
         super().__init__(model_or_params, defaults, clip_grad_norm, clip_grad_value, loss_scale,
-                         stochastic_rounding, seed, update_in_backward)
+                         stochastic_rounding, seed, update_in_backward, accumulation_steps)
 
     def _begin(self, g, state):
         """Create state on first use, advance the step; returns (step, moments)."""
@@ -742,6 +820,12 @@ class AdaLomo(_LowMemOptimizer):
     def _kernel_update(self, p, x, grad, prep, group, state, lr):
         return _adalomo_kernel(self, p, x, grad, prep, group, state, lr)
 
+    def _micro_batch(self, p, x, grad, prep, group, state, lr, first):
+        """Accumulating k micro-batches: each is an AdaLomo step of its own at lr/k. AdaLomo
+        keeps no sum of gradients, and its normalized update does not shrink with a
+        micro-batch's gradient, so the lr takes the k-th share (RESULTS.md "Gradient accumulation")."""
+        self._rule(p, x, grad, prep, group, state, lr / self.accumulation_steps)
+
 
 class AdamMini(_LowMemOptimizer):
     """AdamW with one second-moment value per block (see `partition`; adam_mini_update).
@@ -758,7 +842,8 @@ class AdamMini(_LowMemOptimizer):
     def __init__(self, model_or_named_params, lr=1e-3, betas=(0.9, 0.999), eps=1e-8,
                  weight_decay=0.0, n_heads=None, n_kv_heads=None, head_dim=None,
                  clip_grad_norm=None, clip_grad_value=None, loss_scale=None,
-                 stochastic_rounding=False, seed=0, state_dtype=torch.float32, update_in_backward=False):
+                 stochastic_rounding=False, seed=0, state_dtype=torch.float32, update_in_backward=False,
+                 accumulation_steps=1):
         _check_adam_mini_args(betas, eps, state_dtype)
         named, params = _named_trainable(model_or_named_params)
         module = params if isinstance(params, nn.Module) else None
@@ -766,7 +851,7 @@ class AdamMini(_LowMemOptimizer):
         self.state_dtype = state_dtype
         defaults = dict(lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay)
         super().__init__(params, defaults, clip_grad_norm, clip_grad_value, loss_scale, stochastic_rounding,
-                         seed, update_in_backward)
+                         seed, update_in_backward, accumulation_steps)
         self._blocks = {p: b for (_, p), b in zip(named, self.partition)}
         heads = _Heads(module, n_heads, n_kv_heads, head_dim)  # for parameters added later
         self._head_args = dict(n_heads=heads.n_heads, n_kv_heads=heads.n_kv_heads, head_dim=heads.head_dim)
@@ -791,7 +876,8 @@ class AdamMini(_LowMemOptimizer):
             return torch.float32
         return self.state_dtype
 
-    def _begin(self, x, state, blocks):
+    def _begin(self, x, state, blocks, advance=True):
+        """Create state on first use, advance the step (unless not); returns (step, m, v)."""
         if not state:
             state["step"] = 0
             state["m"] = torch.zeros_like(x, dtype=self._m_dtype(x))
@@ -799,17 +885,44 @@ class AdamMini(_LowMemOptimizer):
                 state["m_scale"] = torch.zeros(x.shape[0], -(-math.prod(x.shape[1:]) // QBLOCK), device=x.device)
             v_shape = x.shape if blocks.kind == "element" else (blocks.n_v,)
             state["v"] = torch.zeros(v_shape, dtype=torch.float32, device=x.device)
-        state["step"] += 1
+        state["step"] += advance
         return state["step"], state["m"], state["v"]
 
     def _update(self, p, w, g, group, state, lr):
         blocks = self._blocks[p]
         t, m, v = self._begin(w, state, blocks)
-        m32 = dequantize_blocks(m, state["m_scale"]) if m.dtype == torch.int8 else m.float()
+        m32 = self._load_m(m, state)
         wd = group["weight_decay"] if blocks.decay else 0.0
         adam_mini_update(w, g, m32, v, blocks, t, lr, group["betas"], group["eps"], wd, self._geo[p])
         if m32 is not m:  # bf16 or 8-bit m: rounded back
             self._store_m(m, state.get("m_scale"), m32)
+
+    def _micro_batch(self, p, x, grad, prep, group, state, lr, first):
+        """Accumulating: the micro-batch's gradient folded into m and v (adam_mini_fold); the
+        weights move once, when the step ends (_finish_step). The PyTorch rule, no kernel."""
+        _, m, v = self._begin(x, state, self._blocks[p], advance=False)
+        m32 = self._load_m(m, state)
+        adam_mini_fold(_prepare_grad(grad, prep), m32, v, self._blocks[p], group["betas"], first, self._geo[p],
+                       self.accumulation_steps)
+        if m32 is not m:
+            self._store_m(m, state.get("m_scale"), m32)
+
+    def _finish_step(self):
+        """The weights of every parameter this step's micro-batches reached, from m and v."""
+        for p in self._window:
+            group, state, blocks = self._group_of[p], self.state[p], self._blocks[p]
+            x = p.to_local() if self._geo[p].sharded else p
+            t, m, v = self._begin(x, state, blocks)
+            w = x.float() if x.dtype != torch.float32 else x
+            wd = group["weight_decay"] if blocks.decay else 0.0
+            lr = group["lr"] if self._lr is None else self._lr
+            adam_mini_apply(w, self._load_m(m, state), v, blocks, t, lr, group["betas"], group["eps"], wd, self._geo[p])
+            if w is not x:
+                self._write_back(x, w)
+
+    def _load_m(self, m, state):
+        """m in fp32 (m itself when it is fp32)."""
+        return dequantize_blocks(m, state["m_scale"]) if m.dtype == torch.int8 else m.float()
 
     def _store_m(self, m, scales, m32):
         """m32 written back into m (bf16, or 8-bit codes and their scales), rounded as m_rounding says."""
@@ -1581,7 +1694,8 @@ def _named_trainable(model_or_named_params):
     return [x for g in groups for x in g["params"]], groups
 
 
-def _check_driver_args(groups, names, defaults, clip_grad_norm, clip_grad_value, loss_scale, update_in_backward):
+def _check_driver_args(groups, names, defaults, clip_grad_norm, clip_grad_value, loss_scale, update_in_backward,
+                       accumulation_steps):
     """The shared driver's arguments and parameters; returns the parameters."""
     params = _check_params(groups, names)
     _check_positive("lr", defaults["lr"], allow_none=False, allow_zero=True)
@@ -1589,9 +1703,32 @@ def _check_driver_args(groups, names, defaults, clip_grad_norm, clip_grad_value,
     _check_positive("clip_grad_norm", clip_grad_norm)
     _check_positive("clip_grad_value", clip_grad_value)
     _check_positive("loss_scale", loss_scale)
+    fp16 = any(p.dtype == torch.float16 for p in params)
     if update_in_backward:
-        _check_update_in_backward(clip_grad_norm, loss_scale, any(p.dtype == torch.float16 for p in params))
+        _check_update_in_backward(clip_grad_norm, loss_scale, fp16)
+    _check_accumulation(accumulation_steps, clip_grad_norm, clip_grad_value, fp16 and loss_scale is None)
     return params
+
+
+def _check_accumulation(k, clip_grad_norm, clip_grad_value, dynamic_loss_scale):
+    """What accumulating micro-batches in a fused driver cannot give, refused up front: the
+    first micro-batch's gradient is used (and freed) before the next one exists."""
+    if not isinstance(k, int) or isinstance(k, bool) or k < 1:
+        raise ValueError(f"accumulation_steps must be a positive integer (micro-batches per optimizer step), got {k!r}")
+    if k == 1:
+        return
+    if clip_grad_norm is not None or clip_grad_value is not None:
+        raise ValueError(
+            f"accumulation_steps={k} cannot clip (clip_grad_norm= / clip_grad_value=): clipping acts on the "
+            "accumulated gradient, which a fused driver never holds; each micro-batch's gradient is used in "
+            "its own backward, before the next exists. Train without clipping (AdaLomo's update "
+            "normalization bounds each step), or use the classic driver (loss.backward() per micro-batch, "
+            "then step()), which clips the sum.")
+    if dynamic_loss_scale:
+        raise ValueError(
+            f"accumulation_steps={k} cannot use fp16's dynamic loss scaler: an overflow in a late "
+            "micro-batch would have to undo the earlier ones, already used. Give a static loss_scale=, "
+            "or use bf16 parameters.")
 
 
 def _check_params(groups, names):
@@ -1671,10 +1808,10 @@ def _check_no_grads(params, names):
         if p.grad is not None:
             raise ValueError(
                 f"fused_backward: parameter '{names[p]}' already holds a .grad. The "
-                "fused driver applies each gradient inside backward and frees it, so "
-                "gradients cannot be accumulated over micro-batches (each backward is one "
-                "optimizer step). Call opt.zero_grad(set_to_none=True) first, or use the "
-                "classic driver (loss.backward(); opt.step()) for gradient accumulation.")
+                "fused driver applies each gradient inside backward and frees it, so a "
+                ".grad left by another backward would be lost. Call "
+                "opt.zero_grad(set_to_none=True) first; to accumulate micro-batches, build "
+                "the optimizer with accumulation_steps=k and call fused_backward(loss / k) for each.")
 
 
 def _copyable_state(opt):

@@ -402,8 +402,8 @@ def test_plain_backward_outside_fused_does_not_update(name):
     loss.backward()
     assert max_diff(model, before) == 0
     assert all(p.grad is not None for p in model.parameters())
-    # gradients present: fused_backward refuses (accumulation is impossible) and changes nothing
-    with pytest.raises(ValueError, match="cannot be accumulated"):
+    # gradients present: fused_backward refuses (they would be lost) and changes nothing
+    with pytest.raises(ValueError, match="already holds a .grad.*accumulation_steps=k"):
         opt.fused_backward(lm_loss(model, batches(1)[0]))
     assert max_diff(model, before) == 0 and not opt.state
 
@@ -2180,12 +2180,178 @@ def test_update_in_backward_refuses_accumulation_before_any_update():
     first, second = batches(2)
     lm_loss(model, first).backward()  # an update
     before = copy.deepcopy(model)
-    with pytest.raises(RuntimeError, match="second backward.*without optimizer.step.*gradient_accumulation_steps"):
+    with pytest.raises(RuntimeError, match="backward.. number 2 ran without optimizer.step.*accumulation_steps=1.*"
+                                           "gradient_accumulation_steps"):
         lm_loss(model, second).backward()
     assert max_diff(model, before) == 0  # refused at its first hook, before any weight changed
     opt.step()
     lm_loss(model, second).backward()  # after step() the next backward is a step again
     assert max_diff(model, before) > 0
+
+
+# ---------------------------------------------------------------------------- gradient accumulation, fused
+
+
+def linear_losses(model, k, seed=0):
+    """k micro-batch losses whose gradients are dyadic constants (loss = sum(p * c) / k): every
+    sum and lerp of them is exact in fp32, so true and folded accumulation can agree bit for bit."""
+    gen = torch.Generator().manual_seed(seed)
+    cs = [{p: torch.randint(-8, 9, p.shape, generator=gen).float() / 16 for p in model.parameters()} for _ in range(k)]
+    return [lambda c=c: sum((p * c[p]).sum() for p in model.parameters()) / k for c in cs]
+
+
+@pytest.mark.parametrize("driver", ["fused_backward", "in_backward"])
+def test_accumulating_adam_mini_m_equals_the_classic_drivers_bit_for_bit(driver):
+    """m after k micro-batches is the true accumulated gradient's m; v is the stated fold:
+    b2*v + (1-b2)*sqrt(k)*(sum of the micro-batches' block means of g*g)."""
+    k, betas = 4, (0.5, 0.75)
+    model = TinyNet()
+    ref, start = copy.deepcopy(model), copy.deepcopy(model)
+    opt = lowmem.AdamMini(model, lr=0.01, betas=betas, n_heads=1, accumulation_steps=k,
+                          update_in_backward=driver == "in_backward")
+    ref_opt = lowmem.AdamMini(ref, lr=0.01, betas=betas, n_heads=1)
+    for step in range(2):
+        losses, ref_losses = linear_losses(model, k, step), linear_losses(ref, k, step)
+        v_old = {p: opt.state[p]["v"].clone() if opt.state else 0.0 for p in model.parameters()}
+        for loss, ref_loss in zip(losses, ref_losses):
+            opt.fused_backward(loss()) if driver == "fused_backward" else loss().backward()
+            ref_loss().backward()
+        opt.step()
+        v_want = {}
+        for p, q in zip(model.parameters(), ref.parameters()):
+            blocks, geo = opt._blocks[p], lowmem.Whole(p.shape)
+            micro = sum(lowmem.block_mean_sq(torch.autograd.grad(loss(), q)[0], blocks, geo) for loss in ref_losses)
+            v_want[p] = v_old[p] * betas[1] + (1 - betas[1]) * math.sqrt(k) * micro
+        ref_opt.step()
+        ref_opt.zero_grad()
+        for p, q in zip(model.parameters(), ref.parameters()):
+            assert torch.equal(opt.state[p]["m"], ref_opt.state[q]["m"])
+            assert torch.allclose(opt.state[p]["v"], v_want[p], rtol=1e-6, atol=0)
+            assert opt.state[p]["step"] == ref_opt.state[q]["step"] == step + 1
+    assert all(p.grad is None for p in model.parameters())
+
+
+def test_accumulating_lomo_is_sgd_on_the_summed_gradient_where_it_does_not_move():
+    """LOMO applies each micro-batch at once: with gradients that do not depend on the weights
+    (a linear loss) that is true accumulation exactly, weight decay once a step."""
+    k = 4
+    model = TinyNet()
+    ref, start = copy.deepcopy(model), copy.deepcopy(model)
+    opt = lowmem.LOMO(model, lr=0.5, weight_decay=0.25, accumulation_steps=k)
+    ref_opt = torch.optim.SGD(ref.parameters(), lr=0.5, weight_decay=0.0)
+    for step in range(3):
+        for loss, ref_loss in zip(linear_losses(model, k, step), linear_losses(ref, k, step)):
+            opt.fused_backward(loss())
+            ref_loss().backward()
+        with torch.no_grad():
+            for q in ref.parameters():
+                q.mul_(1 - 0.5 * 0.25)
+        ref_opt.step()
+        ref_opt.zero_grad()
+    assert max_diff(model, ref) < 1e-6
+
+
+def test_accumulating_adalomo_takes_each_micro_batch_as_a_step_at_lr_over_k():
+    k = 4
+    model = TinyNet()
+    ref, start = copy.deepcopy(model), copy.deepcopy(model)
+    opt = lowmem.AdaLomo(model, lr=0.02, weight_decay=0.1, accumulation_steps=k)
+    ref_opt = lowmem.AdaLomo(ref, lr=0.02 / k, weight_decay=0.1)
+    for batch in batches(2 * k):
+        opt.fused_backward(lm_loss(model, batch) / k)
+        ref_opt.fused_backward(lm_loss(ref, batch) / k)
+    assert max_diff(model, ref) == 0
+
+
+@pytest.mark.parametrize("name", OPTIMIZERS)
+def test_accumulating_drivers_agree_and_keep_one_gradient(name):
+    """nanoGPT's loop as shipped (loss / k, backward per micro-batch, then step() and zero_grad())
+    with update_in_backward, and fused_backward per micro-batch: the same weights; one gradient
+    alive at any hook, none left; the step hooks fire once a step; the weights of Adam-mini
+    change only when a step ends."""
+    k = 8
+    model = TinyNet()
+    ref = copy.deepcopy(model)
+    live = count_live_grads(model)
+    opt = make(name, model, update_in_backward=True, accumulation_steps=k)
+    ref_opt = make(name, ref, accumulation_steps=k)
+    fired = []
+    for o in (opt, ref_opt):
+        o.register_step_post_hook(lambda o, *a: fired.append(o))
+    for step in range(2):
+        before = copy.deepcopy(model)
+        for micro, batch in enumerate(batches(k, seed=step)):
+            loss = lm_loss(model, batch) / k
+            loss.backward()
+            ref_opt.fused_backward(lm_loss(ref, batch) / k)
+            if name == "adam_mini" and micro < k - 1:
+                assert max_diff(model, before) == 0 and max_diff(ref, before) == 0
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        assert max_diff(model, before) > 0
+    assert max_diff(model, ref) < 1e-6
+    assert all(p.grad is None for p in model.parameters()) and live and max(live) == 1
+    assert fired.count(opt) == 2 and fired.count(ref_opt) == 2
+
+
+@pytest.mark.parametrize("name", OPTIMIZERS)
+def test_accumulation_refuses_what_it_cannot_do(name):
+    for kw, match in [(dict(clip_grad_norm=1.0), "accumulation_steps=2 cannot clip"),
+                      (dict(clip_grad_value=0.1), "accumulation_steps=2 cannot clip"),
+                      (dict(accumulation_steps=0), "positive integer"), (dict(accumulation_steps=True), "positive integer")]:
+        with pytest.raises(ValueError, match=match):
+            make(name, TinyNet(), **{"accumulation_steps": 2, **kw})
+    with pytest.raises(ValueError, match="dynamic loss scaler.*static loss_scale"):
+        make(name, TinyNet().half(), accumulation_steps=2)
+    make(name, TinyNet().half(), accumulation_steps=2, loss_scale=8.0)  # static: fine
+    model = TinyNet()
+    opt = make(name, model, update_in_backward=True, accumulation_steps=2)
+    for batch in batches(2):
+        (lm_loss(model, batch) / 2).backward()
+    with pytest.raises(RuntimeError, match="state_dict.. in the middle of an accumulated step .2 of 2"):
+        opt.state_dict()
+    before = copy.deepcopy(model)
+    with pytest.raises(RuntimeError, match="backward.. number 3 ran without optimizer.step.*accumulation_steps=2"):
+        lm_loss(model, batches(1)[0]).backward()
+    assert max_diff(model, before) == 0  # refused at its first hook
+    opt.step()
+    opt.state_dict()
+
+
+@pytest.mark.parametrize("name", OPTIMIZERS)
+def test_accumulating_resume_from_state_dict_is_exact(name):
+    k = 2
+
+    def run(resume_at=None):
+        torch.manual_seed(0)
+        model = TinyNet()
+        opt = make(name, model, accumulation_steps=k)
+        for step in range(3):
+            if step == resume_at:  # a fresh optimizer from the saved state, at a step's end
+                saved = copy.deepcopy(opt.state_dict())
+                opt = make(name, model, accumulation_steps=k)
+                opt.load_state_dict(saved)
+            for batch in batches(k, seed=step):
+                opt.fused_backward(lm_loss(model, batch) / k)
+        return model
+    assert max_diff(run(), run(resume_at=1)) == 0
+
+
+def test_step_ends_a_short_accumulation_window():
+    """The HF Trainer ends an epoch's last step early: step() after fewer than k micro-batches
+    moves Adam-mini's weights with what was folded (as true accumulation of those micro-batches)."""
+    model = TinyNet()
+    ref, start = copy.deepcopy(model), copy.deepcopy(model)
+    opt = lowmem.AdamMini(model, lr=0.01, betas=(0.5, 0.75), n_heads=1, accumulation_steps=4)
+    ref_opt = lowmem.AdamMini(ref, lr=0.01, betas=(0.5, 0.75), n_heads=1)
+    for loss, ref_loss in zip(linear_losses(model, 4)[:2], linear_losses(ref, 4)[:2]):
+        opt.fused_backward(loss())
+        ref_loss().backward()
+    opt.step()
+    ref_opt.step()
+    for p, q in zip(model.parameters(), ref.parameters()):
+        assert torch.equal(opt.state[p]["m"], ref_opt.state[q]["m"]) and opt.state[p]["step"] == 1
+    assert max_diff(model, start) > 0 and opt._micro == 0
 
 
 # ---------------------------------------------------------------------------- the HF Trainer
@@ -2240,6 +2406,25 @@ def test_hf_trainer_update_in_backward_equals_fused_backward(tmp_path, name):
     assert live and max(live) == 1  # peak gradient memory: one tensor
 
 
+@pytest.mark.parametrize("name", OPTIMIZERS)
+def test_hf_trainer_gradient_accumulation_with_update_in_backward(tmp_path, name):
+    """gradient_accumulation_steps=4 and accumulation_steps=4: trains, one gradient alive at any
+    hook and none left, the same weights as fused_backward on the Trainer's own micro-batches
+    (their loss divided by 4 as the Trainer divides it, unless the model was given num_items_in_batch)."""
+    k = 4
+    model = tiny_llama()
+    ref, start = copy.deepcopy(model), copy.deepcopy(model)
+    live = count_live_grads(model)
+    calls = hf_trainer_run(tmp_path, model, make(name, model, update_in_backward=True, accumulation_steps=k), steps=2,
+                           max_grad_norm=0.0, gradient_accumulation_steps=k)
+    ref_opt = make(name, ref, accumulation_steps=k)
+    for args, kwargs in calls:
+        loss = ref(*args, **kwargs).loss
+        ref_opt.fused_backward(loss if "num_items_in_batch" in kwargs else loss / k)
+    assert len(calls) == 2 * k and max_diff(model, ref) < 1e-5 and max_diff(model, start) > 1e-4
+    assert all(p.grad is None for p in model.parameters()) and live and max(live) == 1
+
+
 def test_hf_trainer_classic_adam_mini_equals_own_loop(tmp_path):
     model = tiny_llama()
     ref = copy.deepcopy(model)
@@ -2263,10 +2448,10 @@ def test_hf_trainer_own_clipping_is_a_no_op(tmp_path):
     assert max_diff(*runs) == 0
 
 
-def test_hf_trainer_gradient_accumulation_is_refused(tmp_path):
+def test_hf_trainer_gradient_accumulation_is_refused_without_accumulation_steps(tmp_path):
     model = tiny_llama()
     opt = lowmem.AdaLomo(model, lr=0.01, update_in_backward=True)
-    with pytest.raises(RuntimeError, match="second backward.*gradient_accumulation_steps"):
+    with pytest.raises(RuntimeError, match="number 2 ran without optimizer.step.*gradient_accumulation_steps"):
         hf_trainer_run(tmp_path, model, opt, max_grad_norm=0.0, gradient_accumulation_steps=2)
 
 
@@ -2405,7 +2590,7 @@ def test_config_overrides_file_and_rejections(tmp_path):
                         (["--n_layer=3.5"], "n_layer must be int"),
                         (["--compile=yes"], "compile must be bool"),
                         (["--optimizer=adam"], "optimizer must be one of"),
-                        (["--optimizer=lomo", "--gradient_accumulation_steps=2"], "needs fused=False"),
+                        (["--optimizer=lomo", "--gradient_accumulation_steps=2"], "with fused=True cannot clip .grad_clip=0"),
                         (["--optimizer=adamw", "--fused=True"], "needs a lowmem optimizer"),
                         (["--dtype=float16"], "needs a fused lowmem driver"),
                         (["--grad_clip=-1"], "grad_clip must be >= 0"),
@@ -2428,6 +2613,17 @@ def test_train_gpt2_every_optimizer_lowers_the_loss(tmp_path, optimizer, fused):
     (_, first), (_, last) = h["val"][0], h["val"][-1]
     assert last < first - 0.5, (first, last)  # from ~ln(256)=5.5
     assert os.path.isfile(tmp_path / "out" / "ckpt.pt")
+
+
+@pytest.mark.parametrize("optimizer", ["adam_mini", "adalomo", "lomo"])
+def test_train_gpt2_fused_gradient_accumulation_trains(tmp_path, optimizer):
+    """--gradient_accumulation_steps with a fused driver: the loss falls, and 2 micro-batches of 2
+    count as one step of 4 sequences (the lr schedule and the tokens per iteration)."""
+    h = train_gpt2.train(train_gpt2.parse_config(gpt_args(tmp_path, optimizer=optimizer, fused=True, batch_size=2,
+                                                          gradient_accumulation_steps=2, grad_clip=0.0)))
+    (_, first), (_, last) = h["val"][0], h["val"][-1]
+    assert last < first - 0.5, (first, last)
+    assert [it for it, _ in h["train"]] == list(range(1, 21))
 
 
 @pytest.mark.parametrize("optimizer", ["adamw", "adam_mini", "adalomo", "adam_mini int8"])
@@ -3150,6 +3346,9 @@ SHARD_RUNS = {  # name: (optimizer, its arguments, fused)
     # to nearest: stochastic rounding draws each element's bits by its index on the rank)
     "adam_mini_8bit_m_fused": (lambda model, **kw: nearest_m(lowmem.AdamMini(model, **kw)),
                                dict(lr=0.01, weight_decay=0.1, n_heads=3, state_dtype=torch.int8), True),
+    # gradient accumulation: each batch a micro-batch, 3 a step (the resume after 3 is at a step's end)
+    "adam_mini_fused_accumulating": (lowmem.AdamMini, dict(lr=0.01, weight_decay=0.1, n_heads=3, accumulation_steps=3), True),
+    "adalomo_fused_accumulating": (lowmem.AdaLomo, dict(lr=0.01, weight_decay=0.01, accumulation_steps=3), True),
 }
 
 

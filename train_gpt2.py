@@ -68,7 +68,7 @@ adam_mini_state = "float32"  # adam_mini's first moment m: float32 | bfloat16 | 
 grad_clip = None  # global norm, 0 = off; None: DEFAULT_CLIP[optimizer] (1.0; 0 for adalomo)
 stochastic_rounding = True  # bf16 parameters, lowmem optimizers
 batch_size = 12  # sequences per micro-batch
-gradient_accumulation_steps = 1  # classic driver only: a fused backward is a whole step
+gradient_accumulation_steps = 1  # micro-batches per step (fused: each one's gradient is used in its backward)
 max_iters = 1500  # optimizer steps
 warmup_iters = 100  # linear lr warmup, then cosine decay
 lr_decay_iters = None  # None: max_iters
@@ -190,10 +190,12 @@ class Trainer:
     def step(self, next_batch):
         """One optimizer step; returns the last micro-batch loss (a tensor) and whether it was applied."""
         accum = self.cfg["gradient_accumulation_steps"]
-        if self.cfg["fused"]:
-            with self.autocast:
-                loss = self.train_model(*next_batch())[1]
-            return loss, self.opt.fused_backward(loss)
+        if self.cfg["fused"]:  # the optimizer knows accum: its last fused_backward ends the step
+            for micro in range(accum):
+                with self.autocast:
+                    loss = self.train_model(*next_batch())[1]
+                applied = self.opt.fused_backward(loss / accum if accum > 1 else loss)
+            return loss, applied
         for micro in range(accum):
             sync = self.train_model.no_sync() if self.ddp and micro < accum - 1 else nullcontext()
             with sync, self.autocast:
@@ -677,9 +679,6 @@ def validate_training(cfg, optimizers, out_prefix, default_lr=None):
         cfg["fused"] = cfg["optimizer"] in ("lomo", "adalomo")
     if cfg["fused"] and cfg["optimizer"] in ("adamw", "sgd"):
         config_error(f"fused=True needs a lowmem optimizer (lomo, adalomo, adam_mini), not {cfg['optimizer']}")
-    if cfg["fused"] and cfg["gradient_accumulation_steps"] != 1:
-        config_error("gradient_accumulation_steps > 1 needs fused=False: the fused driver updates every "
-                     "parameter inside backward, so each backward is a whole optimizer step")
     if cfg["dtype"] not in ("float32", "bfloat16", "float16"):
         config_error(f"dtype must be float32, bfloat16 or float16, got {cfg['dtype']!r}")
     if cfg["adam_mini_state"] not in ("float32", "bfloat16", "int8"):
@@ -700,6 +699,10 @@ def validate_training(cfg, optimizers, out_prefix, default_lr=None):
         cfg["weight_decay"] = DEFAULT_WD[cfg["optimizer"]]
     if cfg["grad_clip"] is None:
         cfg["grad_clip"] = DEFAULT_CLIP[cfg["optimizer"]]
+    if cfg["fused"] and cfg["gradient_accumulation_steps"] > 1 and (cfg["grad_clip"] or cfg["dtype"] == "float16"):
+        config_error("gradient_accumulation_steps > 1 with fused=True cannot clip (grad_clip=0) or use float16: the "
+                     "accumulated gradient is never held, each micro-batch's is used in its own backward "
+                     "(fused=False clips the sum)")
     cfg["lr_decay_iters"] = cfg["lr_decay_iters"] or cfg["max_iters"]
     cfg["min_lr"] = cfg["learning_rate"] / 10 if cfg["min_lr"] is None else cfg["min_lr"]
     for key in ("learning_rate", "min_lr", "weight_decay", "grad_clip", "warmup_iters"):
@@ -762,7 +765,8 @@ def get_lr(it, cfg):
 
 def make_optimizer(model, cfg):
     name, lr, wd, clip = cfg["optimizer"], cfg["learning_rate"], cfg["weight_decay"], cfg["grad_clip"] or None
-    lowmem_args = dict(clip_grad_norm=clip, stochastic_rounding=cfg["stochastic_rounding"], seed=cfg["seed"])
+    lowmem_args = dict(clip_grad_norm=clip, stochastic_rounding=cfg["stochastic_rounding"], seed=cfg["seed"],
+                       accumulation_steps=cfg["gradient_accumulation_steps"] if cfg["fused"] else 1)
     if name == "adamw":  # nanoGPT's groups: decay matrices/embeddings, not biases/norms
         params = [p for p in model.parameters() if p.requires_grad]
         groups = [{"params": [p for p in params if p.dim() >= 2], "weight_decay": wd},
