@@ -2251,6 +2251,23 @@ def test_accumulating_lomo_is_sgd_on_the_summed_gradient_where_it_does_not_move(
     assert max_diff(model, ref) < 1e-6
 
 
+def test_accumulating_lomo_differs_from_true_accumulation_at_second_order_in_lr():
+    """On a real (non-linear) loss each micro-batch's gradient is taken at weights the earlier
+    ones moved: one step's difference from SGD on the summed gradient is O(lr^2), so halving
+    the lr divides it by about 4."""
+    k, diffs = 4, []
+    for lr in (0.02, 0.01):
+        model = TinyNet()
+        ref = copy.deepcopy(model)
+        opt, ref_opt = lowmem.LOMO(model, lr=lr, accumulation_steps=k), torch.optim.SGD(ref.parameters(), lr=lr)
+        for batch in batches(k):
+            opt.fused_backward(lm_loss(model, batch) / k)
+            (lm_loss(ref, batch) / k).backward()
+        ref_opt.step()
+        diffs.append(max_diff(model, ref))
+    assert diffs[1] > 0 and 3.0 < diffs[0] / diffs[1] < 5.0, diffs
+
+
 def test_accumulating_adalomo_takes_each_micro_batch_as_a_step_at_lr_over_k():
     k = 4
     model = TinyNet()
