@@ -267,7 +267,8 @@ static inline void adam_run_q8(float *w, int8_t *code, float *scale, const float
     *scale = amax / 127.0f;
     if (!q8_coded(inv)) for (int64_t i = 0; i < n; i++) code[i] = 0;
     else if (!sr) for (int64_t i = 0; i < n; i++) code[i] = q8_near(m[i], inv);
-    else {  /* the hashes of the four-element groups the run touches, then a byte each */
+    else {  /* the hashes of the four-element groups the run touches, then a byte each (little-endian:
+               byte i % 4 of a hash is its bits 8 * (i % 4) up, as byte_noise takes them) */
         uint32_t hashes[QB / 4 + 2];
         const uint8_t *b = (const uint8_t *)hashes + (at & 3);
         for (int64_t j = 0; j < (n + (at & 3) + 3) / 4; j++) hashes[j] = hash32(mixed, (at >> 2) + j);
