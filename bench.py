@@ -744,12 +744,15 @@ def fold_ratio_rows(args, every=10):
     model = train_gpt2.build_model(cfg, data)
     opt, k = train_gpt2.make_optimizer(model, cfg), cfg["gradient_accumulation_steps"]
     gen, rows, sums = torch.Generator().manual_seed(cfg["seed"]), [], {}
-    window = {"true": 0.0, "folded": 0.0}
+    window = {}
 
-    def row(label, true, folded):
-        ratios = sorted((true / folded).tolist())
-        return dict(iters=label, blocks=len(ratios), median=statistics.median(ratios), p10=ratios[len(ratios) // 10],
-                    p90=ratios[9 * len(ratios) // 10])
+    def row(label, sums):
+        out = dict(iters=label)
+        for prefix, key in (("", "folded"), ("estimate_", "estimate"), ("cross_", "cross")):
+            ratios = sorted((sums["true"] / sums[key]).tolist())
+            out.update({prefix + "median": statistics.median(ratios), prefix + "p10": ratios[len(ratios) // 10],
+                        prefix + "p90": ratios[9 * len(ratios) // 10]})
+        return dict(out, blocks=len(ratios))
     for it in range(args.iters):
         for group in opt.param_groups:
             group["lr"] = train_gpt2.get_lr(it, cfg)
@@ -766,18 +769,39 @@ def fold_ratio_rows(args, every=10):
                 true.append(lowmem.block_mean_sq(sum(g[i] for g in grads), blocks, whole).flatten())
                 folded.append(sum(lowmem.block_mean_sq(g[i], blocks, whole) for g in grads).flatten())
             true, folded = torch.cat(true), torch.cat(folded)
-            for key, value in (("true", true), ("folded", folded)):
-                window[key] = window[key] + value
-                sums[key] = sums.get(key, 0.0) + value
-        if (it + 1) % 100 == 0:
-            rows.append(row(f"{it - 98}-{it + 1}", window["true"], window["folded"]))
-            window = {"true": 0.0, "folded": 0.0}
-            print(f"  iters {rows[-1]['iters']}: median {rows[-1]['median']:.3f}", file=sys.stderr, flush=True)
+            b1 = opt.param_groups[0]["betas"][0]
+            cross = []
+            for i, (p, blocks) in enumerate(zip(model.parameters(), opt.partition)):
+                whole = lowmem.Whole(p.shape)
+                dot = lambda a, b: (lowmem.block_mean_sq(a + b, blocks, whole) - lowmem.block_mean_sq(a - b, blocks, whole)) / 4
+                m_old = opt.state[p]["m"].clone() if opt.state.get(p) else torch.zeros_like(p)
+                a1 = dot(grads[0][i], m_old)
+                m_cur = b1 * m_old + (1 - b1) * grads[0][i]
+                c = 0
+                for g in grads[1:]:
+                    c = c + dot(g[i], m_cur)
+                    m_cur = m_cur + (1 - b1) * g[i]
+                cross.append(((c - b1 * (k - 1) * a1) / (1 - b1)).flatten())
+            cross_est = torch.minimum(torch.clamp(folded + 2 * torch.cat(cross), min=0), k * folded)
         for x, y in micro:
             (model(x, y)[1] / k).backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
-    rows.append(row(f"1-{args.iters}", sums["true"], sums["folded"]))
+        if it % every == 0:  # the estimate adam_mini_agreement adds to S, from m after the step
+            b1, step = opt.param_groups[0]["betas"][0], it + 1
+            agree = torch.cat([lowmem.block_mean_sq(opt.state[p]["m"], blocks, lowmem.Whole(p.shape)).flatten()
+                               for p, blocks in zip(model.parameters(), opt.partition)]) * (1 - 1 / k) / (1 - b1 ** step) ** 2
+            for key, value in (("true", true), ("folded", folded), ("estimate", folded + agree), ("cross", cross_est)):
+                window[key] = window.get(key, 0.0) + value
+                sums[key] = sums.get(key, 0.0) + value
+        if (it + 1) % 100 == 0:
+            rows.append(row(f"{it - 98}-{it + 1}", window))
+            window = {}
+            print(f"  iters {rows[-1]['iters']}: median {rows[-1]['median']:.3f}, with m {rows[-1]['estimate_median']:.3f} "
+                  f"[{rows[-1]['estimate_p10']:.3f}, {rows[-1]['estimate_p90']:.3f}], cross {rows[-1]['cross_median']:.3f} "
+                  f"[{rows[-1]['cross_p10']:.3f}, {rows[-1]['cross_p90']:.3f}]",
+                  file=sys.stderr, flush=True)
+    rows.append(row(f"1-{args.iters}", sums))
     return rows
 
 
@@ -785,10 +809,13 @@ def print_fold_ratio(rows, args):
     k = ACCUMULATE["gradient_accumulation_steps"]
     print(f"Adam-mini, train_gpt2's default run as {k} micro-batches of {ACCUMULATE['batch_size']} (classic driver), "
           f"{args.iters} iters: per block, the sum over the steps of mean(G*G) of the accumulated gradient over the "
-          f"sum of the micro-batches' mean(g*g) (1: noise, {k}: agreement), every 10th step")
-    print(f"{'iters':>10s} {'blocks':>7s} {'median':>7s} {'p10':>7s} {'p90':>7s}")
+          f"sum S of the micro-batches' mean(g*g) (1: noise, {k}: agreement), and over the estimate "
+          f"S + (1 - 1/{k})*mean(m_hat*m_hat) Adam-mini's fold uses, every 10th step")
+    print(f"{'':>18s} {'true / S':>23s}   {'true / estimate':>23s}")
+    print(f"{'iters':>10s} {'blocks':>7s} " + 2 * f"{'median':>7s} {'p10':>7s} {'p90':>7s}   ")
     for r in rows:
-        print(f"{r['iters']:>10s} {r['blocks']:7d} {r['median']:7.3f} {r['p10']:7.3f} {r['p90']:7.3f}")
+        print(f"{r['iters']:>10s} {r['blocks']:7d} {r['median']:7.3f} {r['p10']:7.3f} {r['p90']:7.3f}   "
+              f"{r['estimate_median']:7.3f} {r['estimate_p10']:7.3f} {r['estimate_p90']:7.3f}")
 
 
 def print_accumulate(rows, args):

@@ -174,25 +174,32 @@ def adam_mini_update(p, g, m, v, blocks, step, lr, betas=(0.9, 0.999), eps=1e-8,
     return adam_mini_apply(p, m, v, blocks, step, lr, betas, eps, weight_decay, geo)
 
 
-def adam_mini_fold(g, m, v, blocks, betas, first, geo, k=1):
+def adam_mini_fold(g, m, v, blocks, betas, first, geo):
     """Adam-mini's moments from g: the first (or only) gradient of a step decays them, the
     next ones of the same step (gradient accumulation, k micro-batches) add to them:
-        first:  m <- b1*m + (1-b1)*g,   v_b <- b2*v_b + (1-b2)*sqrt(k)*mean(g*g over block b)
-        next:   m <- m + (1-b1)*g,      v_b <- v_b + (1-b2)*sqrt(k)*mean(g*g over block b)
+        first:  m <- b1*m + (1-b1)*g,   v_b <- b2*v_b + (1-b2)*mean(g*g over block b)
+        next:   m <- m + (1-b1)*g,      v_b <- v_b + (1-b2)*mean(g*g over block b)
     After k micro-batches m = b1*m + (1-b1)*(g_1 + ... + g_k): the accumulated gradient's m,
-    exactly. v needs mean(G*G) of the sum G, which no micro-batch sees: the sum of the
-    micro-batches' mean(g*g) is its expectation when their gradients are pure noise, and 1/k
-    of it when they all agree; sqrt(k) times it is within sqrt(k) of it either way
-    (DESIGN.md "Gradient accumulation")."""
+    exactly. v has S, the sum of the micro-batches' mean(g*g); the accumulated gradient G's
+    mean(G*G) also has their cross terms, which adam_mini_agreement estimates."""
     b1, b2 = betas
     ms = block_mean_sq(g, blocks, geo)
-    if k > 1:
-        ms = ms * math.sqrt(k)
     if first:
         m.lerp_(g, 1 - b1)
         return ema_(v, ms, b2)
     m.add_(g, alpha=1 - b1)
     return v.add_(ms, alpha=1 - b2)
+
+
+def adam_mini_agreement(m, v, blocks, step, betas, k, geo):
+    """After k micro-batches folded into m and v (adam_mini_fold): v's share of the cross terms.
+    With g_i = mu + noise_i, E[mean(G*G)] = E[S] + k*(k-1)*mean(mu*mu): the micro-batches'
+    agreement, which no single one of them shows. k*mu is G's mean, which the bias-corrected
+    m estimates, so the term is (1 - 1/k)*mean(m_hat*m_hat), measured against the truth in
+    DESIGN.md "Gradient accumulation". Never below S; k = 1 adds nothing."""
+    b1, b2 = betas
+    agree = block_mean_sq(m, blocks, geo) / (1 - b1 ** step) ** 2
+    return v.add_(agree, alpha=(1 - b2) * (1 - 1 / k))
 
 
 def adam_mini_apply(p, m, v, blocks, step, lr, betas, eps, weight_decay, geo):
@@ -513,7 +520,7 @@ class _LowMemOptimizer(torch.optim.Optimizer):
         x = p.to_local() if self._geo[p].sharded else p
         if micro:
             first = p not in self._window
-            self._window[p] = True
+            self._window[p] = self._window.get(p, 0) + 1  # p's micro-batches in this step
             return self._micro_batch(p, x, grad, prep, group, state, lr, first)
         self._rule(p, x, grad, prep, group, state, lr)
 
@@ -902,21 +909,22 @@ class AdamMini(_LowMemOptimizer):
         weights move once, when the step ends (_finish_step). The PyTorch rule, no kernel."""
         _, m, v = self._begin(x, state, self._blocks[p], advance=False)
         m32 = self._load_m(m, state)
-        adam_mini_fold(_prepare_grad(grad, prep), m32, v, self._blocks[p], group["betas"], first, self._geo[p],
-                       self.accumulation_steps)
+        adam_mini_fold(_prepare_grad(grad, prep), m32, v, self._blocks[p], group["betas"], first, self._geo[p])
         if m32 is not m:
             self._store_m(m, state.get("m_scale"), m32)
 
     def _finish_step(self):
         """The weights of every parameter this step's micro-batches reached, from m and v."""
-        for p in self._window:
+        for p, k in self._window.items():
             group, state, blocks = self._group_of[p], self.state[p], self._blocks[p]
             x = p.to_local() if self._geo[p].sharded else p
             t, m, v = self._begin(x, state, blocks)
             w = x.float() if x.dtype != torch.float32 else x
             wd = group["weight_decay"] if blocks.decay else 0.0
             lr = group["lr"] if self._lr is None else self._lr
-            adam_mini_apply(w, self._load_m(m, state), v, blocks, t, lr, group["betas"], group["eps"], wd, self._geo[p])
+            m32 = self._load_m(m, state)
+            adam_mini_agreement(m32, v, blocks, t, group["betas"], k, self._geo[p])
+            adam_mini_apply(w, m32, v, blocks, t, lr, group["betas"], group["eps"], wd, self._geo[p])
             if w is not x:
                 self._write_back(x, w)
 

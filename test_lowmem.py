@@ -2203,7 +2203,7 @@ def linear_losses(model, k, seed=0):
 @pytest.mark.parametrize("driver", ["fused_backward", "in_backward"])
 def test_accumulating_adam_mini_m_equals_the_classic_drivers_bit_for_bit(driver):
     """m after k micro-batches is the true accumulated gradient's m; v is the stated fold:
-    b2*v + (1-b2)*sqrt(k)*(sum of the micro-batches' block means of g*g)."""
+    b2*v + (1-b2)*(S + (1 - 1/k)*mean(m_hat*m_hat)), S the sum of the micro-batches' block means of g*g."""
     k, betas = 4, (0.5, 0.75)
     model = TinyNet()
     ref, start = copy.deepcopy(model), copy.deepcopy(model)
@@ -2220,15 +2220,36 @@ def test_accumulating_adam_mini_m_equals_the_classic_drivers_bit_for_bit(driver)
         v_want = {}
         for p, q in zip(model.parameters(), ref.parameters()):
             blocks, geo = opt._blocks[p], lowmem.Whole(p.shape)
-            micro = sum(lowmem.block_mean_sq(torch.autograd.grad(loss(), q)[0], blocks, geo) for loss in ref_losses)
-            v_want[p] = v_old[p] * betas[1] + (1 - betas[1]) * math.sqrt(k) * micro
+            v_want[p] = sum(lowmem.block_mean_sq(torch.autograd.grad(loss(), q)[0], blocks, geo) for loss in ref_losses)
         ref_opt.step()
         ref_opt.zero_grad()
         for p, q in zip(model.parameters(), ref.parameters()):
+            m_hat = ref_opt.state[q]["m"] / (1 - betas[0] ** (step + 1))
+            agree = (1 - 1 / k) * lowmem.block_mean_sq(m_hat, opt._blocks[p], lowmem.Whole(p.shape))
+            v_want[p] = v_old[p] * betas[1] + (1 - betas[1]) * (v_want[p] + agree)
             assert torch.equal(opt.state[p]["m"], ref_opt.state[q]["m"])
             assert torch.allclose(opt.state[p]["v"], v_want[p], rtol=1e-6, atol=0)
             assert opt.state[p]["step"] == ref_opt.state[q]["step"] == step + 1
     assert all(p.grad is None for p in model.parameters())
+
+
+def test_accumulating_adam_mini_is_exact_when_the_micro_batches_agree_at_the_first_step():
+    """At step 1 m_hat is G itself; with k equal micro-batch gradients S = mean(G*G)/k, so
+    S + (1 - 1/k)*mean(m_hat*m_hat) = mean(G*G): v, and the step, are true accumulation's. The
+    plain sum S alone would leave v k times too small (steps sqrt(k) too large)."""
+    k = 4
+    model = TinyNet()
+    ref = copy.deepcopy(model)
+    opt = lowmem.AdamMini(model, lr=0.01, n_heads=1, accumulation_steps=k)
+    ref_opt = lowmem.AdamMini(ref, lr=0.01, n_heads=1)
+    same = linear_losses(model, 1)[0]  # one gradient c, k times (loss / k each)
+    for _ in range(k):
+        opt.fused_backward(same() / k)
+    sum(linear_losses(ref, 1)[0]() / k for _ in range(k)).backward()
+    ref_opt.step()
+    for p, q in zip(model.parameters(), ref.parameters()):
+        assert torch.allclose(opt.state[p]["v"], ref_opt.state[q]["v"], rtol=1e-6, atol=0)
+    assert max_diff(model, ref) < 1e-6
 
 
 def test_accumulating_lomo_is_sgd_on_the_summed_gradient_where_it_does_not_move():
