@@ -711,7 +711,7 @@ def accumulate_rows(args):
     accumulating .grad (LOMO's: SGD), at the same lr (DEFAULT_LR), without clipping (the fused
     drivers cannot clip an accumulated gradient). Best val loss per seed, the arms in turn."""
     import train_gpt2
-    rows = []
+    rows, factor = [], float(args.factors.split(",")[0]) if args.factors else 1.0
     for name in args.optimizers.split(","):
         if name not in ACCUMULATE_CLASSIC:
             raise SystemExit(f"accumulate: --optimizers takes {', '.join(ACCUMULATE_CLASSIC)}, got {name!r}")
@@ -719,7 +719,7 @@ def accumulate_rows(args):
         for seed in range(args.first_seed, args.first_seed + args.seeds):
             for arm, opt_name in (("classic", ACCUMULATE_CLASSIC[name]), ("fused", name)):
                 base = dict(ACCUMULATE, max_iters=args.iters, fused=arm == "fused")
-                h = _converge_run(train_gpt2, base, opt_name, train_gpt2.DEFAULT_LR[name], seed, f"{name} {arm}")
+                h = _converge_run(train_gpt2, base, opt_name, factor * train_gpt2.DEFAULT_LR[name], seed, f"{name} {arm}")
                 vals[arm].append(h["best_val"])
         mean = {arm: statistics.mean(v) for arm, v in vals.items()}
         rows.append(dict(optimizer=name, classic=vals["classic"], fused=vals["fused"], classic_mean=mean["classic"],
@@ -820,7 +820,8 @@ def print_fold_ratio(rows, args):
 
 def print_accumulate(rows, args):
     print(f"train_gpt2.py's default run as {ACCUMULATE['gradient_accumulation_steps']} micro-batches of "
-          f"{ACCUMULATE['batch_size']}, {args.iters} iters, no clipping; best val loss, mean of {args.seeds} seed(s)")
+          f"{ACCUMULATE['batch_size']}, {args.iters} iters, no clipping, lr {args.factors or 1}x DEFAULT_LR; best val loss, "
+          f"mean of {args.seeds} seed(s)")
     print(f"{'optimizer':10s} {'classic (true sum)':>19s} {'fused, accumulating':>20s} {'fused/classic':>14s}  seeds (classic | fused)")
     for r in rows:
         print(f"{r['optimizer']:10s} {r['classic_mean']:19.4f} {r['fused_mean']:20.4f} {r['ratio']:13.4f}x  "
@@ -1406,7 +1407,7 @@ def main():
                     help="memory, plan: ranks, the model sharded with FSDP2 (memory: under torchrun); per-rank figures")
     ap.add_argument("--iters", type=int, default=1500, help="converge: iterations per run (the default run's length)")
     ap.add_argument("--factors", default=None,
-                    help="converge, ablation: the lr sweep, as multiples of DEFAULT_LR (default 0.5,1,2; ablation 1)")
+                    help="converge, ablation: the lr sweep, as multiples of DEFAULT_LR (default 0.5,1,2; ablation 1); accumulate: one")
     ap.add_argument("--variants", default="", help="ablation: only the variants whose labels contain one of these words")
     ap.add_argument("--first_seed", type=int, default=0,
                     help="ablation, state, accumulate: seeds first_seed .. first_seed+seeds-1 (the lr sweep at the first): runs can be split")

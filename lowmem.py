@@ -754,9 +754,20 @@ class _LowMemOptimizer(torch.optim.Optimizer):
 
     def load_state_dict(self, state_dict):
         """Load state exactly (dtype kept: torch's loader would cast fp32 state to bf16); a step
-        being accumulated is dropped."""
+        being accumulated is dropped. Takes sharded_state_dict()'s too."""
         _load_state(self, state_dict)
         self._micro, self._window = 0, {}
+
+    def sharded_state_dict(self):
+        """state_dict() for torch.distributed.checkpoint under FSDP2, resumable on any number of
+        ranks: state holding a parameter's rows is a DTensor sharded like it (section 6)."""
+        return _sharded_state_dict(self)
+
+    def _new_state(self, p, x):  # a parameter's state before its first step (LOMO keeps none)
+        return {}
+
+    def _row_keys(self, p, x):  # which state tensors hold x's rows (dim 0), sharded like x
+        return ()
 
     def _adopt_state(self, p, saved):  # AdamMini checks its m's format
         return saved
@@ -807,8 +818,8 @@ class AdaLomo(_LowMemOptimizer):
         super().__init__(model_or_params, defaults, clip_grad_norm, clip_grad_value, loss_scale,
                          stochastic_rounding, seed, update_in_backward, accumulation_steps)
 
-    def _begin(self, g, state):
-        """Create state on first use, advance the step; returns (step, moments)."""
+    def _begin(self, g, state, advance=1):
+        """Create state on first use, advance the step (unless not); returns (step, moments)."""
         if not state:
             state["step"] = 0
             f32 = dict(dtype=torch.float32, device=g.device)
@@ -816,8 +827,16 @@ class AdaLomo(_LowMemOptimizer):
                 state["row"], state["col"] = torch.zeros(g.shape[:-1], **f32), torch.zeros(g.shape[:-2] + g.shape[-1:], **f32)
             else:
                 state["v"] = torch.zeros(g.shape, **f32)
-        state["step"] += 1
+        state["step"] += advance
         return state["step"], ((state["row"], state["col"]) if g.dim() >= 2 else (state["v"],))
+
+    def _new_state(self, p, x):  # zero state at step 0 (section 6's checkpoints)
+        state = {}
+        self._begin(x, state, advance=0)
+        return state
+
+    def _row_keys(self, p, x):  # the state holding x's rows (dim 0): all but a matrix's column statistic
+        return ("row", "col") if x.dim() >= 3 else ("row",) if x.dim() == 2 else ("v",) if x.dim() == 1 else ()
 
     def _update(self, p, w, g, group, state, lr):
         step, moments = self._begin(g, state)
@@ -894,6 +913,14 @@ class AdamMini(_LowMemOptimizer):
             state["v"] = torch.zeros(v_shape, dtype=torch.float32, device=x.device)
         state["step"] += advance
         return state["step"], state["m"], state["v"]
+
+    def _new_state(self, p, x):  # zero state at step 0 (section 6's checkpoints)
+        state = {}
+        self._begin(x, state, self._blocks[p], advance=False)
+        return state
+
+    def _row_keys(self, p, x):  # the state holding x's rows (dim 0): all but the per-block v
+        return ("m", "m_scale", "v") if self._blocks[p].kind == "element" else ("m", "m_scale")
 
     def _update(self, p, w, g, group, state, lr):
         blocks = self._blocks[p]
@@ -1626,6 +1653,39 @@ class Shard(Whole):
         return whole
 
 
+# Checkpoints on another number of ranks (torch.distributed.checkpoint, DCP). A rank holds
+# its rows of m, of Adam-mini's 8-bit scales and of AdaLomo's row statistic, as of its
+# parameter; sharded_state_dict() gives those as DTensors placed like the parameter, so DCP
+# saves each row once and reads back the rows each rank of the new run holds. The rest is the
+# same on every rank and saved once: Adam-mini's v (one value per block, kept whole on every
+# rank; its block sums are all-reduced), AdaLomo's column statistic of a matrix (a mean over
+# all rows), the step counts. Every parameter appears, with zero state at step 0 if it has
+# none yet, so that a fresh optimizer's sharded_state_dict() is the template DCP loads into.
+
+
+def _sharded_state_dict(opt):
+    sd = opt.state_dict()
+    old, sd["state"] = sd["state"], {}  # str keys: DCP writes what it loads under str keys
+    for group, saved in zip(opt.param_groups, sd["param_groups"]):
+        for p, i in zip(group["params"], saved["params"]):
+            x = p.to_local() if opt._geo[p].sharded else p
+            state = sd["state"][str(i)] = dict(old.get(i) or opt._new_state(p, x))  # a copy: opt.state stays
+            if opt._geo[p].sharded:
+                for key in opt._row_keys(p, x):
+                    if torch.is_tensor(state.get(key)):
+                        state[key] = _rows_as_dtensor(state[key], p)
+    return sd
+
+
+def _rows_as_dtensor(t, p):
+    """This rank's rows of a state tensor t as a DTensor placed like its FSDP2 parameter p
+    (Shard(0) of torch.chunk's split, the last rank's rows fewer or none)."""
+    from torch.distributed.tensor import DTensor
+    shape = (p.shape[0], *t.shape[1:])
+    stride = tuple(math.prod(shape[d + 1:]) for d in range(len(shape)))
+    return DTensor.from_local(t, p.device_mesh, p.placements, run_check=False, shape=shape, stride=stride)
+
+
 def _geometries(model_or_params, params, names):
     """({parameter: Whole or Shard}, the FSDP2 mesh or None): FSDP2's DTensor parameters are Shards."""
     managed = _fsdp_managed(model_or_params)
@@ -1845,10 +1905,13 @@ def _load_state(opt, state_dict):
             len(s["params"]) != len(g["params"]) for s, g in zip(saved, opt.param_groups)):
         raise ValueError("load_state_dict: the saved parameter groups do not match this "
                          "optimizer's (different number of groups or parameters)")
-    by_id = {i: p for s, g in zip(saved, opt.param_groups) for i, p in zip(s["params"], g["params"])}
+    by_id = {str(i): p for s, g in zip(saved, opt.param_groups) for i, p in zip(s["params"], g["params"])}
     new_state = defaultdict(dict)
     for i, s in state_dict["state"].items():
-        p = by_id[i]
+        if s.get("step") == 0:  # sharded_state_dict()'s zero state of a parameter not yet stepped
+            continue
+        p = by_id[str(i)]
+        s = {k: v.to_local() if _is_dtensor(v) else v for k, v in s.items()}  # this rank's rows
         new_state[p] = {k: v.to(device=p.device, copy=True) if torch.is_tensor(v) else v
                         for k, v in opt._adopt_state(p, s).items()}
     opt.state = new_state

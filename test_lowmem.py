@@ -2777,7 +2777,44 @@ def test_train_gpt2_fsdp_two_ranks_resume_is_exact(tmp_path):
     vals = [[line.split("val loss ")[1].split()[0] for line in r.stdout.splitlines() if "val loss" in line] for r in runs]
     assert vals[0][-1] == vals[2][-1] and vals[0][1] == vals[1][-1], vals  # printed to 4 decimals
     assert float(vals[0][-1]) < float(vals[0][0]) - 0.2
-    assert sorted(os.listdir(tmp_path / "b" / "out")) == ["ckpt-rank0-of-2.pt", "ckpt-rank1-of-2.pt"]
+    assert sorted(os.listdir(tmp_path / "b" / "out")) == ["ckpt-fsdp", "ckpt-fsdp-00000008"]  # the link and its target
+
+
+def sharded_checkpoint_model(out_dir):
+    """The whole model tensors of a torch.distributed.checkpoint directory, read in this process."""
+    from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
+    whole = os.path.join(out_dir, "whole.pt")
+    dcp_to_torch_save(os.path.join(out_dir, "ckpt-fsdp"), whole)
+    return torch.load(whole, weights_only=False)["model"]
+
+
+def test_train_gpt2_fsdp_resumes_on_another_number_of_ranks(tmp_path):
+    """--fsdp=True checkpoints (torch.distributed.checkpoint): a 2-rank run stopped at 4 and resumed
+    on 1 rank, and a 1-rank run resumed on 2, end at 8 with the weights of an uninterrupted 2-rank
+    run (the same sequences each step: batch_size 2 per rank on 2, 4 on 1). A resume that would
+    change the sequences of a step is refused, naming the batch_size that keeps them."""
+    train_gpt2.prepare_stdlib()
+    args = dict(optimizer="adam_mini", fsdp=True, lr_decay_iters=8, eval_interval=4, eval_iters=2)
+
+    def run(d, world, iters, **kw):
+        argv = ["--device='cpu'", *gpt_args(tmp_path / d, max_iters=iters, batch_size=4 // world, **args, **kw)]
+        if world == 2:
+            return torchrun_two_ranks(train_gpt2.__file__, *argv)
+        return subprocess.run([sys.executable, train_gpt2.__file__, *argv], capture_output=True, text=True, check=True,
+                              env={**os.environ, "OMP_NUM_THREADS": "1"})
+    run("a", 2, 8)
+    for d, first, then in (("b", 2, 1), ("c", 1, 2)):
+        run(d, first, 4)
+        run(d, then, 8, init_from="resume")
+    whole = {d: sharded_checkpoint_model(tmp_path / d / "out") for d in "abc"}
+    for d, way in (("b", "2 -> 1"), ("c", "1 -> 2")):  # measured: 4e-7, 2.5e-6 (the ranks' sums in another order)
+        diff = max((whole[d][k] - whole["a"][k]).abs().max().item() for k in whole["a"])
+        print(f"train_gpt2 --fsdp=True, resumed {way} ranks at iter 4 of 8: max abs weight difference {diff:.2e}")
+        assert diff < 2e-5, way
+    refused = subprocess.run([sys.executable, train_gpt2.__file__, "--device='cpu'", *gpt_args(
+        tmp_path / "a", max_iters=12, batch_size=2, init_from="resume", **args)], capture_output=True, text=True)
+    assert refused.returncode != 0 and "4 sequences a step there (2 rank(s)), 2 here (1): on 1 rank(s) " \
+        "--gradient_accumulation_steps=2 or --batch_size=4 keeps them" in refused.stderr, refused.stderr[-2000:]
 
 
 def test_train_llama_fsdp_two_ranks_saves_a_loadable_hf_model(tmp_path):
@@ -2787,6 +2824,24 @@ def test_train_llama_fsdp_two_ranks_saves_a_loadable_hf_model(tmp_path):
     saved = train_llama.Llama.from_pretrained(str(tmp_path / "out" / "hf")).eval()
     with torch.no_grad():
         assert torch.isfinite(saved(torch.randint(0, 256, (1, 16)))[0]).all()
+
+
+def test_train_llama_fsdp_resumes_on_one_rank_what_two_saved(tmp_path):
+    """train_llama's --fsdp=True checkpoint of 2 ranks of 2, resumed on 1 rank accumulating 2
+    micro-batches of 2 (each padded and averaged over its tokens, as each rank's is), ends with an
+    uninterrupted 2-rank run's weights, AdaLomo's row and column statistics resharded."""
+    args = dict(optimizer="adalomo", fused=False, fsdp=True, eval_interval=2, lr_decay_iters=4, num_hidden_layers=1,
+                batch_size=2)
+    torchrun_two_ranks(train_llama.__file__, "--device='cpu'", *llama_args(tmp_path / "a", max_iters=4, **args))
+    torchrun_two_ranks(train_llama.__file__, "--device='cpu'", *llama_args(tmp_path / "b", max_iters=2, **args))
+    subprocess.run([sys.executable, train_llama.__file__, "--device='cpu'", *llama_args(
+        tmp_path / "b", max_iters=4, init_from="resume", gradient_accumulation_steps=2, **args)], check=True,
+        capture_output=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    a, b = (sharded_checkpoint_model(tmp_path / d / "out") for d in "ab")
+    diff = max((a[k] - b[k]).abs().max().item() for k in a)
+    print(f"train_llama --fsdp=True, resumed 2 -> 1 ranks at iter 2 of 4: max abs weight difference {diff:.2e}")
+    assert diff < 2e-5
+    assert os.path.realpath(tmp_path / "b" / "out" / "ckpt-fsdp").endswith("ckpt-fsdp-00000004")  # iter 2's is gone
 
 
 @pytest.mark.skipif(not os.path.isdir("/proc/self/task"), reason="counts threads through Linux /proc")
@@ -3391,10 +3446,14 @@ SHARD_RUNS = {  # name: (optimizer, its arguments, fused)
 }
 
 
-def shard_run(name, steps, rank=None, world=1, resume_at=None, out=None, bf16_compute=False):
-    """`steps` steps of SHARD_RUNS[name] on batches(steps); with rank set, this rank's half of
-    each batch on a fully_shard-ed model. resume_at: save per-rank files there, rebuild, resume.
-    bf16_compute: FSDP2's MixedPrecisionPolicy (bf16 forward/backward, fp32 reduce and shards)."""
+def shard_run(name, steps, rank=None, world=1, resume_at=None, out=None, bf16_compute=False, save_dcp=None,
+              load_dcp=None):
+    """`steps` steps of SHARD_RUNS[name] on batches(steps); with rank set, this rank's share of
+    each batch (of 4) on a fully_shard-ed model. resume_at: save per-rank files there, rebuild,
+    resume. bf16_compute: FSDP2's MixedPrecisionPolicy (bf16 forward/backward, fp32 reduce and
+    shards). save_dcp=(step, dir): stop at that step, saved with torch.distributed.checkpoint;
+    load_dcp=(step, dir): start there from such a checkpoint (of any number of ranks)."""
+    import torch.distributed.checkpoint as dcp
     make, kw, fused = SHARD_RUNS[name]
 
     def build():
@@ -3407,15 +3466,26 @@ def shard_run(name, steps, rank=None, world=1, resume_at=None, out=None, bf16_co
                 fully_shard(module, mp_policy=mp)
         return model, make(model, **kw)
     model, opt = build()
+    if load_dcp:
+        both = {"model": model.state_dict(), "optimizer": opt.sharded_state_dict()}
+        dcp.load(both, checkpoint_id=load_dcp[1])
+        model.load_state_dict(both["model"])
+        opt.load_state_dict(both["optimizer"])
     for i, idx in enumerate(batches(steps, shape=(4, 9))):
+        if load_dcp and i < load_dcp[0]:
+            continue
+        if save_dcp and i == save_dcp[0]:
+            return dcp.save({"model": model.state_dict(), "optimizer": opt.sharded_state_dict()}, checkpoint_id=save_dcp[1])
         if i == resume_at:  # per-rank files: this rank's rows of every parameter and its optimizer state
             path = os.path.join(out, f"{name}-rank{rank}.pt")
-            torch.save({"model": train_gpt2.model_state(model, True), "optimizer": opt.state_dict()}, path)
+            torch.save({"model": {n: p.to_local() for n, p in model.named_parameters()}, "optimizer": opt.state_dict()}, path)
             model, opt = build()
             saved = torch.load(path, weights_only=False)
-            train_gpt2.load_model_state(model, saved["model"], True)
+            with torch.no_grad():
+                for n, p in model.named_parameters():
+                    p.to_local().copy_(saved["model"][n])
             opt.load_state_dict(saved["optimizer"])
-        part = idx if rank is None else idx[rank * 2:(rank + 1) * 2]
+        part = idx if rank is None else idx.chunk(world)[rank]
         one_step(opt, lm_loss(model, part), fused)
     full = {n: (p.full_tensor() if rank is not None else p).detach().clone() for n, p in model.named_parameters()}
     return full, opt.state_bytes()
@@ -3456,6 +3526,44 @@ def test_fsdp2_sharded_updates_equal_one_process_on_the_whole_batch(tmp_path):
         if name.startswith("adam_mini"):
             share = 0.65 if "8bit" in name else 0.6  # every rank holds all of v: a larger share beside a 1-byte m
             assert all(r["state"] < share * ref_state for r in ranks), (name, ref_state, [r["state"] for r in ranks])
+
+
+def test_fsdp2_checkpoints_resume_on_another_number_of_ranks(tmp_path):
+    """torch.distributed.checkpoint with sharded_state_dict(): 3 steps on 1 FSDP2 rank, saved,
+    then steps 4-5 on 2 ranks; and 3 steps on 2 ranks, then 4-5 on 1. Both equal one process
+    without FSDP2 over the 5 steps, for every optimizer and driver: Adam-mini's m, its 8-bit
+    codes and scales and AdaLomo's row statistics resharded by rows, v and AdaLomo's column
+    statistics whole on every rank."""
+    def worker(world, body):
+        script = tmp_path / f"dcp_worker{world}.py"
+        script.write_text(
+            "import os, sys, torch, torch.distributed as dist\n"
+            f"sys.path.insert(0, {ROOT!r})\n"
+            "import test_lowmem as T\n"
+            + ("dist.init_process_group('gloo')\n" if world == 2 else
+               "dist.init_process_group('gloo', rank=0, world_size=1, store=dist.HashStore())\n")
+            + f"rank, world, out = dist.get_rank(), {world}, sys.argv[1]\n"
+            "for name in T.SHARD_RUNS:\n" + body
+            + "dist.barrier()\ndist.destroy_process_group()\nT.train_gpt2.end_rank()\n")
+        return script
+    one = worker(1, "    if sys.argv[2] == 'save':\n"
+                    "        T.shard_run(name, 5, rank, world, save_dcp=(3, os.path.join(out, name + '-on1')))\n"
+                    "    else:\n"
+                    "        full, _ = T.shard_run(name, 5, rank, world, load_dcp=(3, os.path.join(out, name + '-on2')))\n"
+                    "        torch.save(full, os.path.join(out, name + '-2to1.pt'))\n")
+    two = worker(2, "    full, _ = T.shard_run(name, 5, rank, world, load_dcp=(3, os.path.join(out, name + '-on1')))\n"
+                    "    if rank == 0:\n"
+                    "        torch.save(full, os.path.join(out, name + '-1to2.pt'))\n"
+                    "    T.shard_run(name, 5, rank, world, save_dcp=(3, os.path.join(out, name + '-on2')))\n")
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    subprocess.run([sys.executable, str(one), str(tmp_path), "save"], check=True, env=env, timeout=300)
+    torchrun_two_ranks(two, str(tmp_path))
+    subprocess.run([sys.executable, str(one), str(tmp_path), "load"], check=True, env=env, timeout=300)
+    for name in SHARD_RUNS:
+        ref, _ = shard_run(name, 5)
+        for way in ("1to2", "2to1"):
+            got = torch.load(tmp_path / f"{name}-{way}.pt", weights_only=False)
+            assert max((got[n] - ref[n]).abs().max().item() for n in ref) < 1e-5, (name, way)
 
 
 def test_layouts_lowmem_cannot_update_exactly_are_refused_by_name(tmp_path):

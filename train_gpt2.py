@@ -21,6 +21,7 @@ import json
 import math
 import os
 import resource
+import shutil
 import sys
 import sysconfig
 import time
@@ -109,7 +110,7 @@ DEFAULTS = {k: globals()[k] for k in CONFIG_KEYS}
 
 def train(cfg):
     """One GPT-2 training job; returns the Trainer's history."""
-    dev, rank, world = setup_device(cfg["device"])
+    dev, rank, world = setup_device(cfg["device"], cfg["fsdp"])
     if cfg["dataset"] == "stdlib" and rank == 0:
         prepare_stdlib()  # once, cached under data/stdlib
     if world > 1:
@@ -129,7 +130,7 @@ def train(cfg):
         gen = torch.Generator().manual_seed(cfg["seed"] + 1)
         return estimate_loss(model, lambda: data.batch("val", cfg["batch_size"], gen, dev), cfg["eval_iters"])
 
-    history = trainer.run(lambda: data.batch("train", cfg["batch_size"], trainer.data_gen, dev), evaluate,
+    history = trainer.run(lambda: data.batch("train", cfg["batch_size"], trainer.data_gen, dev, (rank, world)), evaluate,
                           tokens_per_iter)
     if cfg["sample_tokens"] and (rank == 0 or cfg["fsdp"]):  # FSDP2's forward needs every rank
         prompt = data.batch("val", 1, torch.Generator().manual_seed(0), dev)[0][:, :32]
@@ -166,13 +167,15 @@ class Trainer:
             model.to(device=dev, dtype=getattr(torch, cfg["dtype"]))
             if cfg["fsdp"]:
                 shard_model(model)
-        if ckpt:
-            load_model_state(model, ckpt["model"], cfg["fsdp"])
         self.opt = make_optimizer(model, cfg)  # after sharding: it sees this rank's rows
-        self.data_gen = torch.Generator().manual_seed(cfg["seed"] + 1000 + rank + seed_offset)
+        self.data_gen = torch.Generator().manual_seed(cfg["seed"] + 1000 + seed_offset)  # the same on every rank
         self.start, self.best_val = 0, float("inf")
-        if ckpt:
+        if ckpt and cfg["fsdp"]:
+            load_sharded(model, self.opt, ckpt["sharded"])  # the rows this rank holds, from any number of ranks
+        elif ckpt:
+            model.load_state_dict(ckpt["model"])
             self.opt.load_state_dict(ckpt["optimizer"])
+        if ckpt:
             self.data_gen.set_state(ckpt["data_rng"])
             torch.set_rng_state(ckpt["torch_rng"])
             self.start, self.best_val = ckpt["iter_num"], ckpt["best_val_loss"]
@@ -497,6 +500,14 @@ def prepare_stdlib(out=STDLIB_DIR):
     return out
 
 
+def rank_indices(high, batch_size, generator, share=(0, 1)):
+    """This rank's batch_size random indices in [0, high): one draw for all `world` ranks, of
+    which rank takes its slice, so the sequences of a step depend only on world * batch_size
+    (a run resumes exactly on another number of ranks, batch_size scaled to match)."""
+    rank, world = share
+    return torch.randint(high, (batch_size * world,), generator=generator)[rank * batch_size:][:batch_size].tolist()
+
+
 def _atomic_write(path, data):
     tmp = f"{path}.tmp{os.getpid()}"
     with open(tmp, "wb") as f:
@@ -542,9 +553,9 @@ class Data:
             return int(meta["vocab_size"]), "ids"
         return 50304, "gpt2"  # GPT-2's 50257 rounded up to a multiple of 64, as nanoGPT
 
-    def batch(self, split, batch_size, generator, device="cpu"):
+    def batch(self, split, batch_size, generator, device="cpu", share=(0, 1)):
         data = np.memmap(self.paths[split], dtype=np.uint16, mode="r")  # re-opened: no memmap leak
-        ix = torch.randint(len(data) - self.block_size - 1, (batch_size,), generator=generator).tolist()
+        ix = rank_indices(len(data) - self.block_size - 1, batch_size, generator, share)
         xy = torch.from_numpy(np.stack([data[i:i + self.block_size + 1] for i in ix]).astype(np.int64))
         if int(xy.max()) >= self.vocab_size:
             raise InputError(f"dataset {self.paths[split]}: token id {int(xy.max())} >= vocab_size {self.vocab_size}")
@@ -796,11 +807,15 @@ def peak_memory_mb(dev):
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB (macOS: bytes)
 
 
-def setup_device(name):
-    """(device, rank, world); under torchrun also joins the process group."""
+def setup_device(name, fsdp=False):
+    """(device, rank, world); under torchrun also joins the process group, and so does one
+    process with fsdp (FSDP2 needs a group: a 1-rank run's checkpoint resumes on more ranks)."""
     if name == "auto":
         name = "cuda" if torch.cuda.is_available() else "mps" if torch.backends.mps.is_available() else "cpu"
     dev, world = torch.device(name), int(os.environ.get("WORLD_SIZE", "1"))
+    if world == 1 and fsdp:
+        importlib.import_module("torch._dynamo")  # as below
+        dist.init_process_group("nccl" if dev.type == "cuda" else "gloo", rank=0, world_size=1, store=dist.HashStore())
     if world == 1:
         return dev, 0, 1
     if dev.type == "cuda":
@@ -819,7 +834,7 @@ def setup_device(name):
 def leave_process_group(world):
     """Under torchrun: wait for every rank (rank 0 may still be evaluating and saving), then
     end the group while Python is fully alive."""
-    if world > 1:
+    if dist.is_initialized():
         dist.barrier()
         dist.destroy_process_group()
 
@@ -854,12 +869,11 @@ def _run_keys(config):
 
 
 def checkpoint_path(cfg):
-    """out_dir/ckpt.pt; with fsdp=True one file per rank, holding that rank's rows of every tensor
-    and its optimizer state (resume needs the same number of ranks)."""
+    """The file a resume reads first: out_dir/ckpt.pt, or with fsdp=True the meta.pt of the
+    torch.distributed.checkpoint directory that the link out_dir/ckpt-fsdp points to."""
     if not cfg["fsdp"]:
         return os.path.join(cfg["out_dir"], "ckpt.pt")
-    rank, world = os.environ.get("RANK", "0"), os.environ.get("WORLD_SIZE", "1")
-    return os.path.join(cfg["out_dir"], f"ckpt-rank{rank}-of-{world}.pt")
+    return os.path.join(cfg["out_dir"], "ckpt-fsdp", "meta.pt")
 
 
 def load_checkpoint(cfg, arch_keys):
@@ -873,9 +887,21 @@ def load_checkpoint(cfg, arch_keys):
     saved = ckpt["config"]  # a key it lacks is from an older lowmem, which had only today's default
     changed = [f"{k}={saved[k]!r} there, {cfg[k]!r} here" for k in ("optimizer", "fsdp", *arch_keys)
                if saved.get(k, cfg[k]) != cfg[k]]
+    world, saved_world = int(os.environ.get("WORLD_SIZE", "1")), ckpt.get("world", 1)
+    per_step = lambda c, w: w * c["batch_size"] * c.get("gradient_accumulation_steps", 1)  # sequences a step
+    total, here = per_step(saved, saved_world), per_step(cfg, world)
+    if world != saved_world and here != total:
+        fixes = [f"--gradient_accumulation_steps={total // (world * cfg['batch_size'])}"] \
+            if total % (world * cfg["batch_size"]) == 0 else []
+        fixes += [f"--batch_size={total // (world * cfg['gradient_accumulation_steps'])}"] \
+            if total % (world * cfg["gradient_accumulation_steps"]) == 0 else []
+        changed.append(f"{total} sequences a step there ({saved_world} rank(s)), {here} here ({world}): "
+                       + (f"on {world} rank(s) {' or '.join(fixes)} keeps them" if fixes else "no batch_size keeps them"))
     if changed:
         raise InputError(f"init_from=resume: {path} was written with other settings ({'; '.join(changed)}); "
                          "resume with the checkpoint's values, or start a new run in another out_dir")
+    if cfg["fsdp"]:
+        ckpt["sharded"] = os.path.dirname(os.path.realpath(path))
     return ckpt
 
 
@@ -898,26 +924,16 @@ def check_out_dir(cfg):
                          f"--init_from=resume, {hint}")
 
 
-def model_state(model, sharded):
-    """The model's tensors; under FSDP2 this rank's rows of each (plain tensors, one file per rank)."""
-    if not sharded:
-        return model.state_dict()
-    model.reshard()  # an eval forward leaves the root's parameters gathered
-    return {name: p.to_local() for name, p in model.named_parameters()}
-
-
-def load_model_state(model, state, sharded):
-    if not sharded:
-        return model.load_state_dict(state)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            p.to_local().copy_(state[name])
-
-
 def save_checkpoint(cfg, model, opt, it, best_val, data_gen):
-    ckpt = {"model": model_state(model, cfg["fsdp"]), "optimizer": opt.state_dict(), "config": cfg, "iter_num": it,
-            "best_val_loss": best_val, "data_rng": data_gen.get_state(), "torch_rng": torch.get_rng_state()}
-    path = checkpoint_path(cfg)
+    meta = {"config": cfg, "iter_num": it, "best_val_loss": best_val, "data_rng": data_gen.get_state(),
+            "torch_rng": torch.get_rng_state()}
+    if cfg["fsdp"]:
+        return save_sharded(cfg, model, opt, dict(meta, world=dist.get_world_size()))
+    save_file({"model": model.state_dict(), "optimizer": opt.state_dict(), **meta}, checkpoint_path(cfg))
+
+
+def save_file(obj, path):
+    """torch.save, atomically (a crash leaves the old file intact), with CRC-32s."""
     tmp = f"{path}.tmp{os.getpid()}"
     # read_checkpoint checks the CRC-32s: never save without them, whatever the global setting
     settings = getattr(getattr(torch.utils, "serialization", None), "config", None)  # torch >= 2.6
@@ -925,11 +941,58 @@ def save_checkpoint(cfg, model, opt, it, best_val, data_gen):
     try:
         if settings:
             settings.save.compute_crc32 = True
-        torch.save(ckpt, tmp)
+        torch.save(obj, tmp)
     finally:
         if settings:
             settings.save.compute_crc32 = crc
-    os.replace(tmp, path)  # atomic: a crash leaves the old checkpoint intact
+    os.replace(tmp, path)
+
+
+# FSDP2 checkpoints: torch.distributed.checkpoint (DCP) writes each rank's rows of every tensor
+# once, with their place in the whole tensor, and loads onto any number of ranks the rows each
+# holds there. lowmem's optimizers give their state that way with sharded_state_dict(); torch's
+# through DCP's own get/set_optimizer_state_dict.
+
+def sharded_state(model, opt):
+    if hasattr(opt, "sharded_state_dict"):
+        return {"model": model.state_dict(), "optimizer": opt.sharded_state_dict()}
+    from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict
+    return {"model": model.state_dict(), "optimizer": get_optimizer_state_dict(model, opt)}
+
+
+def save_sharded(cfg, model, opt, meta):
+    """Every rank writes into a new directory ckpt-fsdp-<iter>; rank 0 adds meta.pt and then moves
+    the link ckpt-fsdp to it (an atomic rename: a crash leaves the previous checkpoint whole)."""
+    import torch.distributed.checkpoint as dcp
+    link = os.path.join(cfg["out_dir"], "ckpt-fsdp")
+    target = f"{link}-{meta['iter_num']:08d}"
+    if os.path.realpath(link) == os.path.realpath(target):  # never write into the linked one
+        target += "-2"
+    if dist.get_rank() == 0:
+        shutil.rmtree(target, ignore_errors=True)  # left by a save that crashed
+    dist.barrier()
+    model.reshard()  # an eval forward leaves the root's parameters gathered
+    dcp.save(sharded_state(model, opt), checkpoint_id=target)
+    if dist.get_rank() == 0:
+        save_file(meta, os.path.join(target, "meta.pt"))
+        tmp = f"{link}.tmp{os.getpid()}"
+        os.symlink(os.path.basename(target), tmp)
+        os.replace(tmp, link)
+        for old in glob.glob(f"{link}-*"):
+            if old != target:
+                shutil.rmtree(old)
+    dist.barrier()
+
+
+def load_sharded(model, opt, directory):
+    import torch.distributed.checkpoint as dcp
+    state = sharded_state(model, opt)
+    dcp.load(state, checkpoint_id=directory)
+    model.load_state_dict(state["model"])
+    if hasattr(opt, "sharded_state_dict"):
+        return opt.load_state_dict(state["optimizer"])
+    from torch.distributed.checkpoint.state_dict import set_optimizer_state_dict
+    set_optimizer_state_dict(model, opt, state["optimizer"])
 
 
 def shard_model(model):

@@ -586,15 +586,15 @@ def pretrain(model, cfg, dev, rank, world):
     pcfg["min_lr"] = pcfg["learning_rate"] / 10
     trainer = common.Trainer(model, pcfg, dev, rank, world, seed_offset=1)
 
-    def windows(gen):
-        x, y = text.batch("train", cfg["batch_size"], gen, dev)
+    def windows(gen, share=(0, 1)):
+        x, y = text.batch("train", cfg["batch_size"], gen, dev, share)
         full = torch.cat([x, y[:, -1:]], 1)
         return full, full  # Llama shifts labels itself
 
     gen = torch.Generator().manual_seed(cfg["seed"] + 1)
     trainer.log(f"pre-training {model_size(model)} on Python's docs (bytes) for {cfg['pretrain_iters']} iters "
                 f"at lr {pcfg['learning_rate']:g} (train_gpt2.DEFAULT_LR['{cfg['optimizer']}'])")
-    trainer.run(lambda: windows(trainer.data_gen), lambda: common.estimate_loss(model, lambda: windows(gen), cfg["eval_iters"]),
+    trainer.run(lambda: windows(trainer.data_gen, (rank, world)), lambda: common.estimate_loss(model, lambda: windows(gen), cfg["eval_iters"]),
                 cfg["batch_size"] * cfg["max_length"] * world)
 
 
@@ -605,7 +605,7 @@ def model_size(model):
 def train(cfg):
     if cfg["plan"]:
         return print_plan(cfg)
-    dev, rank, world = common.setup_device(cfg["device"])
+    dev, rank, world = common.setup_device(cfg["device"], cfg["fsdp"])
     torch.manual_seed(cfg["seed"])
     model, tok, ckpt = build(cfg)
     log = print if rank == 0 else (lambda *a, **k: None)
@@ -631,7 +631,7 @@ def train(cfg):
         report("before fine-tuning")
 
     def next_batch():
-        ix = torch.randint(len(train_set), (cfg["batch_size"],), generator=trainer.data_gen).tolist()
+        ix = common.rank_indices(len(train_set), cfg["batch_size"], trainer.data_gen, (rank, world))
         return pad_batch([train_set[i] for i in ix], tok.pad_id, dev)
 
     tokens = cfg["batch_size"] * cfg["gradient_accumulation_steps"] * world * \
