@@ -728,13 +728,12 @@ def accumulate_rows(args):
 
 
 def fold_ratio_rows(args, every=10):
-    """Why Adam-mini's fold scales the micro-batches' mean(g*g): the default train_gpt2 run as
-    ACCUMULATE micro-batches, Adam-mini in the classic driver (true accumulation) for args.iters
-    steps; every `every` steps each micro-batch's gradient apart, and per block the accumulated
-    gradient's mean(G*G) beside the sum S of the micro-batches' mean(g*g). Their ratio is in
-    [1, k] in expectation (1: noise around a zero mean, k: the micro-batches agree). Rows: per
-    100 steps, the median over blocks of the ratio of their sums over those steps (what an EMA
-    of v, ~100 steps long at beta2 = 0.99, sees), and over the whole run."""
+    """How well Adam-mini's fold of v estimates the accumulated gradient's: the default train_gpt2
+    run as ACCUMULATE micro-batches, Adam-mini in the classic driver (true accumulation) for
+    args.iters steps; every `every` steps each micro-batch's gradient apart, and per block the
+    accumulated gradient's mean(G*G) beside three estimates (_fold_estimates). Rows: per 100
+    steps, the median (and 10th, 90th percentile) over blocks of the ratio of their sums over
+    those steps (what an EMA of v, ~100 steps long at beta2 = 0.99, sees), and over the run."""
     import train_gpt2
     cfg = train_gpt2.parse_config(["--optimizer='adam_mini'", "--fused=False", "--device='cpu'", f"--max_iters={args.iters}"]
                                   + [f"--{key}={value}" for key, value in ACCUMULATE.items()])
@@ -743,12 +742,11 @@ def fold_ratio_rows(args, every=10):
     torch.manual_seed(cfg["seed"])
     model = train_gpt2.build_model(cfg, data)
     opt, k = train_gpt2.make_optimizer(model, cfg), cfg["gradient_accumulation_steps"]
-    gen, rows, sums = torch.Generator().manual_seed(cfg["seed"]), [], {}
-    window = {}
+    gen, rows, window, sums = torch.Generator().manual_seed(cfg["seed"]), [], {}, {}
 
     def row(label, sums):
         out = dict(iters=label)
-        for prefix, key in (("", "folded"), ("estimate_", "estimate"), ("cross_", "cross")):
+        for prefix, key in (("", "sum"), ("estimate_", "fold"), ("cross_", "cross")):
             ratios = sorted((sums["true"] / sums[key]).tolist())
             out.update({prefix + "median": statistics.median(ratios), prefix + "p10": ratios[len(ratios) // 10],
                         prefix + "p90": ratios[9 * len(ratios) // 10]})
@@ -763,59 +761,62 @@ def fold_ratio_rows(args, every=10):
                 (model(x, y)[1] / k).backward()
                 grads.append([p.grad for p in model.parameters()])
                 model.zero_grad(set_to_none=True)
-            true, folded = [], []
-            for i, (p, blocks) in enumerate(zip(model.parameters(), opt.partition)):
-                whole = lowmem.Whole(p.shape)
-                true.append(lowmem.block_mean_sq(sum(g[i] for g in grads), blocks, whole).flatten())
-                folded.append(sum(lowmem.block_mean_sq(g[i], blocks, whole) for g in grads).flatten())
-            true, folded = torch.cat(true), torch.cat(folded)
-            b1 = opt.param_groups[0]["betas"][0]
-            cross = []
-            for i, (p, blocks) in enumerate(zip(model.parameters(), opt.partition)):
-                whole = lowmem.Whole(p.shape)
-                dot = lambda a, b: (lowmem.block_mean_sq(a + b, blocks, whole) - lowmem.block_mean_sq(a - b, blocks, whole)) / 4
-                m_old = opt.state[p]["m"].clone() if opt.state.get(p) else torch.zeros_like(p)
-                a1 = dot(grads[0][i], m_old)
-                m_cur = b1 * m_old + (1 - b1) * grads[0][i]
-                c = 0
-                for g in grads[1:]:
-                    c = c + dot(g[i], m_cur)
-                    m_cur = m_cur + (1 - b1) * g[i]
-                cross.append(((c - b1 * (k - 1) * a1) / (1 - b1)).flatten())
-            cross_est = torch.minimum(torch.clamp(folded + 2 * torch.cat(cross), min=0), k * folded)
+            before = [opt.state[p]["m"].clone() if opt.state.get(p) else torch.zeros_like(p) for p in model.parameters()]
         for x, y in micro:
             (model(x, y)[1] / k).backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
-        if it % every == 0:  # the estimate adam_mini_agreement adds to S, from m after the step
-            b1, step = opt.param_groups[0]["betas"][0], it + 1
-            agree = torch.cat([lowmem.block_mean_sq(opt.state[p]["m"], blocks, lowmem.Whole(p.shape)).flatten()
-                               for p, blocks in zip(model.parameters(), opt.partition)]) * (1 - 1 / k) / (1 - b1 ** step) ** 2
-            for key, value in (("true", true), ("folded", folded), ("estimate", folded + agree), ("cross", cross_est)):
+        if it % every == 0:
+            for key, value in _fold_estimates(opt, model, grads, before, k, it + 1).items():
                 window[key] = window.get(key, 0.0) + value
                 sums[key] = sums.get(key, 0.0) + value
         if (it + 1) % 100 == 0:
             rows.append(row(f"{it - 98}-{it + 1}", window))
             window = {}
-            print(f"  iters {rows[-1]['iters']}: median {rows[-1]['median']:.3f}, with m {rows[-1]['estimate_median']:.3f} "
-                  f"[{rows[-1]['estimate_p10']:.3f}, {rows[-1]['estimate_p90']:.3f}], cross {rows[-1]['cross_median']:.3f} "
-                  f"[{rows[-1]['cross_p10']:.3f}, {rows[-1]['cross_p90']:.3f}]",
+            print(f"  iters {rows[-1]['iters']}: median {rows[-1]['median']:.3f}, estimate {rows[-1]['estimate_median']:.3f}",
                   file=sys.stderr, flush=True)
     rows.append(row(f"1-{args.iters}", sums))
     return rows
 
 
+def _fold_estimates(opt, model, grads, m_before, k, step):
+    """Per block (all tensors' blocks in a row): "true", mean(G*G) of the accumulated gradient G;
+    "sum", S = the sum of the micro-batches' mean(g*g); "fold", S + (1 - 1/k)*mean(m_hat*m_hat)
+    (adam_mini_agreement, m after the step); "cross", S plus twice the cross terms <g_i, g_j>
+    estimated from what a fold sees: micro-batch j's dot product with m, which holds
+    b1*m_old + (1-b1)*(g_1 + ... + g_{j-1}), less b1 times the first micro-batch's dot product
+    with m_old for each (the same in expectation), clipped to [0, k*S]."""
+    b1 = opt.param_groups[0]["betas"][0]
+    out = {key: [] for key in ("true", "sum", "fold", "cross")}
+    for i, (p, blocks) in enumerate(zip(model.parameters(), opt.partition)):
+        whole = lowmem.Whole(p.shape)
+        mean_sq = lambda x: lowmem.block_mean_sq(x, blocks, whole).flatten()
+        dot = lambda a, b: (mean_sq(a + b) - mean_sq(a - b)) / 4
+        g = [micro[i] for micro in grads]
+        s = sum(mean_sq(x) for x in g)
+        m, cross = b1 * m_before[i] + (1 - b1) * g[0], 0
+        for x in g[1:]:
+            cross, m = cross + dot(x, m), m + (1 - b1) * x
+        cross = (cross - b1 * (k - 1) * dot(g[0], m_before[i])) / (1 - b1)
+        out["true"].append(mean_sq(sum(g)))
+        out["sum"].append(s)
+        out["fold"].append(s + (1 - 1 / k) * mean_sq(opt.state[p]["m"]) / (1 - b1 ** step) ** 2)
+        out["cross"].append(torch.minimum((s + 2 * cross).clamp(min=0), k * s))
+    return {key: torch.cat(value) for key, value in out.items()}
+
+
 def print_fold_ratio(rows, args):
     k = ACCUMULATE["gradient_accumulation_steps"]
     print(f"Adam-mini, train_gpt2's default run as {k} micro-batches of {ACCUMULATE['batch_size']} (classic driver), "
-          f"{args.iters} iters: per block, the sum over the steps of mean(G*G) of the accumulated gradient over the "
-          f"sum S of the micro-batches' mean(g*g) (1: noise, {k}: agreement), and over the estimate "
-          f"S + (1 - 1/{k})*mean(m_hat*m_hat) Adam-mini's fold uses, every 10th step")
-    print(f"{'':>18s} {'true / S':>23s}   {'true / estimate':>23s}")
-    print(f"{'iters':>10s} {'blocks':>7s} " + 2 * f"{'median':>7s} {'p10':>7s} {'p90':>7s}   ")
+          f"{args.iters} iters, every 10th step: per block, the sum over the steps of mean(G*G) of the accumulated "
+          f"gradient over: S, the sum of the micro-batches' mean(g*g) (1: noise, {k}: agreement); S + (1 - 1/{k})*"
+          f"mean(m_hat*m_hat), what Adam-mini's fold uses; the cross terms estimated from each micro-batch's dot "
+          f"product with m (tried, not used)")
+    print(f"{'':>18s} " + "".join(f"{label:>24s}   " for label in ("true / S", "true / fold's estimate", "true / cross terms")))
+    print(f"{'iters':>10s} {'blocks':>7s} " + 3 * f"{'median':>8s} {'p10':>7s} {'p90':>7s}   ")
     for r in rows:
-        print(f"{r['iters']:>10s} {r['blocks']:7d} {r['median']:7.3f} {r['p10']:7.3f} {r['p90']:7.3f}   "
-              f"{r['estimate_median']:7.3f} {r['estimate_p10']:7.3f} {r['estimate_p90']:7.3f}")
+        print(f"{r['iters']:>10s} {r['blocks']:7d} " + "".join(
+            f"{r[p + 'median']:8.3f} {r[p + 'p10']:7.3f} {r[p + 'p90']:7.3f}   " for p in ("", "estimate_", "cross_")))
 
 
 def print_accumulate(rows, args):

@@ -79,7 +79,7 @@ device = "auto"  # auto | cpu | cuda | cuda:N | mps
 dtype = "float32"  # parameter dtype: float32 | bfloat16 | float16 (fp16 needs a fused driver)
 amp = False  # bf16 autocast of forward/backward with fp32 parameters (CUDA; nanoGPT's default)
 compile = False  # torch.compile the model (needs a C++ compiler on the CPU; slow to start)
-fsdp = False  # under torchrun: shard parameters, gradients and optimizer state (FSDP2, each block and the root)
+fsdp = False  # under torchrun: FSDP2 shards parameters, gradients, optimizer state (each block, the root); resumes on any number of ranks
 seed = 1337  # model init, data order and the sample
 # ----------------------------------------------------------------------------------------
 

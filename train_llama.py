@@ -67,7 +67,7 @@ device = "auto"  # auto | cpu | cuda | cuda:N | mps
 dtype = "float32"  # parameters; bfloat16 is the memory-saving setting for real models
 amp = False  # bf16 autocast of forward/backward with fp32 parameters (CUDA)
 compile = False  # torch.compile the model (slow to start)
-fsdp = False  # under torchrun: shard parameters, gradients and optimizer state (FSDP2, each layer and the root)
+fsdp = False  # under torchrun: FSDP2 shards parameters, gradients, optimizer state (each layer, the root); resumes on any number of ranks
 seed = 1337  # model init and data order
 plan = False  # print this run's memory plan (bench.py plan: every optimizer at batch_size x max_length; per rank with fsdp) and exit
 # ----------------------------------------------------------------------------------------
