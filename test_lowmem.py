@@ -2765,6 +2765,9 @@ def test_train_gpt2_torchrun_two_processes(tmp_path, optimizer):
     assert "x2 |" in run.stdout and run.stdout.count("done: 10 iters") == 1  # rank 0 logs
     vals = [float(line.split("val loss ")[1].split()[0]) for line in run.stdout.splitlines() if "val loss" in line]
     assert vals[-1] < vals[0] - 0.5
+    resumed = torchrun_two_ranks(train_gpt2.__file__, "--device='cpu'", *gpt_args(
+        tmp_path, optimizer=optimizer, max_iters=12, eval_interval=10, init_from="resume"))  # rank 0's ckpt.pt, on 2 ranks
+    assert resumed.stdout.count("done: 12 iters") == 1
 
 
 def test_train_gpt2_fsdp_two_ranks_resume_is_exact(tmp_path):

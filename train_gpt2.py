@@ -887,7 +887,8 @@ def load_checkpoint(cfg, arch_keys):
     saved = ckpt["config"]  # a key it lacks is from an older lowmem, which had only today's default
     changed = [f"{k}={saved[k]!r} there, {cfg[k]!r} here" for k in ("optimizer", "fsdp", *arch_keys)
                if saved.get(k, cfg[k]) != cfg[k]]
-    world, saved_world = int(os.environ.get("WORLD_SIZE", "1")), ckpt.get("world", 1)
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    saved_world = ckpt.get("world", world)  # older checkpoints did not say
     per_step = lambda c, w: w * c["batch_size"] * c.get("gradient_accumulation_steps", 1)  # sequences a step
     total, here = per_step(saved, saved_world), per_step(cfg, world)
     if world != saved_world and here != total:
@@ -926,9 +927,9 @@ def check_out_dir(cfg):
 
 def save_checkpoint(cfg, model, opt, it, best_val, data_gen):
     meta = {"config": cfg, "iter_num": it, "best_val_loss": best_val, "data_rng": data_gen.get_state(),
-            "torch_rng": torch.get_rng_state()}
+            "torch_rng": torch.get_rng_state(), "world": dist.get_world_size() if dist.is_initialized() else 1}
     if cfg["fsdp"]:
-        return save_sharded(cfg, model, opt, dict(meta, world=dist.get_world_size()))
+        return save_sharded(cfg, model, opt, meta)
     save_file({"model": model.state_dict(), "optimizer": opt.state_dict(), **meta}, checkpoint_path(cfg))
 
 
