@@ -790,7 +790,7 @@ def _fold_estimates(opt, model, grads, m_before, k, step):
     out = {key: [] for key in ("true", "sum", "fold", "cross")}
     for i, (p, blocks) in enumerate(zip(model.parameters(), opt.partition)):
         whole = lowmem.Whole(p.shape)
-        mean_sq = lambda x: lowmem.block_mean_sq(x, blocks, whole).flatten()
+        mean_sq = lambda x: lowmem.block_mean_sq(x, blocks, whole)
         dot = lambda a, b: (mean_sq(a + b) - mean_sq(a - b)) / 4
         g = [micro[i] for micro in grads]
         s = sum(mean_sq(x) for x in g)
@@ -800,9 +800,10 @@ def _fold_estimates(opt, model, grads, m_before, k, step):
         cross = (cross - b1 * (k - 1) * dot(g[0], m_before[i])) / (1 - b1)
         out["true"].append(mean_sq(sum(g)))
         out["sum"].append(s)
-        out["fold"].append(s + (1 - 1 / k) * mean_sq(opt.state[p]["m"]) / (1 - b1 ** step) ** 2)
+        # the fold's own term: with beta2 = 0, adam_mini_agreement adds it to S whole
+        out["fold"].append(lowmem.adam_mini_agreement(opt.state[p]["m"], s.clone(), blocks, step, (b1, 0.0), k, whole))
         out["cross"].append(torch.minimum((s + 2 * cross).clamp(min=0), k * s))
-    return {key: torch.cat(value) for key, value in out.items()}
+    return {key: torch.cat([x.flatten() for x in value]) for key, value in out.items()}
 
 
 def print_fold_ratio(rows, args):
@@ -1417,7 +1418,7 @@ def main():
                     help="converge: which (sgd = lomo's math; default adamw,adam_mini,adalomo,lomo); accumulate: "
                          "lowmem's (default adam_mini,adalomo,lomo)")
     ap.add_argument("--ratio", action="store_true",
-                    help="accumulate: the statistic behind Adam-mini's fold of v (true over per-micro-batch, per block)")
+                    help="accumulate: how well Adam-mini's fold estimates v (the accumulated gradient's over estimates, per block)")
     ap.add_argument("--drift", action="store_true", help="state: how far a bf16 or 8-bit m drifts from the exact m over a run")
     ap.add_argument("--arms", default="", help="state: only the arms whose labels contain one of these words (comma-separated)")
     ap.add_argument("--plot", default="assets/loss_curves.png", help="converge: where the loss curves go (matplotlib)")

@@ -3469,16 +3469,13 @@ def shard_run(name, steps, rank=None, world=1, resume_at=None, out=None, bf16_co
                 fully_shard(module, mp_policy=mp)
         return model, make(model, **kw)
     model, opt = build()
-    if load_dcp:
-        both = {"model": model.state_dict(), "optimizer": opt.sharded_state_dict()}
-        dcp.load(both, checkpoint_id=load_dcp[1])
-        model.load_state_dict(both["model"])
-        opt.load_state_dict(both["optimizer"])
+    if load_dcp:  # as the scripts load and save with --fsdp=True
+        train_gpt2.load_sharded(model, opt, load_dcp[1])
     for i, idx in enumerate(batches(steps, shape=(4, 9))):
         if load_dcp and i < load_dcp[0]:
             continue
         if save_dcp and i == save_dcp[0]:
-            return dcp.save({"model": model.state_dict(), "optimizer": opt.sharded_state_dict()}, checkpoint_id=save_dcp[1])
+            return dcp.save(train_gpt2.sharded_state(model, opt), checkpoint_id=save_dcp[1])
         if i == resume_at:  # per-rank files: this rank's rows of every parameter and its optimizer state
             path = os.path.join(out, f"{name}-rank{rank}.pt")
             torch.save({"model": {n: p.to_local() for n, p in model.named_parameters()}, "optimizer": opt.state_dict()}, path)

@@ -956,9 +956,11 @@ def save_file(obj, path):
 
 def sharded_state(model, opt):
     if hasattr(opt, "sharded_state_dict"):
-        return {"model": model.state_dict(), "optimizer": opt.sharded_state_dict()}
-    from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict
-    return {"model": model.state_dict(), "optimizer": get_optimizer_state_dict(model, opt)}
+        optimizer = opt.sharded_state_dict()
+    else:
+        from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict
+        optimizer = get_optimizer_state_dict(model, opt)
+    return {"model": model.state_dict(), "optimizer": optimizer}
 
 
 def save_sharded(cfg, model, opt, meta):
