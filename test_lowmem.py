@@ -3672,7 +3672,8 @@ def test_every_citation_names_a_file_and_section_of_the_repository():
     cited = 0
     for name in project_files():
         text = open(os.path.join(ROOT, name)).read()
-        for doc, section in re.findall(r"\b([A-Z]+\.md),? \"([^\"]+)\"", text):
+        for doc, section in re.findall(r"\b([A-Z]+\.md),?\s+(?:#\s+)?\"([^\"]+)\"", text):  # across a line break too
+            section = re.sub(r"\s*\n\s*#?\s*", " ", section)  # a section name wrapped onto the next line
             assert doc in headings, f"{name} cites {doc}, which is not in the repository"
             assert section in headings[doc], f"{name} cites {doc} \"{section}\", which has no such section"
             cited += 1
