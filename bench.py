@@ -701,24 +701,25 @@ def print_m_drift(rows, args):
         print(f"{step:6d}" + "".join(f"  {by[a]['rel_err']:26.4f} {by[a]['along']:9.4f}" for a in arms))
 
 
-ACCUMULATE = dict(batch_size=3, gradient_accumulation_steps=4, grad_clip=0.0)  # 12 sequences a step, as the default run
+ACCUMULATE = dict(batch_size=3, gradient_accumulation_steps=4)  # 12 sequences a step, as the default run
 ACCUMULATE_CLASSIC = {"adam_mini": "adam_mini", "adalomo": "adalomo", "lomo": "sgd"}  # true accumulation of the same math
 
 
 def accumulate_rows(args):
     """The default train_gpt2 run as ACCUMULATE micro-batches: each lowmem optimizer in its fused
     driver (accumulation_steps, each micro-batch used in its backward) against the classic driver
-    accumulating .grad (LOMO's: SGD), at the same lr (DEFAULT_LR), without clipping (the fused
-    drivers cannot clip an accumulated gradient). Best val loss per seed, the arms in turn."""
+    accumulating .grad (LOMO's: SGD), at the same lr (DEFAULT_LR) and clipping (--grad_clip, else
+    the default run's: the classic arm clips the sum to it, the fused arm each micro-batch to a
+    k-th of it). Best val loss per seed, the arms in turn."""
     import train_gpt2
-    rows, factor = [], float(args.factors.split(",")[0]) if args.factors else 1.0
+    rows, factor = [], float(args.factors)
     for name in args.optimizers.split(","):
         if name not in ACCUMULATE_CLASSIC:
             raise SystemExit(f"accumulate: --optimizers takes {', '.join(ACCUMULATE_CLASSIC)}, got {name!r}")
         vals = {"classic": [], "fused": []}
         for seed in range(args.first_seed, args.first_seed + args.seeds):
             for arm, opt_name in (("classic", ACCUMULATE_CLASSIC[name]), ("fused", name)):
-                base = dict(ACCUMULATE, max_iters=args.iters, fused=arm == "fused")
+                base = dict(ACCUMULATE, max_iters=args.iters, fused=arm == "fused", grad_clip=args.grad_clip)
                 h = _converge_run(train_gpt2, base, opt_name, factor * train_gpt2.DEFAULT_LR[name], seed, f"{name} {arm}")
                 vals[arm].append(h["best_val"])
         mean = {arm: statistics.mean(v) for arm, v in vals.items()}
@@ -736,7 +737,7 @@ def fold_ratio_rows(args, every=10):
     those steps (what an EMA of v, ~100 steps long at beta2 = 0.99, sees), and over the run."""
     import train_gpt2
     cfg = train_gpt2.parse_config(["--optimizer='adam_mini'", "--fused=False", "--device='cpu'", f"--max_iters={args.iters}"]
-                                  + [f"--{key}={value}" for key, value in ACCUMULATE.items()])
+                                  + [f"--{key}={value}" for key, value in dict(ACCUMULATE, grad_clip=args.grad_clip).items()])
     train_gpt2.prepare_stdlib()
     data = train_gpt2.Data(train_gpt2.STDLIB_DIR, cfg["block_size"])
     torch.manual_seed(cfg["seed"])
@@ -806,9 +807,15 @@ def _fold_estimates(opt, model, grads, m_before, k, step):
     return {key: torch.cat([x.flatten() for x in value]) for key, value in out.items()}
 
 
+def _clipping(args):
+    return "each optimizer's default clipping" if args.grad_clip is None else \
+        "no clipping" if args.grad_clip == 0 else f"clipping at {args.grad_clip:g}"
+
+
 def print_fold_ratio(rows, args):
     k = ACCUMULATE["gradient_accumulation_steps"]
-    print(f"Adam-mini, train_gpt2's default run as {k} micro-batches of {ACCUMULATE['batch_size']} (classic driver), "
+    print(f"Adam-mini, train_gpt2's default run as {k} micro-batches of {ACCUMULATE['batch_size']} (classic driver, "
+          f"{_clipping(args)}), "
           f"{args.iters} iters, every 10th step: per block, the sum over the steps of mean(G*G) of the accumulated "
           f"gradient over: S, the sum of the micro-batches' mean(g*g) (1: noise, {k}: agreement); S + (1 - 1/{k})*"
           f"mean(m_hat*m_hat), what Adam-mini's fold uses; the cross terms estimated from each micro-batch's dot "
@@ -822,7 +829,7 @@ def print_fold_ratio(rows, args):
 
 def print_accumulate(rows, args):
     print(f"train_gpt2.py's default run as {ACCUMULATE['gradient_accumulation_steps']} micro-batches of "
-          f"{ACCUMULATE['batch_size']}, {args.iters} iters, no clipping, lr {args.factors or 1}x DEFAULT_LR; best val loss, "
+          f"{ACCUMULATE['batch_size']}, {args.iters} iters, {_clipping(args)}, lr {args.factors}x DEFAULT_LR; best val loss, "
           f"mean of {args.seeds} seed(s)")
     print(f"{'optimizer':10s} {'classic (true sum)':>19s} {'fused, accumulating':>20s} {'fused/classic':>14s}  seeds (classic | fused)")
     for r in rows:
@@ -1417,6 +1424,9 @@ def main():
     ap.add_argument("--optimizers", default=None,
                     help="converge: which (sgd = lomo's math; default adamw,adam_mini,adalomo,lomo); accumulate: "
                          "lowmem's (default adam_mini,adalomo,lomo)")
+    ap.add_argument("--grad_clip", type=float, default=None,
+                    help="accumulate: clipping by global norm in both arms (default: the default run's, train_gpt2's "
+                         "DEFAULT_CLIP; 0: none)")
     ap.add_argument("--ratio", action="store_true",
                     help="accumulate: how well Adam-mini's fold estimates v (the accumulated gradient's over estimates, per block)")
     ap.add_argument("--drift", action="store_true", help="state: how far a bf16 or 8-bit m drifts from the exact m over a run")
@@ -1434,7 +1444,7 @@ def main():
     ap.add_argument("--json", action="store_true", help="print the rows as JSON instead of a table")
     ap.add_argument("--report", default="gpu_report.md", help="gpu: where the markdown report is written")
     args = ap.parse_args()
-    args.factors = args.factors or ("1" if args.command == "ablation" else "0.5,1,2")
+    args.factors = args.factors or ("1" if args.command in ("ablation", "accumulate") else "0.5,1,2")
     args.optimizers = args.optimizers or ("adam_mini,adalomo,lomo" if args.command == "accumulate" else "adamw,adam_mini,adalomo,lomo")
     if args.command == "gpu":
         sys.exit(gpu_report(args))

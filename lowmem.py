@@ -583,10 +583,14 @@ class _LowMemOptimizer(torch.optim.Optimizer):
         norm, self._sumsq = self._sumsq.sum().sqrt(), None
         return norm
 
-    def _clip_coef_from(self, total_norm):
+    def _clip_coef_from(self, total_norm, parts=1):
+        """The clipping coefficient of a gradient of norm total_norm, one of `parts` micro-batches
+        of a fused accumulated step: each is clipped to clip_grad_norm / parts, so their sum never
+        exceeds clip_grad_norm (the triangle inequality), and when they agree (equal gradients)
+        this is clipping the sum exactly."""
         if self.clip_grad_norm is None:
             return None
-        return min(1.0, self.clip_grad_norm / (float(total_norm) + 1e-6))  # one sync per step
+        return min(1.0, self.clip_grad_norm / parts / (float(total_norm) + 1e-6))  # one sync per step
 
     # -- classic driver -----------------------------------------------------------------
 
@@ -693,37 +697,43 @@ class _LowMemOptimizer(torch.optim.Optimizer):
         across ranks inside the hook.
 
         With accumulation_steps=k each call is one micro-batch (pass it loss / k): the k-th
-        call ends the optimizer step (step() ends one early); the step hooks fire around it."""
+        call ends the optimizer step (step() ends one early); the step hooks fire around it.
+        Clipping then takes a norm pass per micro-batch, each clipped to clip_grad_norm / k."""
         if lr is not None:
             _check_positive("lr", lr, allow_none=False, allow_zero=True)
         if self._micro + 1 < self.accumulation_steps:
-            self._lr = lr
-            try:
-                self._backward(loss, "update")
-            finally:
-                self._lr = None
+            self._update_pass(loss, lr, last=False)
             self._micro += 1
             return True
         return self._fused_step(loss, lr)
 
     @torch.optim.Optimizer.profile_hook_step  # step pre/post hooks and the profiler, as around step()
     def _fused_step(self, loss, lr):
+        if not self._update_pass(loss, lr, last=True):
+            return False
+        self._opt_called = True  # tells torch's lr schedulers that a step happened
+        return True
+
+    def _update_pass(self, loss, lr, last):
+        """One micro-batch's (or the step's) backward with its update, after the norm pass that
+        clipping or fp16's overflow check needs; last ends an accumulated step. False: skipped
+        on an fp16 overflow."""
         norm, self._pending_norm = self._pending_norm, None
         if norm is None and (self.clip_grad_norm is not None or self.loss_scaler):
             norm, self._pending_norm = self.grad_norm(loss), None
         if self.loss_scaler and not torch.isfinite(norm).item():  # one sync per step, fp16 only
             self.loss_scaler.update(overflow=True)
             return False
-        self._lr, self._clip_coef = lr, (self._clip_coef_from(norm) if norm is not None else None)
+        self._lr = lr
+        self._clip_coef = self._clip_coef_from(norm, self.accumulation_steps) if norm is not None else None
         try:
             self._backward(loss, "update")
-            if self.accumulation_steps > 1:
+            if last and self.accumulation_steps > 1:
                 self._end_window()
         finally:
             self._lr, self._clip_coef = None, None
         if self.loss_scaler:
             self.loss_scaler.update(overflow=False)
-        self._opt_called = True  # tells torch's lr schedulers that a step happened
         return True
 
     # -- state (section 7 has the checks and the loading) ---------------------------------
@@ -1785,13 +1795,13 @@ def _check_accumulation(k, clip_grad_norm, clip_grad_value, dynamic_loss_scale):
         raise ValueError(f"accumulation_steps must be a positive integer (micro-batches per optimizer step), got {k!r}")
     if k == 1:
         return
-    if clip_grad_norm is not None or clip_grad_value is not None:
+    if clip_grad_value is not None:
         raise ValueError(
-            f"accumulation_steps={k} cannot clip (clip_grad_norm= / clip_grad_value=): clipping acts on the "
-            "accumulated gradient, which a fused driver never holds; each micro-batch's gradient is used in "
-            "its own backward, before the next exists. Train without clipping (AdaLomo's update "
-            "normalization bounds each step), or use the classic driver (loss.backward() per micro-batch, "
-            "then step()), which clips the sum.")
+            f"accumulation_steps={k} cannot clip by value (clip_grad_value=): it acts on the accumulated "
+            "gradient's elements, which a fused driver never holds; each micro-batch's gradient is used in "
+            "its own backward, before the next exists. Use clip_grad_norm= (fused_backward clips each "
+            "micro-batch to clip_grad_norm / k, so their sum stays within it), or the classic driver "
+            "(loss.backward() per micro-batch, then step()), which clips the sum.")
     if dynamic_loss_scale:
         raise ValueError(
             f"accumulation_steps={k} cannot use fp16's dynamic loss scaler: an overflow in a late "

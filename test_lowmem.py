@@ -2272,6 +2272,47 @@ def test_accumulating_lomo_is_sgd_on_the_summed_gradient_where_it_does_not_move(
     assert max_diff(model, ref) < 1e-6
 
 
+def test_accumulating_with_clipping_clips_each_micro_batch_to_its_share():
+    """clip_grad_norm=c with accumulation_steps=k: fused_backward measures each micro-batch's
+    norm (a norm pass) and clips it to c/k, so the step's sum stays within c. LOMO applies each
+    micro-batch at once, so it is torch's SGD with clip_grad_norm_(c/k) before each micro-batch's
+    step; the clip is active (c/k is below every micro-batch's norm) and the weights move."""
+    k, c, lr = 4, 0.02, 0.05
+    model = TinyNet()
+    ref = copy.deepcopy(model)
+    opt = lowmem.LOMO(model, lr=lr, clip_grad_norm=c, accumulation_steps=k)
+    ref_opt = torch.optim.SGD(ref.parameters(), lr=lr)
+    norms = []
+    for batch in batches(2 * k):
+        opt.fused_backward(lm_loss(model, batch) / k)
+        (lm_loss(ref, batch) / k).backward()
+        norms.append(float(torch.nn.utils.clip_grad_norm_(ref.parameters(), c / k)))
+        ref_opt.step()
+        ref_opt.zero_grad()
+    assert min(norms) > 2 * c / k and max_diff(model, ref) < 1e-6
+    assert all(p.grad is None for p in model.parameters())
+
+
+def test_accumulating_adam_mini_with_clipping_is_exact_when_the_micro_batches_agree():
+    """k equal micro-batches, each clipped to c/k, sum to the accumulated gradient clipped to c:
+    at step 1 (where v is exact for agreeing micro-batches) the fused step is the classic
+    driver's, which clips the sum."""
+    k, c = 4, 0.05
+    model = TinyNet()
+    ref = copy.deepcopy(model)
+    opt = lowmem.AdamMini(model, lr=0.01, n_heads=1, clip_grad_norm=c, accumulation_steps=k)
+    ref_opt = lowmem.AdamMini(ref, lr=0.01, n_heads=1, clip_grad_norm=c)
+    batch = batches(1)[0]
+    for _ in range(k):
+        opt.fused_backward(lm_loss(model, batch) / k)
+    sum(lm_loss(ref, batch) / k for _ in range(k)).backward()
+    assert float(torch.nn.utils.get_total_norm([q.grad for q in ref.parameters()])) > 2 * c  # the clip acts
+    ref_opt.step()
+    for p, q in zip(model.parameters(), ref.parameters()):
+        assert torch.allclose(opt.state[p]["m"], ref_opt.state[q]["m"], rtol=1e-5, atol=1e-9)
+    assert max_diff(model, ref) < 1e-6
+
+
 def test_accumulating_lomo_differs_from_true_accumulation_at_second_order_in_lr():
     """On a real (non-linear) loss each micro-batch's gradient is taken at weights the earlier
     ones moved: one step's difference from SGD on the summed gradient is O(lr^2), so halving
@@ -2335,8 +2376,8 @@ def test_accumulating_drivers_agree_and_keep_one_gradient(name):
 
 @pytest.mark.parametrize("name", OPTIMIZERS)
 def test_accumulation_refuses_what_it_cannot_do(name):
-    for kw, match in [(dict(clip_grad_norm=1.0), "accumulation_steps=2 cannot clip"),
-                      (dict(clip_grad_value=0.1), "accumulation_steps=2 cannot clip"),
+    for kw, match in [(dict(clip_grad_value=0.1), "accumulation_steps=2 cannot clip by value.*clip_grad_norm"),
+                      (dict(clip_grad_norm=1.0, update_in_backward=True), "cannot clip by global norm"),
                       (dict(accumulation_steps=0), "positive integer"), (dict(accumulation_steps=True), "positive integer")]:
         with pytest.raises(ValueError, match=match):
             make(name, TinyNet(), **{"accumulation_steps": 2, **kw})
@@ -2629,7 +2670,7 @@ def test_config_overrides_file_and_rejections(tmp_path):
                         (["--n_layer=3.5"], "n_layer must be int"),
                         (["--compile=yes"], "compile must be bool"),
                         (["--optimizer=adam"], "optimizer must be one of"),
-                        (["--optimizer=lomo", "--gradient_accumulation_steps=2"], "with fused=True cannot clip .grad_clip=0"),
+                        (["--optimizer=lomo", "--gradient_accumulation_steps=2", "--dtype=float16"], "with fused=True cannot use float16"),
                         (["--optimizer=adamw", "--fused=True"], "needs a lowmem optimizer"),
                         (["--dtype=float16"], "needs a fused lowmem driver"),
                         (["--grad_clip=-1"], "grad_clip must be >= 0"),
@@ -2656,10 +2697,11 @@ def test_train_gpt2_every_optimizer_lowers_the_loss(tmp_path, optimizer, fused):
 
 @pytest.mark.parametrize("optimizer", ["adam_mini", "adalomo", "lomo"])
 def test_train_gpt2_fused_gradient_accumulation_trains(tmp_path, optimizer):
-    """--gradient_accumulation_steps with a fused driver: the loss falls, and 2 micro-batches of 2
-    count as one step of 4 sequences (the lr schedule and the tokens per iteration)."""
+    """--gradient_accumulation_steps with a fused driver, clipping as each optimizer's default run
+    does (a norm pass per micro-batch; AdaLomo clips nothing): the loss falls, and 2 micro-batches
+    of 2 count as one step of 4 sequences (the lr schedule and the tokens per iteration)."""
     h = train_gpt2.train(train_gpt2.parse_config(gpt_args(tmp_path, optimizer=optimizer, fused=True, batch_size=2,
-                                                          gradient_accumulation_steps=2, grad_clip=0.0)))
+                                                          gradient_accumulation_steps=2)))
     (_, first), (_, last) = h["val"][0], h["val"][-1]
     assert last < first - 0.5, (first, last)
     assert [it for it, _ in h["train"]] == list(range(1, 21))

@@ -710,10 +710,9 @@ def validate_training(cfg, optimizers, out_prefix, default_lr=None):
         cfg["weight_decay"] = DEFAULT_WD[cfg["optimizer"]]
     if cfg["grad_clip"] is None:
         cfg["grad_clip"] = DEFAULT_CLIP[cfg["optimizer"]]
-    if cfg["fused"] and cfg["gradient_accumulation_steps"] > 1 and (cfg["grad_clip"] or cfg["dtype"] == "float16"):
-        config_error("gradient_accumulation_steps > 1 with fused=True cannot clip (grad_clip=0) or use float16: the "
-                     "accumulated gradient is never held, each micro-batch's is used in its own backward "
-                     "(fused=False clips the sum)")
+    if cfg["fused"] and cfg["gradient_accumulation_steps"] > 1 and cfg["dtype"] == "float16":
+        config_error("gradient_accumulation_steps > 1 with fused=True cannot use float16: its loss scaler would "
+                     "have to undo micro-batches already applied after an overflow in a later one (use bfloat16)")
     cfg["lr_decay_iters"] = cfg["lr_decay_iters"] or cfg["max_iters"]
     cfg["min_lr"] = cfg["learning_rate"] / 10 if cfg["min_lr"] is None else cfg["min_lr"]
     for key in ("learning_rate", "min_lr", "weight_decay", "grad_clip", "warmup_iters"):
