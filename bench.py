@@ -710,22 +710,62 @@ def accumulate_rows(args):
     driver (accumulation_steps, each micro-batch used in its backward) against the classic driver
     accumulating .grad (LOMO's: SGD), at the same lr (DEFAULT_LR) and clipping (--grad_clip, else
     the default run's: the classic arm clips the sum to it, the fused arm each micro-batch to a
-    k-th of it). Best val loss per seed, the arms in turn."""
+    k-th of it). Best val loss per seed, the arms in turn (--arms: only those named)."""
     import train_gpt2
     rows, factor = [], float(args.factors)
+    arms = [arm for arm in ("classic", "fused") if not args.arms or arm in args.arms.split(",")]
     for name in args.optimizers.split(","):
         if name not in ACCUMULATE_CLASSIC:
             raise SystemExit(f"accumulate: --optimizers takes {', '.join(ACCUMULATE_CLASSIC)}, got {name!r}")
-        vals = {"classic": [], "fused": []}
+        vals = {arm: [] for arm in arms}
         for seed in range(args.first_seed, args.first_seed + args.seeds):
-            for arm, opt_name in (("classic", ACCUMULATE_CLASSIC[name]), ("fused", name)):
+            for arm in arms:
                 base = dict(ACCUMULATE, max_iters=args.iters, fused=arm == "fused", grad_clip=args.grad_clip)
-                h = _converge_run(train_gpt2, base, opt_name, factor * train_gpt2.DEFAULT_LR[name], seed, f"{name} {arm}")
+                with _exact_v(args.exact_v if arm == "fused" else None):
+                    h = _converge_run(train_gpt2, base, name if arm == "fused" else ACCUMULATE_CLASSIC[name],
+                                      factor * train_gpt2.DEFAULT_LR[name], seed, f"{name} {arm}")
                 vals[arm].append(h["best_val"])
         mean = {arm: statistics.mean(v) for arm, v in vals.items()}
-        rows.append(dict(optimizer=name, classic=vals["classic"], fused=vals["fused"], classic_mean=mean["classic"],
-                         fused_mean=mean["fused"], ratio=mean["fused"] / mean["classic"]))
+        rows.append(dict(optimizer=name, **vals, **{arm + "_mean": m for arm, m in mean.items()},
+                         ratio=mean["fused"] / mean["classic"] if len(mean) == 2 else None))
     return rows
+
+
+@contextlib.contextmanager
+def _exact_v(pattern):
+    """A diagnostic of accumulate's fused Adam-mini arm (--exact_v): the parameters whose names
+    match the regex `pattern` take v from the true accumulated gradient G, summed aside as its
+    micro-batches arrive (a gradient's memory, what the fold exists to avoid), instead of the
+    fold's estimate. Everything else runs as shipped, so a run with every tensor exact tells a
+    fault of v's estimate from one of the fused driver."""
+    if not pattern:
+        yield
+        return
+    import re
+    cls, aside = lowmem.AdamMini, {}
+    fold, finish = cls._micro_batch, cls._finish_step
+
+    def micro_batch(self, p, x, grad, prep, group, state, lr, first):
+        if re.search(pattern, self._names[p]):
+            g = lowmem._prepare_grad(grad, prep).float()
+            if first:  # v before this step's decay (none before the first step)
+                aside[p] = [g.clone(), state["v"].clone() if state else None]
+            else:
+                aside[p][0].add_(g)
+        fold(self, p, x, grad, prep, group, state, lr, first)
+
+    def finish_step(self):
+        for p in [p for p in self._window if p in aside]:
+            (G, v0), v, b2 = aside.pop(p), self.state[p]["v"], self._group_of[p]["betas"][1]
+            v0 = torch.zeros_like(v) if v0 is None else v0
+            v.copy_(v0.mul_(b2).add_(lowmem.block_mean_sq(G, self._blocks[p], self._geo[p]), alpha=1 - b2))
+            self._window[p] = 1  # k = 1: adam_mini_agreement adds nothing to the exact v
+        finish(self)
+    cls._micro_batch, cls._finish_step = micro_batch, finish_step
+    try:
+        yield
+    finally:
+        cls._micro_batch, cls._finish_step = fold, finish
 
 
 def fold_ratio_rows(args, every=10):
@@ -828,13 +868,16 @@ def print_fold_ratio(rows, args):
 
 
 def print_accumulate(rows, args):
+    exact = f"; the fused arm's v exact for /{args.exact_v}/ (a diagnostic)" if args.exact_v else ""
     print(f"train_gpt2.py's default run as {ACCUMULATE['gradient_accumulation_steps']} micro-batches of "
-          f"{ACCUMULATE['batch_size']}, {args.iters} iters, {_clipping(args)}, lr {args.factors}x DEFAULT_LR; best val loss, "
-          f"mean of {args.seeds} seed(s)")
+          f"{ACCUMULATE['batch_size']}, {args.iters} iters, {_clipping(args)}, lr {args.factors}x DEFAULT_LR{exact}; "
+          f"best val loss, mean of {args.seeds} seed(s)")
     print(f"{'optimizer':10s} {'classic (true sum)':>19s} {'fused, accumulating':>20s} {'fused/classic':>14s}  seeds (classic | fused)")
     for r in rows:
-        print(f"{r['optimizer']:10s} {r['classic_mean']:19.4f} {r['fused_mean']:20.4f} {r['ratio']:13.4f}x  "
-              + ", ".join(f"{v:.4f}" for v in r["classic"]) + " | " + ", ".join(f"{v:.4f}" for v in r["fused"]))
+        mean = [f"{r[arm + '_mean']:{w}.4f}" if arm in r else f"{'-':>{w}s}" for arm, w in (("classic", 19), ("fused", 20))]
+        ratio = f"{r['ratio']:13.4f}x" if r["ratio"] else f"{'-':>14s}"
+        print(f"{r['optimizer']:10s} {mean[0]} {mean[1]} {ratio}  "
+              + " | ".join(", ".join(f"{v:.4f}" for v in r.get(arm, [])) for arm in ("classic", "fused")))
 
 
 def print_state(rows, args):
@@ -1427,10 +1470,14 @@ def main():
     ap.add_argument("--grad_clip", type=float, default=None,
                     help="accumulate: clipping by global norm in both arms (default: the default run's, train_gpt2's "
                          "DEFAULT_CLIP; 0: none)")
+    ap.add_argument("--exact_v", default=None,
+                    help="accumulate: a diagnostic; the fused Adam-mini arm takes v from the true accumulated gradient "
+                         "(kept aside) for the parameters whose names match this regex ('.': all)")
     ap.add_argument("--ratio", action="store_true",
                     help="accumulate: how well Adam-mini's fold estimates v (the accumulated gradient's over estimates, per block)")
     ap.add_argument("--drift", action="store_true", help="state: how far a bf16 or 8-bit m drifts from the exact m over a run")
-    ap.add_argument("--arms", default="", help="state: only the arms whose labels contain one of these words (comma-separated)")
+    ap.add_argument("--arms", default="", help="state: only the arms whose labels contain one of these words (comma-separated); "
+                                               "accumulate: classic, fused or both")
     ap.add_argument("--plot", default="assets/loss_curves.png", help="converge: where the loss curves go (matplotlib)")
     ap.add_argument("--batch", type=int, default=8, help="plan: sequences per step")
     ap.add_argument("--seq", type=int, default=512, help="plan: tokens per sequence")
