@@ -66,7 +66,7 @@ weight_decay = None  # None: DEFAULT_WD[optimizer] (0.1 for adamw, adam_mini; 0 
 beta1 = 0.9  # adamw, adam_mini
 beta2 = 0.99  # adamw, adam_mini (0.99: a small model with few tokens per step, as nanoGPT's char runs)
 adam_mini_state = "float32"  # adam_mini's first moment m: float32 | bfloat16 | int8 (8 bits: 1 byte a parameter)
-grad_clip = None  # global norm, 0 = off; None: DEFAULT_CLIP[optimizer] (1.0; 0 for adalomo)
+grad_clip = None  # global norm, 0 = off; None: DEFAULT_CLIP[optimizer] (1.0; 0 for adalomo) (fused accumulating: each micro-batch to 1/k)
 stochastic_rounding = True  # bf16 parameters, lowmem optimizers
 batch_size = 12  # sequences per micro-batch
 gradient_accumulation_steps = 1  # micro-batches per step (fused: each one's gradient is used in its backward)
