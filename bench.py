@@ -712,7 +712,10 @@ def accumulate_rows(args):
     the default run's: the classic arm clips the sum to it, the fused arm each micro-batch to a
     k-th of it). Best val loss per seed, the arms in turn (--arms: only those named)."""
     import train_gpt2
-    rows, factor = [], float(args.factors)
+    factors = _factors(args.factors)
+    if len(factors) != 1:
+        raise SystemExit(f"accumulate: --factors takes one lr multiple, got {args.factors!r}")
+    rows, factor = [], factors[0]
     arms = [arm for arm in ("classic", "fused") if not args.arms or arm in args.arms.split(",")]
     for name in args.optimizers.split(","):
         if name not in ACCUMULATE_CLASSIC:
@@ -758,7 +761,7 @@ def _exact_v(pattern):
         for p in [p for p in self._window if p in aside]:
             (G, v0), v, b2 = aside.pop(p), self.state[p]["v"], self._group_of[p]["betas"][1]
             v0 = torch.zeros_like(v) if v0 is None else v0
-            v.copy_(v0.mul_(b2).add_(lowmem.block_mean_sq(G, self._blocks[p], self._geo[p]), alpha=1 - b2))
+            v.copy_(lowmem.ema_(v0, lowmem.block_mean_sq(G, self._blocks[p], self._geo[p]), b2))
             self._window[p] = 1  # k = 1: adam_mini_agreement adds nothing to the exact v
         finish(self)
     cls._micro_batch, cls._finish_step = micro_batch, finish_step
