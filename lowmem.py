@@ -283,17 +283,31 @@ class Blocks:
     segments: tuple = ()
     decay: bool = True
 
+    def layout(self):
+        """The blocks in words: "4 of 8 rows" is four blocks of eight output rows; a fused
+        attention matrix names its q, k and v parts, and its groups when they repeat."""
+        if not self.segments:
+            return "each element" if self.kind == "element" else "whole tensor"
+        parts = [f"{(b - a) // k} of {k} row{'s' * (k > 1)}" for a, b, k in self.segments]
+        if self.kind != "qkv":
+            return ", ".join(parts)
+        parts = [f"{part} {p}" for part, p in zip("qkv" * len(parts), parts)]
+        groups = len(parts) // 3
+        if groups > 1 and parts == parts[:3] * groups:
+            return f"{groups} groups: " + ", ".join(parts[:3])
+        return ", ".join(parts)
+
 
 class Partition(list):
     """A list of Blocks, one per trainable tensor, that prints as a table."""
 
     def __str__(self):
-        rows = [("name", "shape", "kind", "v entries", "params")]
+        rows = [("name", "shape", "kind", "v entries", "params", "blocks")]
         rows += [(b.name, "x".join(map(str, b.shape)) or "scalar", b.kind, f"{b.n_v:,}",
-                  f"{math.prod(b.shape):,}") for b in self]
+                  f"{math.prod(b.shape):,}", b.layout()) for b in self]
         n_v, n_p = sum(b.n_v for b in self), sum(math.prod(b.shape) for b in self)
-        rows.append(("total", "", "", f"{n_v:,}", f"{n_p:,}"))
-        widths = [max(len(r[i]) for r in rows) for i in range(5)]
+        rows.append(("total", "", "", f"{n_v:,}", f"{n_p:,}", ""))
+        widths = [max(len(r[i]) for r in rows) for i in range(6)]
         lines = ["  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in rows]
         lines.insert(1, "-" * len(lines[0]))
         lines.append(f"Adam-mini keeps {n_v:,} second-moment values where Adam keeps "

@@ -773,6 +773,8 @@ def test_partition_linear_fused_qkv_and_conv2d():
     assert part["c_attn.weight"].n_v == 2 + 2 + 12
     assert (part["conv.weight"].kind, part["conv.weight"].n_v) == ("neuron", 5)
     assert part["mha.in_proj_weight"].n_v == 4 + 4 + 12  # uses the module's own 4 heads
+    assert part["c_attn.weight"].layout() == "q 2 of 6 rows, k 2 of 6 rows, v 12 of 1 row"
+    assert (part["conv.weight"].layout(), part["conv.bias"].layout()) == ("5 of 1 row", "each element")
     assert "Adam-mini keeps" in str(lowmem.partition(Attn(), n_heads=2))
 
 
@@ -853,6 +855,9 @@ GROUPED_QKV_FAMILIES = {  # tiny configs: 4 heads of 8; Falcon's multi-query (1 
     "falcon_grouped": dict(model_type="falcon", vocab_size=23, hidden_size=32, num_hidden_layers=1, num_attention_heads=4,
                            num_kv_heads=2, new_decoder_architecture=True, bias=True),
 }
+GROUPED_QKV_LAYOUTS = {"gpt_neox": "4 groups: q 1 of 8 rows, k 1 of 8 rows, v 8 of 1 row",
+                      "falcon_multi_query": "q 4 of 8 rows, k 1 of 8 rows, v 8 of 1 row",
+                      "falcon_grouped": "2 groups: q 2 of 8 rows, k 1 of 8 rows, v 8 of 1 row"}
 
 
 @pytest.mark.parametrize("family", list(GROUPED_QKV_FAMILIES))
@@ -881,6 +886,8 @@ def test_partition_reads_grouped_query_key_value_heads_as_the_model_splits_them(
     alone = {r for a, b, n in blocks.segments if n == 1 for r in range(a, b)}
     assert per_head == heads and alone == set(v.reshape(-1).tolist())
     assert blocks.n_v == len(heads) + len(alone)
+    line = next(s for s in str(lowmem.partition(model)).splitlines() if s.startswith(name + ".weight"))
+    assert line.split()[2:4] == ["qkv", str(blocks.n_v)] and line.endswith(GROUPED_QKV_LAYOUTS[family])  # printed
 
 
 def test_partition_reads_bloom_query_key_value_per_head():
@@ -3692,6 +3699,17 @@ def test_readme_python_blocks_run(tmp_path, monkeypatch):
         if "adalomo_update(w, g" in block:  # the printed worked example is the one it shows
             assert "0.2902" in out.getvalue() and "1.8951" in out.getvalue(), out.getvalue()
             assert "head torch.Size([4])" in out.getvalue()
+
+
+def test_design_shows_the_partition_table_its_command_prints():
+    """DESIGN.md's tiny Pythia table is what its `python -c` command prints today."""
+    pytest.importorskip("transformers")
+    text = open(os.path.join(ROOT, "DESIGN.md")).read()
+    command, shown = text.split("`python -c \"import transformers, lowmem; ")[1].split("\"`:\n\n```\n")
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out):
+        exec("import transformers, lowmem; " + command, {})
+    assert out.getvalue().rstrip() == shown.split("\n```")[0]
 
 
 DOCS = ("README.md", "DESIGN.md", "RESULTS.md")
