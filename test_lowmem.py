@@ -2832,12 +2832,28 @@ def test_train_gpt2_fsdp_two_ranks_resume_is_exact(tmp_path):
     assert sorted(os.listdir(tmp_path / "b" / "out")) == ["ckpt-fsdp", "ckpt-fsdp-00000008"]  # the link and its target
 
 
-def sharded_checkpoint_model(out_dir):
-    """The whole model tensors of a torch.distributed.checkpoint directory, read in this process."""
+def sharded_checkpoint(directory):
+    """A torch.distributed.checkpoint directory's model and optimizer state, whole, read in this process."""
     from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
-    whole = os.path.join(out_dir, "whole.pt")
-    dcp_to_torch_save(os.path.join(out_dir, "ckpt-fsdp"), whole)
-    return torch.load(whole, weights_only=False)["model"]
+    dcp_to_torch_save(directory, f"{directory}.whole.pt")
+    return torch.load(f"{directory}.whole.pt", weights_only=False)
+
+
+def checkpoint_differences(a, b):
+    """Max abs differences of two whole checkpoints: the weights, and the optimizer state (which
+    must have the same entries, tensors of the same shapes and the same step counts)."""
+    weights = max((a["model"][k] - b["model"][k]).abs().max().item() for k in a["model"])
+    sa, sb = a["optimizer"].get("state", {}), b["optimizer"].get("state", {})  # LOMO keeps none
+    assert sa.keys() == sb.keys() and all(sa[i].keys() == sb[i].keys() for i in sa)
+    state = 0.0
+    for i in sa:
+        for key, x in sa[i].items():
+            if torch.is_tensor(x) and x.is_floating_point():
+                assert x.shape == sb[i][key].shape, (i, key)
+                state = max(state, (x - sb[i][key]).abs().max().item())
+            else:
+                assert torch.equal(torch.as_tensor(x), torch.as_tensor(sb[i][key])), (i, key)
+    return weights, state
 
 
 def test_train_gpt2_fsdp_resumes_on_another_number_of_ranks(tmp_path):
@@ -2858,11 +2874,12 @@ def test_train_gpt2_fsdp_resumes_on_another_number_of_ranks(tmp_path):
     for d, first, then in (("b", 2, 1), ("c", 1, 2)):
         run(d, first, 4)
         run(d, then, 8, init_from="resume")
-    whole = {d: sharded_checkpoint_model(tmp_path / d / "out") for d in "abc"}
+    whole = {d: sharded_checkpoint(tmp_path / d / "out" / "ckpt-fsdp") for d in "abc"}
     for d, way in (("b", "2 -> 1"), ("c", "1 -> 2")):  # measured: 4e-7, 2.5e-6 (the ranks' sums in another order)
-        diff = max((whole[d][k] - whole["a"][k]).abs().max().item() for k in whole["a"])
-        print(f"train_gpt2 --fsdp=True, resumed {way} ranks at iter 4 of 8: max abs weight difference {diff:.2e}")
-        assert diff < 2e-5, way
+        weights, state = checkpoint_differences(whole[d], whole["a"])
+        print(f"train_gpt2 --fsdp=True, Adam-mini, resumed {way} ranks at iter 4 of 8: max abs difference from "
+              f"the uninterrupted run: weights {weights:.2e}, optimizer state {state:.2e}")
+        assert weights < 2e-5 and state < 2e-5, way
     refused = subprocess.run([sys.executable, train_gpt2.__file__, "--device='cpu'", *gpt_args(
         tmp_path / "a", max_iters=12, batch_size=2, init_from="resume", **args)], capture_output=True, text=True)
     assert refused.returncode != 0 and "4 sequences a step there (2 rank(s)), 2 here (1): on 1 rank(s) " \
@@ -2878,21 +2895,30 @@ def test_train_llama_fsdp_two_ranks_saves_a_loadable_hf_model(tmp_path):
         assert torch.isfinite(saved(torch.randint(0, 256, (1, 16)))[0]).all()
 
 
-def test_train_llama_fsdp_resumes_on_one_rank_what_two_saved(tmp_path):
+def test_train_llama_fsdp_resumes_on_another_number_of_ranks(tmp_path):
     """train_llama's --fsdp=True checkpoint of 2 ranks of 2, resumed on 1 rank accumulating 2
-    micro-batches of 2 (each padded and averaged over its tokens, as each rank's is), ends with an
-    uninterrupted 2-rank run's weights, AdaLomo's row and column statistics resharded."""
+    micro-batches of 2 (each padded and averaged over its tokens, as each rank's is), and the
+    1-rank run's checkpoint resumed on 2 ranks, end with an uninterrupted 2-rank run's weights and
+    optimizer state, AdaLomo's row and column statistics resharded."""
     args = dict(optimizer="adalomo", fused=False, fsdp=True, eval_interval=2, lr_decay_iters=4, num_hidden_layers=1,
                 batch_size=2)
-    torchrun_two_ranks(train_llama.__file__, "--device='cpu'", *llama_args(tmp_path / "a", max_iters=4, **args))
-    torchrun_two_ranks(train_llama.__file__, "--device='cpu'", *llama_args(tmp_path / "b", max_iters=2, **args))
-    subprocess.run([sys.executable, train_llama.__file__, "--device='cpu'", *llama_args(
-        tmp_path / "b", max_iters=4, init_from="resume", gradient_accumulation_steps=2, **args)], check=True,
-        capture_output=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
-    a, b = (sharded_checkpoint_model(tmp_path / d / "out") for d in "ab")
-    diff = max((a[k] - b[k]).abs().max().item() for k in a)
-    print(f"train_llama --fsdp=True, resumed 2 -> 1 ranks at iter 2 of 4: max abs weight difference {diff:.2e}")
-    assert diff < 2e-5
+
+    def run(d, world, iters, **kw):
+        argv = ["--device='cpu'", *llama_args(tmp_path / d, max_iters=iters, **args, **kw)]
+        if world == 2:
+            return torchrun_two_ranks(train_llama.__file__, *argv)
+        return subprocess.run([sys.executable, train_llama.__file__, *argv, "--gradient_accumulation_steps=2"],
+                              check=True, capture_output=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    run("a", 2, 4)
+    for d, first, then in (("b", 2, 1), ("c", 1, 2)):
+        run(d, first, 2)
+        run(d, then, 4, init_from="resume")
+    whole = {d: sharded_checkpoint(tmp_path / d / "out" / "ckpt-fsdp") for d in "abc"}
+    for d, way in (("b", "2 -> 1"), ("c", "1 -> 2")):
+        weights, state = checkpoint_differences(whole[d], whole["a"])
+        print(f"train_llama --fsdp=True, AdaLomo, resumed {way} ranks at iter 2 of 4: max abs difference from "
+              f"the uninterrupted run: weights {weights:.2e}, optimizer state {state:.2e}")
+        assert weights < 2e-5 and state < 2e-5, way
     assert os.path.realpath(tmp_path / "b" / "out" / "ckpt-fsdp").endswith("ckpt-fsdp-00000004")  # iter 2's is gone
 
 
@@ -3504,7 +3530,8 @@ def shard_run(name, steps, rank=None, world=1, resume_at=None, out=None, bf16_co
     each batch (of 4) on a fully_shard-ed model. resume_at: save per-rank files there, rebuild,
     resume. bf16_compute: FSDP2's MixedPrecisionPolicy (bf16 forward/backward, fp32 reduce and
     shards). save_dcp=(step, dir): stop at that step, saved with torch.distributed.checkpoint;
-    load_dcp=(step, dir): start there from such a checkpoint (of any number of ranks)."""
+    load_dcp=(step, dir[, again]): start there from such a checkpoint (of any number of ranks),
+    and save what was loaded, before any step, into the directory `again`."""
     import torch.distributed.checkpoint as dcp
     make, kw, fused = SHARD_RUNS[name]
 
@@ -3520,6 +3547,8 @@ def shard_run(name, steps, rank=None, world=1, resume_at=None, out=None, bf16_co
     model, opt = build()
     if load_dcp:  # as the scripts load and save with --fsdp=True
         train_gpt2.load_sharded(model, opt, load_dcp[1])
+        if len(load_dcp) > 2:
+            dcp.save(train_gpt2.sharded_state(model, opt), checkpoint_id=load_dcp[2])
     for i, idx in enumerate(batches(steps, shape=(4, 9))):
         if load_dcp and i < load_dcp[0]:
             continue
@@ -3582,7 +3611,8 @@ def test_fsdp2_checkpoints_resume_on_another_number_of_ranks(tmp_path):
     then steps 4-5 on 2 ranks; and 3 steps on 2 ranks, then 4-5 on 1. Both equal one process
     without FSDP2 over the 5 steps, for every optimizer and driver: Adam-mini's m, its 8-bit
     codes and scales and AdaLomo's row statistics resharded by rows, v and AdaLomo's column
-    statistics whole on every rank."""
+    statistics whole on every rank. What each loaded, saved again on its own ranks before a
+    step, is the checkpoint it loaded, bit for bit: the load loses nothing."""
     def worker(world, body):
         script = tmp_path / f"dcp_worker{world}.py"
         script.write_text(
@@ -3598,9 +3628,11 @@ def test_fsdp2_checkpoints_resume_on_another_number_of_ranks(tmp_path):
     one = worker(1, "    if sys.argv[2] == 'save':\n"
                     "        T.shard_run(name, 5, rank, world, save_dcp=(3, os.path.join(out, name + '-on1')))\n"
                     "    else:\n"
-                    "        full, _ = T.shard_run(name, 5, rank, world, load_dcp=(3, os.path.join(out, name + '-on2')))\n"
+                    "        full, _ = T.shard_run(name, 5, rank, world, load_dcp=(3, os.path.join(out, name + '-on2'),\n"
+                    "                                                              os.path.join(out, name + '-on2-again')))\n"
                     "        torch.save(full, os.path.join(out, name + '-2to1.pt'))\n")
-    two = worker(2, "    full, _ = T.shard_run(name, 5, rank, world, load_dcp=(3, os.path.join(out, name + '-on1')))\n"
+    two = worker(2, "    full, _ = T.shard_run(name, 5, rank, world, load_dcp=(3, os.path.join(out, name + '-on1'),\n"
+                    "                                                          os.path.join(out, name + '-on1-again')))\n"
                     "    if rank == 0:\n"
                     "        torch.save(full, os.path.join(out, name + '-1to2.pt'))\n"
                     "    T.shard_run(name, 5, rank, world, save_dcp=(3, os.path.join(out, name + '-on2')))\n")
@@ -3613,6 +3645,9 @@ def test_fsdp2_checkpoints_resume_on_another_number_of_ranks(tmp_path):
         for way in ("1to2", "2to1"):
             got = torch.load(tmp_path / f"{name}-{way}.pt", weights_only=False)
             assert max((got[n] - ref[n]).abs().max().item() for n in ref) < 1e-5, (name, way)
+        for saved in ("on1", "on2"):
+            a, b = (sharded_checkpoint(tmp_path / f"{name}-{d}") for d in (saved, saved + "-again"))
+            assert checkpoint_differences(a, b) == (0.0, 0.0), (name, saved)
 
 
 def test_layouts_lowmem_cannot_update_exactly_are_refused_by_name(tmp_path):
