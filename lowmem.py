@@ -492,8 +492,9 @@ class _LowMemOptimizer(torch.optim.Optimizer):
     def __init__(self, model_or_params, defaults, clip_grad_norm=None, clip_grad_value=None,
                  loss_scale=None, stochastic_rounding=False, seed=0, update_in_backward=False, accumulation_steps=1):
         groups, self._names = _param_groups(model_or_params)
-        params = _check_driver_args(groups, self._names, defaults, clip_grad_norm, clip_grad_value,
+        params = _check_driver_args(groups, self._names, clip_grad_norm, clip_grad_value,
                                     loss_scale, update_in_backward, accumulation_steps)
+        _check_settings(self, defaults, groups)
         self._geo, self._shard_mesh = _geometries(model_or_params, params, self._names)  # Whole, or Shard (FSDP2)
         self._kernel_args = {}  # section 5: each parameter's checked state addresses, kept between steps
         super().__init__(groups, defaults)
@@ -787,6 +788,9 @@ class _LowMemOptimizer(torch.optim.Optimizer):
         ranks: state holding a parameter's rows is a DTensor sharded like it (section 6)."""
         return _sharded_state_dict(self)
 
+    def _check_own_settings(self, settings, where):  # an optimizer's settings beyond lr and weight_decay
+        pass
+
     def _new_state(self, p, x):  # a parameter's state before its first step (LOMO keeps none)
         return {}
 
@@ -836,8 +840,7 @@ class AdaLomo(_LowMemOptimizer):
     def __init__(self, model_or_params, lr=1e-3, eps=(1e-30, 1e-3), clip_threshold=1.0,
                  decay_rate=-0.8, weight_decay=0.0, clip_grad_norm=None, clip_grad_value=None,
                  loss_scale=None, stochastic_rounding=False, seed=0, update_in_backward=False, accumulation_steps=1):
-        _check_adalomo_args(eps, clip_threshold, decay_rate)
-        defaults = dict(lr=lr, eps=tuple(eps), clip_threshold=clip_threshold,
+        defaults = dict(lr=lr, eps=tuple(eps) if isinstance(eps, list) else eps, clip_threshold=clip_threshold,
                         decay_rate=decay_rate, weight_decay=weight_decay)
         super().__init__(model_or_params, defaults, clip_grad_norm, clip_grad_value, loss_scale,
                          stochastic_rounding, seed, update_in_backward, accumulation_steps)
@@ -858,6 +861,9 @@ class AdaLomo(_LowMemOptimizer):
         state = {}
         self._begin(x, state, advance=0)
         return state
+
+    def _check_own_settings(self, settings, where):
+        _check_adalomo_settings(settings, where)
 
     def _row_keys(self, p, x):  # the state holding x's rows (dim 0): all but a matrix's column statistic
         return ("row", "col") if x.dim() >= 3 else ("row",) if x.dim() == 2 else ("v",) if x.dim() == 1 else ()
@@ -894,12 +900,12 @@ class AdamMini(_LowMemOptimizer):
                  clip_grad_norm=None, clip_grad_value=None, loss_scale=None,
                  stochastic_rounding=False, seed=0, state_dtype=torch.float32, update_in_backward=False,
                  accumulation_steps=1):
-        _check_adam_mini_args(betas, eps, state_dtype)
+        _check_state_dtype(state_dtype)
         named, params = _named_trainable(model_or_named_params)
         module = params if isinstance(params, nn.Module) else None
         self.partition = partition(named if module is None else module, n_heads, n_kv_heads, head_dim)
         self.state_dtype = state_dtype
-        defaults = dict(lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay)
+        defaults = dict(lr=lr, betas=tuple(betas) if isinstance(betas, list) else betas, eps=eps, weight_decay=weight_decay)
         super().__init__(params, defaults, clip_grad_norm, clip_grad_value, loss_scale, stochastic_rounding,
                          seed, update_in_backward, accumulation_steps)
         self._blocks = {p: b for (_, p), b in zip(named, self.partition)}
@@ -913,11 +919,10 @@ class AdamMini(_LowMemOptimizer):
         if not hasattr(self, "_group_of"):
             return super().add_param_group(param_group)
         param_group = dict(param_group, params=list(param_group["params"]))  # a generator is read once
-        (group,), names = _param_groups([param_group], first=len(self.param_groups))
-        trainable = [p for p in group["params"] if isinstance(p, torch.Tensor) and p.requires_grad]
-        part = partition([(names[p], p) for p in trainable], **self._head_args)  # may refuse: nothing changed yet
+        named, _ = _named_trainable([param_group])  # refuses parameters without names, as __init__ does
+        part = partition(named, **self._head_args)  # may refuse: nothing changed yet
         super().add_param_group(param_group)
-        self._blocks.update(zip(trainable, part))
+        self._blocks.update((p, b) for (_, p), b in zip(named, part))
         self.partition.extend(part)
 
     def _m_dtype(self, x):
@@ -942,6 +947,9 @@ class AdamMini(_LowMemOptimizer):
         state = {}
         self._begin(x, state, self._blocks[p], advance=False)
         return state
+
+    def _check_own_settings(self, settings, where):
+        _check_adam_mini_settings(settings, where)
 
     def _row_keys(self, p, x):  # the state holding x's rows (dim 0): all but the per-block v
         return ("m", "m_scale", "v") if self._blocks[p].kind == "element" else ("m", "m_scale")
@@ -1782,16 +1790,17 @@ def _named_trainable(model_or_named_params):
     if not all(isinstance(x, tuple) and len(x) == 2 and isinstance(x[0], str) for x in pairs):
         raise TypeError("AdamMini needs each parameter's name to find its blocks (heads, embeddings): pass "
                         "the model, model.named_parameters(), (name, parameter) pairs, or param groups of them")
+    for name, p in pairs:
+        if not isinstance(p, torch.Tensor):
+            raise TypeError(f"optimizer can only optimize tensors, got {type(p).__name__} for '{name}'")
     groups = [dict(g, params=[(n, p) for n, p in g["params"] if p.requires_grad]) for g in groups]
     return [x for g in groups for x in g["params"]], groups
 
 
-def _check_driver_args(groups, names, defaults, clip_grad_norm, clip_grad_value, loss_scale, update_in_backward,
+def _check_driver_args(groups, names, clip_grad_norm, clip_grad_value, loss_scale, update_in_backward,
                        accumulation_steps):
     """The shared driver's arguments and parameters; returns the parameters."""
     params = _check_params(groups, names)
-    _check_positive("lr", defaults["lr"], allow_none=False, allow_zero=True)
-    _check_positive("weight_decay", defaults["weight_decay"], allow_none=False, allow_zero=True)
     _check_positive("clip_grad_norm", clip_grad_norm)
     _check_positive("clip_grad_value", clip_grad_value)
     _check_positive("loss_scale", loss_scale)
@@ -1843,6 +1852,7 @@ def _add_group(opt, param_group):
     parameters get names, geometry, their group and a gradient hook."""
     (group,), names = _param_groups([param_group], first=len(opt.param_groups))
     params = _check_params([group], names)
+    _check_settings(opt, opt.defaults, [group], first=len(opt.param_groups))
     for p in params:
         if p in opt._group_of:
             raise ValueError(f"add_param_group: parameter '{opt._names[p]}' is already in a param group")
@@ -1878,18 +1888,38 @@ def _check_update_in_backward(clip_grad_norm, loss_scale, fp16):
             "fp32 parameters, or opt.fused_backward(loss), which scales and unscales for you.")
 
 
-def _check_adalomo_args(eps, clip_threshold, decay_rate):
-    if len(eps) != 2 or any(not isinstance(e, (int, float)) or e <= 0 for e in eps):
-        raise ValueError(f"eps must be two positive numbers (eps1, eps2), got {eps!r}")
-    _check_positive("clip_threshold", clip_threshold, allow_none=False)
+def _check_settings(opt, defaults, groups, first=0):
+    """The settings the rules read from a param group: the defaults, then each group's own over
+    them, a bad one named with its group ("param group 1: lr must be ..."): lr and weight_decay,
+    then the optimizer's own (_check_own_settings)."""
+    named = [(f"param group {first + i}: ", {**defaults, **g}) for i, g in enumerate(groups)]
+    for where, settings in [("", defaults)] + named:
+        _check_positive(where + "lr", settings["lr"], allow_none=False, allow_zero=True)
+        _check_positive(where + "weight_decay", settings["weight_decay"], allow_none=False, allow_zero=True)
+        opt._check_own_settings(settings, where)
+
+
+def _pair(x):
+    return isinstance(x, (tuple, list)) and len(x) == 2
+
+
+def _check_adalomo_settings(s, where=""):
+    eps, decay_rate = s["eps"], s["decay_rate"]
+    if not _pair(eps) or any(not isinstance(e, (int, float)) or not e > 0 for e in eps):
+        raise ValueError(f"{where}eps must be two positive numbers (eps1, eps2), got {eps!r}")
+    _check_positive(where + "clip_threshold", s["clip_threshold"], allow_none=False)
     if not isinstance(decay_rate, (int, float)) or not decay_rate < 0:
-        raise ValueError(f"decay_rate must be negative (beta2_t = 1 - t**decay_rate), got {decay_rate!r}")
+        raise ValueError(f"{where}decay_rate must be negative (beta2_t = 1 - t**decay_rate), got {decay_rate!r}")
 
 
-def _check_adam_mini_args(betas, eps, state_dtype):
-    if len(betas) != 2 or any(not isinstance(b, (int, float)) or not 0.0 <= b < 1.0 for b in betas):
-        raise ValueError(f"betas must be two numbers in [0, 1), got {betas!r}")
-    _check_positive("eps", eps, allow_none=False)
+def _check_adam_mini_settings(s, where=""):
+    betas = s["betas"]
+    if not _pair(betas) or any(not isinstance(b, (int, float)) or not 0.0 <= b < 1.0 for b in betas):
+        raise ValueError(f"{where}betas must be two numbers in [0, 1), got {betas!r}")
+    _check_positive(where + "eps", s["eps"], allow_none=False)
+
+
+def _check_state_dtype(state_dtype):
     if state_dtype not in (torch.float32, torch.bfloat16, torch.int8):
         raise TypeError(f"state_dtype (Adam-mini's first moment m) must be torch.float32, torch.bfloat16 or "
                         f"torch.int8 (8 bits, in blocks), got {state_dtype}")

@@ -7,6 +7,7 @@ import json
 import contextlib
 import math
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -476,15 +477,15 @@ def test_step_hooks_fire_once_per_optimizer_step_in_every_driver(name, driver):
     opt = make(name, model, update_in_backward=driver == "update_in_backward")
     seen = []
     opt.register_step_pre_hook(lambda o, args, kwargs: seen.append("pre"))
-    opt.register_step_post_hook(lambda o, args, kwargs: seen.append(("post", model.fc.weight.sum().item())))
+    opt.register_step_post_hook(lambda o, args, kwargs: seen.append(("post", model.fc.weight.detach().clone())))
     from torch.optim.optimizer import register_optimizer_step_post_hook
     handle = register_optimizer_step_post_hook(lambda o, args, kwargs: seen.append("global post"))
     try:
         for idx in batches(2):
-            before = model.fc.weight.sum().item()
+            before = model.fc.weight.detach().clone()  # not its sum: an output layer's gradient sums to 0 over the rows
             one_step(opt, lm_loss(model, idx), fused=driver == "fused")  # update_in_backward: the loop's own
             assert seen[-3:][0] == "pre" and seen[-1] == "global post"
-            assert seen[-2][1] != before  # the post hook sees the updated weights
+            assert not torch.equal(seen[-2][1], before)  # the post hook sees the updated weights
     finally:
         handle.remove()
     assert [s if isinstance(s, str) else s[0] for s in seen] == ["pre", "post", "global post"] * 2
@@ -561,9 +562,48 @@ def test_param_groups_of_name_parameter_pairs_as_torch_takes_them(name):
 
 
 def test_adam_mini_refuses_parameters_without_names():
+    """At construction and in add_param_group (where the new tensors got made-up names and
+    fell to one v per row before), before anything changes."""
     model = TinyNet()
     with pytest.raises(TypeError, match="AdamMini needs each parameter's name"):
         lowmem.AdamMini(model.parameters(), lr=0.01)
+    opt = lowmem.AdamMini([("wte.weight", model.wte.weight)], lr=0.01)
+    with pytest.raises(TypeError, match="AdamMini needs each parameter's name"):
+        opt.add_param_group({"params": model.fc.parameters()})
+    with pytest.raises(TypeError, match="can only optimize tensors, got int for 'fc.weight'"):
+        opt.add_param_group({"params": [("fc.weight", 3)]})
+    assert len(opt.param_groups) == 1 and len(opt.partition) == 1 and len(opt._hooks) == 1
+
+
+@pytest.mark.parametrize("name", OPTIMIZERS)
+@pytest.mark.parametrize("setting, value, match", [
+    ("lr", -1.0, "param group 1: lr must be a non-negative number"),
+    ("lr", "0.1", "param group 1: lr must be a non-negative number, got '0.1'"),
+    ("weight_decay", float("nan"), "param group 1: weight_decay must be a non-negative number"),
+    ("eps", 0.0, "param group 1: eps must be"),
+    ("betas", (0.9, 1.0), "param group 1: betas must be two numbers in"),
+    ("decay_rate", 0.8, "param group 1: decay_rate must be negative"),
+    ("clip_threshold", -1.0, "param group 1: clip_threshold must be a positive number"),
+])
+def test_a_param_groups_own_bad_setting_is_refused_by_name(name, setting, value, match):
+    """A param group's own settings override the defaults, so each is checked as the defaults
+    are, naming the group, at construction and in add_param_group, before anything changes.
+    A setting the optimizer does not read (LOMO's eps) is kept and ignored, as torch's optimizers do."""
+    cls = {"lomo": lowmem.LOMO, "adalomo": lowmem.AdaLomo, "adam_mini": lowmem.AdamMini}[name]
+    reads = {"lomo": {"lr", "weight_decay"}, "adalomo": {"lr", "weight_decay", "eps", "decay_rate", "clip_threshold"},
+             "adam_mini": {"lr", "weight_decay", "eps", "betas"}}[name]
+    model = TinyNet()
+    body = [(n, p) for n, p in model.named_parameters() if not n.startswith("fc.")]
+    head = {"params": list(model.fc.named_parameters(prefix="fc")), setting: value}
+    if setting not in reads:
+        cls([{"params": body}, head], lr=0.1)
+        return
+    with pytest.raises(ValueError, match=re.escape(match)):
+        cls([{"params": body}, head], lr=0.1)
+    opt = cls([{"params": body}], lr=0.1)
+    with pytest.raises(ValueError, match=re.escape(match)):
+        opt.add_param_group(head)
+    assert len(opt.param_groups) == 1 and len(opt._hooks) == len(body)
 
 
 @pytest.mark.parametrize("name", OPTIMIZERS)
