@@ -495,7 +495,7 @@ class _LowMemOptimizer(torch.optim.Optimizer):
         params = _check_driver_args(groups, self._names, clip_grad_norm, clip_grad_value,
                                     loss_scale, update_in_backward, accumulation_steps)
         _check_settings(self, defaults, groups)
-        self._geo, self._shard_mesh = _geometries(model_or_params, params, self._names)  # Whole, or Shard (FSDP2)
+        self._geo, self._shard_mesh = _geometries(params, self._names)  # Whole, or Shard (FSDP2)
         self._kernel_args = {}  # section 5: each parameter's checked state addresses, kept between steps
         super().__init__(groups, defaults)
         self.clip_grad_norm, self.clip_grad_value = clip_grad_norm, clip_grad_value
@@ -578,7 +578,7 @@ class _LowMemOptimizer(torch.optim.Optimizer):
         has averaged a sharded parameter's gradient already (its reduce-scatter): this rank's
         rows are used as they are, so nothing is reduced twice."""
         if self._geo[p].sharded:
-            return grad.to_local(), scale
+            return self._geo[p].grad_rows(grad), scale
         if not (dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1):
             return grad, scale
         g = grad.float() / scale
@@ -619,7 +619,7 @@ class _LowMemOptimizer(torch.optim.Optimizer):
             with torch.enable_grad():
                 loss = closure()  # update_in_backward: the closure's backward is the update
         self._end_window()
-        grads = {p: p.grad.to_local() if self._geo[p].sharded else p.grad
+        grads = {p: self._geo[p].grad_rows(p.grad) if self._geo[p].sharded else p.grad
                  for g in self.param_groups for p in g["params"] if p.grad is not None}
         clip_coef = None  # replicated .grad is synced by DDP in this driver, sharded by FSDP2
         if self.clip_grad_norm is not None and grads:
@@ -1646,18 +1646,18 @@ class Shard(Whole):
     rank holds. The sums of section 1 are all-reduced over the rank's FSDP2 mesh."""
     sharded = True
 
-    def __init__(self, p, name, fsdp_managed):
+    def __init__(self, p, name):
         super().__init__(p.shape)
         mesh, placements = p.device_mesh, tuple(p.placements)
-        if not fsdp_managed or mesh.ndim != 1 or len(placements) != 1 or not placements[0].is_shard(0):
+        if mesh.ndim != 1 or len(placements) != 1 or not placements[0].is_shard(0):
             raise TypeError(
-                f"parameter '{name}' is a DTensor with placements {placements} on a {mesh.ndim}-D mesh"
-                f"{'' if fsdp_managed else ' outside FSDP'}: lowmem updates FSDP2 parameters (fully_shard: "
-                "Shard(0) on a 1-D mesh), built from the model after sharding. Tensor parallel layouts "
-                "would need statistics lowmem cannot reduce exactly.")
+                f"parameter '{name}' is a DTensor with placements {placements} on a {mesh.ndim}-D mesh: "
+                "lowmem updates FSDP2 parameters (fully_shard: Shard(0) on a 1-D mesh), built after "
+                "sharding. Tensor parallel layouts would need statistics lowmem cannot reduce exactly.")
         # The mesh, not its process group: a reference to the group would keep gloo's threads
         # alive past destroy_process_group() into interpreter shutdown, where they abort.
         self.mesh, rank, world = mesh, mesh.get_local_rank(), mesh.size()
+        self.name, self.placements = name, placements
         chunk = -(-self.shape[0] // world)  # torch.chunk's split, which FSDP2 uses
         self.row0 = min(rank * chunk, self.shape[0])
         self.rows = p.to_local().shape[0] if p.dim() else 1
@@ -1667,6 +1667,15 @@ class Shard(Whole):
     def total(self, x):
         dist.all_reduce(x, group=self.mesh.get_group())  # in place
         return x
+
+    def grad_rows(self, grad):
+        """This rank's rows of the whole gradient: FSDP2 gives a DTensor laid out as the parameter.
+        A gradient laid out otherwise (a DTensor sharded by hand, run through other ops) is refused."""
+        if tuple(grad.placements) != self.placements:
+            raise TypeError(f"parameter '{self.name}': its gradient is laid out as {tuple(grad.placements)}, "
+                            f"the parameter as {self.placements}; lowmem updates each rank's rows with its "
+                            "rows of the whole gradient, as FSDP2 gives them")
+        return grad.to_local()
 
     def totals_over_rows(self, *sums):
         """Only 2-D tensors have their rows split (FSDP2 shards dim 0; for >2-D tensors that is a
@@ -1718,10 +1727,12 @@ def _rows_as_dtensor(t, p):
     return DTensor.from_local(t, p.device_mesh, p.placements, run_check=False, shape=shape, stride=stride)
 
 
-def _geometries(model_or_params, params, names):
-    """({parameter: Whole or Shard}, the FSDP2 mesh or None): FSDP2's DTensor parameters are Shards."""
-    managed = _fsdp_managed(model_or_params)
-    geos = {p: Shard(p, names[p], id(p) in managed) if _is_dtensor(p) else Whole(p.shape) for p in params}
+def _geometries(params, names):
+    """({parameter: Whole or Shard}, the FSDP2 mesh or None): FSDP2's DTensor parameters are Shards,
+    whether the optimizer was given the model, its parameters or param groups of them. Any DTensor
+    held as rows (Shard(0) on a 1-D mesh) gets its rows of the whole gradient in its hook, which
+    is all the rules need; other layouts are refused by name."""
+    geos = {p: Shard(p, names[p]) if _is_dtensor(p) else Whole(p.shape) for p in params}
     meshes = {geo.mesh for geo in geos.values() if geo.sharded}
     if len(meshes) > 1:
         raise TypeError("parameters are sharded over different FSDP2 meshes; lowmem needs one")
@@ -1731,13 +1742,6 @@ def _geometries(model_or_params, params, names):
 def _is_fsdp_module(module):
     """A module that FSDP2's fully_shard wrapped (by class name: no torch.distributed import)."""
     return any(c.__name__ == "FSDPModule" for c in type(module).__mro__)
-
-
-def _fsdp_managed(model_or_params):
-    """ids of the parameters that FSDP2 manages (under a module that fully_shard wrapped)."""
-    if not isinstance(model_or_params, nn.Module):
-        return set()
-    return {id(p) for m in model_or_params.modules() if _is_fsdp_module(m) for p in m.parameters()}
 
 
 # ----------------------------------------------------------------------------------------
@@ -1859,7 +1863,7 @@ def _add_group(opt, param_group):
         if _is_dtensor(p) and (opt._shard_mesh is None or p.device_mesh != opt._shard_mesh):
             raise TypeError(f"add_param_group: parameter '{names[p]}' is sharded on another mesh than this "
                             "optimizer's FSDP2 parameters (or they are not sharded)")
-    geos = {p: Shard(p, names[p], fsdp_managed=True) if _is_dtensor(p) else Whole(p.shape) for p in params}
+    geos = {p: Shard(p, names[p]) if _is_dtensor(p) else Whole(p.shape) for p in params}
     if "param_names" in opt.param_groups[0]:  # torch wants every group named or none
         group["param_names"] = [names[p] for p in params]
     else:

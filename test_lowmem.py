@@ -3561,7 +3561,30 @@ SHARD_RUNS = {  # name: (optimizer, its arguments, fused)
     # gradient accumulation: each batch a micro-batch, 3 a step (the resume after 3 is at a step's end)
     "adam_mini_fused_accumulating": (lowmem.AdamMini, dict(lr=0.01, weight_decay=0.1, n_heads=3, accumulation_steps=3), True),
     "adalomo_fused_accumulating": (lowmem.AdaLomo, dict(lr=0.01, weight_decay=0.01, accumulation_steps=3), True),
+    # built from the sharded parameters rather than the model, as torch optimizers are
+    "adam_mini_param_groups_fused": (lambda model, **kw: lowmem.AdamMini(decay_groups(model), **kw),
+                                     dict(lr=0.01, weight_decay=0.1, n_heads=3), True),
+    "adalomo_parameters_classic": (lambda model, **kw: lowmem.AdaLomo(model.parameters(), **kw),
+                                   dict(lr=0.01, weight_decay=0.01), False),
+    "adam_mini_groups_added_later_fused": (lambda model, **kw: added_later(lowmem.AdamMini(decay_groups(model)[:1], **kw),
+                                                                           decay_groups(model)[1:]),
+                                           dict(lr=0.01, weight_decay=0.1, n_heads=3), True),
 }
+
+
+def added_later(opt, groups):
+    for group in groups:
+        opt.add_param_group(group)
+    return opt
+
+
+def decay_groups(model):
+    """Param groups of (name, parameter) pairs as training scripts split them: weight decay on
+    matrices only, the output head at its own lr."""
+    named = list(model.named_parameters())
+    return [{"params": [(n, p) for n, p in named if p.dim() >= 2 and n != "head.weight"]},
+            {"params": [(n, p) for n, p in named if p.dim() < 2], "weight_decay": 0.0},
+            {"params": [(n, p) for n, p in named if n == "head.weight"], "lr": 0.005}]
 
 
 def shard_run(name, steps, rank=None, world=1, resume_at=None, out=None, bf16_compute=False, save_dcp=None,
@@ -3691,8 +3714,10 @@ def test_fsdp2_checkpoints_resume_on_another_number_of_ranks(tmp_path):
 
 
 def test_layouts_lowmem_cannot_update_exactly_are_refused_by_name(tmp_path):
-    """A DTensor parameter outside FSDP2 (here: Shard(1), tensor-parallel style) is an error at
-    construction, before anything changes; no DTensor ever reaches the C kernels."""
+    """A DTensor parameter not held as rows (here: Shard(1), tensor-parallel style) is an error at
+    construction, before anything changes; no DTensor ever reaches the C kernels. A parameter held
+    as rows whose gradient is laid out otherwise (not as FSDP2 gives it) is refused by step()
+    before any update."""
     script = tmp_path / "layout.py"
     script.write_text(
         "import sys, torch, torch.distributed as dist\n"
@@ -3714,11 +3739,21 @@ def test_layouts_lowmem_cannot_update_exactly_are_refused_by_name(tmp_path):
         "except ValueError as e:\n"
         "    print('kernel:', e)\n"
         "print('kernel_ok:', lowmem._kernel_ok(p, p))\n"
+        "from torch.distributed.tensor import Replicate\n"
+        "rows = torch.nn.Parameter(distribute_tensor(torch.ones(4, 2), mesh, [Shard(0)]))\n"
+        "opt = lowmem.LOMO([('rows', rows)], lr=0.1)\n"
+        "rows.grad = distribute_tensor(torch.ones(4, 2), mesh, [Replicate()])\n"
+        "try:\n"
+        "    opt.step()\n"
+        "except TypeError as e:\n"
+        "    print('grad:', e, rows.to_local().eq(1).all().item())\n"
         "dist.destroy_process_group()\n")
     run = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=120)
     assert run.returncode == 0, run.stderr[-3000:]
     assert run.stdout.count("refused: parameter 'weight' is a DTensor with placements (Shard(dim=1),)") == 3
-    assert "outside FSDP" in run.stdout and "kernel: fused kernel: a " in run.stdout and "kernel_ok: False" in run.stdout
+    assert "kernel: fused kernel: a " in run.stdout and "kernel_ok: False" in run.stdout
+    assert "grad: parameter 'rows': its gradient is laid out as (Replicate(),), the parameter as (Shard(dim=0),)" \
+        in run.stdout and run.stdout.rstrip().endswith("True"), run.stdout
 
 
 # ---------------------------------------------------------------------------- pip install .
