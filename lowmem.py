@@ -72,10 +72,10 @@ class Whole:
     def totals_over_rows(self, *sums):  # total() of a matrix's column sums, in one collective
         return sums
 
-    def my_rows(self, x):  # the rows held here of a per-row vector of the whole tensor
+    def my_rows(self, x):  # the rows held here (dim 0) of per-row values of the whole tensor
         return x
 
-    def place_rows(self, x):  # a per-row vector of the rows held here, in the whole tensor's
+    def place_rows(self, x):  # per-row values of the rows held here, in the whole tensor's
         return x
 
 
@@ -132,12 +132,19 @@ def adalomo_update(p, g, moments, step, lr, eps=(1e-30, 1e-3), clip_threshold=1.
     return p.sub_(update.mul_(lr_t))
 
 
+def row_dims(blocks):
+    """The dims that index a tensor's rows (output neurons): its output axis, and for stacked
+    MoE experts (experts, out, in) the expert too, axis (0, 1): a row is one expert's neuron."""
+    return blocks.axis if isinstance(blocks.axis, tuple) else (blocks.axis,)
+
+
 def block_means(row_sums, blocks, geo):
     """Adam-mini: mean(g*g) of each block from the sums of g*g over each output row (the rows
     held here), so that a block (a head) split between two ranks still gets its exact mean."""
-    if blocks.axis == 0:
+    dims = row_dims(blocks)
+    if 0 in dims:
         row_sums = geo.place_rows(row_sums)
-    row = geo.total(row_sums) / (geo.numel // geo.shape[blocks.axis])  # rows all have the same size
+    row = geo.total(row_sums).reshape(-1) / (geo.numel // math.prod(geo.shape[d] for d in dims))  # rows all one size
     return torch.cat([row[a:b].view(-1, k).mean(1) for a, b, k in blocks.segments])
 
 
@@ -147,7 +154,7 @@ def block_mean_sq(g, blocks, geo):
         return g * g
     if blocks.kind == "tensor":
         return geo.total((g * g).sum().reshape(1)) / geo.numel
-    return block_means((g * g).sum(dim=[d for d in range(g.dim()) if d != blocks.axis]), blocks, geo)
+    return block_means((g * g).sum(dim=[d for d in range(g.dim()) if d not in row_dims(blocks)]), blocks, geo)
 
 
 def expand_blocks(v, blocks, shape, geo):
@@ -158,8 +165,10 @@ def expand_blocks(v, blocks, shape, geo):
         return v.reshape([1] * len(shape))
     per_block = v.split([(b - a) // k for a, b, k in blocks.segments])
     rows = torch.cat([part.repeat_interleave(k) for part, (_, _, k) in zip(per_block, blocks.segments)])
-    rows = geo.my_rows(rows) if blocks.axis == 0 else rows
-    return rows.view([-1 if d == blocks.axis else 1 for d in range(len(shape))])
+    dims = row_dims(blocks)
+    rows = rows.view([geo.shape[d] for d in dims])
+    rows = geo.my_rows(rows) if 0 in dims else rows
+    return rows.view([shape[d] if d in dims else 1 for d in range(len(shape))])
 
 
 def adam_mini_update(p, g, m, v, blocks, step, lr, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0, geo=None):
@@ -251,7 +260,8 @@ def dequantize_blocks(codes, scales):
 #   head    query / key: one v per attention head (a run of head_dim output rows)
 #   qkv     fused q|k|v matrix (GPT-2 c_attn; GPT-NeoX, Bloom and Falcon query_key_value,
 #           which interleave them per group of heads): q and k by head, v by neuron
-#   neuron  other dense weights (value, attention out, MLP, conv): one v per output neuron
+#   neuron  other dense weights (value, attention out, MLP, conv): one v per output neuron;
+#           stacked MoE experts (experts, out, in): one v per output neuron of each expert
 #   element biases: plain Adam, one v per element
 #   tensor  norms and everything else: one v for the whole tensor
 # Unlike the released code we decide by module structure, not only by name substrings,
@@ -289,6 +299,8 @@ class Blocks:
         if not self.segments:
             return "each element" if self.kind == "element" else "whole tensor"
         parts = [f"{(b - a) // k} of {k} row{'s' * (k > 1)}" for a, b, k in self.segments]
+        if isinstance(self.axis, tuple):
+            return f"{parts[0]} ({self.shape[0]} experts x {self.shape[self.axis[1]]})"
         if self.kind != "qkv":
             return ", ".join(parts)
         parts = [f"{part} {p}" for part, p in zip("qkv" * len(parts), parts)]
@@ -393,6 +405,10 @@ def _classify(name, p, module, heads, attention=None):
                                  f"not split into heads of {k}; pass n_heads/n_kv_heads/head_dim")
         return Blocks(name, shape, kind, sum((b - a) // k for a, b, k in segments), axis, tuple(segments))
 
+    if p.dim() == 3 and (owner == "experts" or type(module).__name__.endswith("Experts")):
+        out = 2 if getattr(module, "is_transposed", False) else 1  # transformers' (experts, in, out) layout
+        n = shape[0] * shape[out]
+        return Blocks(name, shape, "neuron", n, (0, out), ((0, n, 1),))
     if leaf == "in_proj_weight":  # nn.MultiheadAttention: q|k|v stacked, its own head count
         hd = module.head_dim
         return by_rows("qkv", (0, rows // 3, hd), (rows // 3, 2 * rows // 3, hd), (2 * rows // 3, rows, 1))
@@ -1585,11 +1601,13 @@ _M_CODE = {torch.float32: 0, torch.bfloat16: 1, torch.int8: 3}  # Adam-mini's m 
 def _adam_mini_kernel(opt, p, x, grad, prep, group, state, lr):
     """adam_mini_update in one pass: each block's mean g^2, v and update while the block is in
     cache, m read from and written back to its fp32, bf16 or 8-bit form on the way. HF Conv1D's
-    column blocks are not contiguous, a sharded norm weight is one block across ranks, and an
-    8-bit m is for blocks of rows: those take the PyTorch rule."""
+    column blocks (and transposed experts') are not contiguous, a sharded norm weight is one
+    block across ranks, and experts' rows are not dim 0's, which a sharded tensor and an 8-bit
+    m (scaled in runs along dim 0's rows) need: those take the PyTorch rule."""
     blocks, geo = opt._blocks[p], opt._geo[p]
-    if blocks.axis == 1 or (geo.sharded and blocks.kind == "tensor") or \
-            (blocks.kind == "element" and opt._m_dtype(x) == torch.int8):
+    dims = row_dims(blocks) if blocks.segments else (0,)
+    if dims not in ((0,), (0, 1)) or (geo.sharded and (blocks.kind == "tensor" or dims != (0,))) or \
+            (opt._m_dtype(x) == torch.int8 and (blocks.kind == "element" or dims != (0,))):
         return False
     t, m, v = opt._begin(x, state, blocks)
     wd = group["weight_decay"] if blocks.decay else 0.0
@@ -1626,8 +1644,9 @@ def _block_starts(opt, p, x, blocks):
     """Element offsets of the blocks (each a contiguous run of output rows) and the elements
     they cover, cached."""
     if p not in opt._starts:
-        row_len = x.numel() // max(x.shape[0], 1) if blocks.axis == 0 else x.numel()
-        segments = blocks.segments if blocks.axis == 0 else ((0, 1, 1),)
+        dims = row_dims(blocks) if blocks.segments else ()  # () for one block: the whole tensor
+        row_len = x.numel() // max(math.prod(x.shape[d] for d in dims), 1)
+        segments = blocks.segments or ((0, 1, 1),)
         offsets = [a + i * k for a, b, k in segments for i in range((b - a) // k)] + [segments[-1][1]]
         opt._starts[p] = (torch.tensor(offsets, dtype=torch.int64, device=x.device) * row_len,
                           (offsets[-1] - offsets[0]) * row_len)
@@ -1689,7 +1708,7 @@ class Shard(Whole):
         return x[self.row0:self.row0 + self.rows]
 
     def place_rows(self, x):
-        whole = x.new_zeros(self.shape[0])
+        whole = x.new_zeros(self.shape[0], *x.shape[1:])
         whole[self.row0:self.row0 + self.rows] = x
         return whole
 

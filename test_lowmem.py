@@ -827,6 +827,99 @@ def test_partition_unknown_heads_is_an_error():
     assert kinds(lowmem.partition(model, n_heads=2))["q_proj.weight"] == ("head", 2)
 
 
+class StackedExperts(nn.Module):
+    """A mixture's experts as one parameter, as transformers keeps them: (experts, out, in), or
+    (experts, in, out) where the module says is_transposed. Every expert runs on every token and
+    the outputs are averaged: a dense stand-in for routing."""
+
+    def __init__(self, n, d_in, d_out, is_transposed=False):
+        super().__init__()
+        self.is_transposed = is_transposed
+        self.weight = nn.Parameter(0.3 * torch.randn((n, d_in, d_out) if is_transposed else (n, d_out, d_in)))
+
+    def forward(self, x):
+        w = self.weight if self.is_transposed else self.weight.transpose(1, 2)  # (n, in, out)
+        return torch.einsum("bti,nio->bto", x, w) / w.shape[0]
+
+
+class SeparateExperts(nn.Module):
+    """The same experts as one nn.Linear each."""
+
+    def __init__(self, stacked):
+        super().__init__()
+        w = stacked.weight.detach()
+        w = w.transpose(1, 2) if stacked.is_transposed else w  # (n, out, in), as nn.Linear keeps it
+        self.experts = nn.ModuleList(nn.Linear(w.shape[2], w.shape[1], bias=False) for _ in range(w.shape[0]))
+        with torch.no_grad():
+            for linear, we in zip(self.experts, w):
+                linear.weight.copy_(we)
+
+    def forward(self, x):
+        return sum(linear(x) for linear in self.experts) / len(self.experts)
+
+
+@pytest.mark.parametrize("is_transposed", [False, True])
+@pytest.mark.parametrize("kernels", [True, False])
+def test_adam_mini_gives_stacked_experts_one_v_per_neuron_of_each_expert(is_transposed, kernels):
+    """Stacked MoE experts (transformers' Mixtral, Qwen2-MoE, DeepSeek...: one 3-D parameter) get
+    one v per output neuron of each expert, so Adam-mini trains them exactly as the same experts
+    kept as separate nn.Linear weights (each of whose rows is a block). They fell to one v per
+    expert (dim 0's rows). Both layouts, with the C kernels and with the PyTorch rule."""
+    def run(experts):
+        torch.manual_seed(1)
+        model = nn.Sequential(nn.Embedding(11, 6), experts, nn.Linear(5, 11))
+        opt = lowmem.AdamMini(model, lr=0.02, weight_decay=0.1)
+        opt = opt if kernels else torch_path(opt)
+        for idx in batches(3, shape=(2, 7), vocab=11):
+            opt.fused_backward(F.cross_entropy(model(idx).flatten(0, 1), idx.flatten()))
+        return model, opt
+
+    torch.manual_seed(0)
+    stacked = StackedExperts(3, 6, 5, is_transposed)
+    separate, start = SeparateExperts(stacked), stacked.weight.detach().clone()
+    (a, opt), (b, _) = run(stacked), run(separate)
+    blocks = {x.name: x for x in opt.partition}["1.weight"]
+    assert (blocks.kind, blocks.axis, blocks.n_v) == ("neuron", (0, 2 if is_transposed else 1), 15)
+    assert blocks.layout() == "15 of 1 row (3 experts x 5)"
+    w = a[1].weight.transpose(1, 2) if is_transposed else a[1].weight
+    moved = max((w[e] - b[1].experts[e].weight).abs().max().item() for e in range(3))
+    assert moved < 1e-6, moved
+    assert (a[1].weight - start).abs().max() > 1e-2  # it trained
+
+
+def test_official_adam_mini_cannot_train_stacked_experts():
+    """The released Adam-mini (1.1.1) takes a tensor named like an MLP's per neuron with a mean
+    over dim 1, which for stacked experts (experts, out, in) is one v per expert and input
+    feature, and then fails to reshape it; lowmem trains them (the test above)."""
+    adam_mini = pytest.importorskip("adam_mini")
+    model = nn.Module()
+    model.mlp = nn.Module()
+    model.mlp.experts = StackedExperts(4, 5, 6)
+    opt = adam_mini.Adam_mini(named_parameters=model.named_parameters(), lr=1e-3, dim=8, n_heads=2)
+    model.mlp.experts.weight.grad = torch.randn(4, 6, 5)
+    with pytest.raises(RuntimeError, match=re.escape("shape '[4, 1]' is invalid for input of size 20")):
+        opt.step()
+
+
+def test_partition_reads_transformers_stacked_experts():
+    """transformers' Mixtral and Qwen2-MoE keep their experts stacked (experts, out, in): one v
+    per output neuron of each expert; the router and the shared expert are plain matrices."""
+    transformers = pytest.importorskip("transformers")
+    base = dict(vocab_size=64, hidden_size=32, intermediate_size=48, num_hidden_layers=1, num_attention_heads=4,
+                num_key_value_heads=2)
+    for family, extra in (("mixtral", dict(num_local_experts=4, num_experts_per_tok=2)),
+                          ("qwen2_moe", dict(num_experts=4, num_experts_per_tok=2, moe_intermediate_size=16,
+                                             shared_expert_intermediate_size=16))):
+        model = transformers.AutoModelForCausalLM.from_config(transformers.AutoConfig.for_model(family, **base, **extra))
+        part = {b.name.split("mlp.")[-1]: b for b in lowmem.partition(model) if ".mlp." in b.name}
+        inter = 48 if family == "mixtral" else 16
+        stacked = [name for name, p in model.named_parameters() if p.dim() == 3]
+        assert len(stacked) == 2, stacked  # if transformers goes back to one nn.Linear per expert, this test is moot
+        assert (part["experts.gate_up_proj"].axis, part["experts.gate_up_proj"].n_v) == ((0, 1), 4 * 2 * inter)
+        assert (part["experts.down_proj"].axis, part["experts.down_proj"].n_v) == ((0, 1), 4 * 32)
+        assert (part["gate.weight"].kind, part["gate.weight"].n_v) == ("neuron", 4)
+
+
 def test_partition_lora_and_1d_embed_names_do_not_crash():
     class Lora(nn.Module):
         def __init__(self):
@@ -1028,6 +1121,7 @@ KERNEL_OPTS = {
     "adam_mini_grouped_qkv": lambda p, **kw: lowmem.AdamMini([("attention.query_key_value.weight", p)], lr=0.01,
                                                              n_heads=4, head_dim=3, **kw),
     "adam_mini_elem": lambda p, **kw: lowmem.AdamMini([("fc.bias", p)], lr=0.01, **kw),
+    "adam_mini_experts": lambda p, **kw: lowmem.AdamMini([("mlp.experts.down_proj", p)], lr=0.01, weight_decay=0.1, **kw),
     "adam_mini_tensor": lambda p, **kw: lowmem.AdamMini([("ln.weight", p)], lr=0.01, **kw),
     # m in bf16 or 8 bits, rounded to nearest (as the reference can: stochastic rounding's bits differ)
     "adam_mini_rows_bf16_m": lambda p, **kw: nearest_m(lowmem.AdamMini([("mlp.w", p)], lr=0.01, weight_decay=0.1,
@@ -1041,7 +1135,7 @@ KERNEL_OPTS = {
 SHAPES = {"lomo": [(0,), (1,), (7,), (4097,), (33, 65)], "adalomo": [(1,), (7,), (4097,), (33, 65), (3, 7, 5), ()],
           "adalomo_passes": [(1,), (7,), (4097,), (33, 65), (3, 7, 5), ()],
           "adam_mini_rows": [(1, 1), (7, 9), (33, 65)], "adam_mini_heads": [(9, 4), (48, 17)],
-          "adam_mini_grouped_qkv": [(36, 5), (72, 17)],
+          "adam_mini_grouped_qkv": [(36, 5), (72, 17)], "adam_mini_experts": [(3, 7, 9), (2, 33, 65)],
           "adam_mini_elem": [(0,), (1,), (7,), (4097,)], "adam_mini_tensor": [(1,), (7,), (4097,)],
           "adam_mini_rows_bf16_m": [(1, 1), (33, 65)], "adam_mini_elem_bf16_m": [(7,), (4097,)],
           "adam_mini_rows_8bit_m": [(1, 1), (7, 9), (33, 65), (5, 600), (3, 4, 300)],  # rows of 2.3 and 4.7 runs
@@ -3526,13 +3620,14 @@ def test_bench_gpu_without_cuda_says_so_and_fails():
 
 class ShardNet(nn.Module):
     """Sharded over 2 ranks by rows: the 23-row embedding and head are padded (12 + 11 rows),
-    q_proj's 3 heads of 2 rows split as rows 0-2 | 3-5, so head 1 straddles the two ranks, and
-    the 1-row gate leaves rank 1 an empty shard."""
+    q_proj's 3 heads of 2 rows split as rows 0-2 | 3-5, so head 1 straddles the two ranks, the
+    1-row gate leaves rank 1 an empty shard, and 3 stacked experts split 2 | 1."""
 
     def __init__(self, vocab=23, dim=6):
         super().__init__()
         self.gate = nn.Parameter(torch.ones(1, dim))
         self.wte = nn.Embedding(vocab, dim)
+        self.experts = StackedExperts(3, dim, dim)
         self.q_proj = nn.Linear(dim, dim)
         self.ln = nn.LayerNorm(dim)
         self.fc = nn.Linear(dim, 4 * dim)
@@ -3541,6 +3636,7 @@ class ShardNet(nn.Module):
 
     def forward(self, idx):
         x = self.wte(idx) * self.gate
+        x = x + self.experts(x)
         x = x + torch.tanh(self.q_proj(x))
         x = x + self.proj(F.gelu(self.fc(self.ln(x))))
         return self.head(x)
