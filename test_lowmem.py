@@ -954,6 +954,25 @@ def test_partition_reads_nested_text_config_and_each_towers_own_heads():
     assert {name: part[f"model.{name}.weight"] for name in expected} == expected
 
 
+def test_partition_reads_gemma3_nested_text_config():
+    """Gemma 3 (the released Adam-mini's users hit this one): its head counts sit in
+    config.text_config, head_dim 16 with 4 query heads on a 32-wide model, and its SigLIP
+    vision tower has 3 heads of 8 of its own."""
+    transformers = pytest.importorskip("transformers")
+    text = transformers.Gemma3TextConfig(vocab_size=300, hidden_size=32, intermediate_size=48, num_hidden_layers=1,
+                                         num_attention_heads=4, num_key_value_heads=2, head_dim=16)
+    vision = transformers.SiglipVisionConfig(hidden_size=24, intermediate_size=32, num_hidden_layers=1,
+                                             num_attention_heads=3, image_size=16, patch_size=8)
+    model = transformers.Gemma3ForConditionalGeneration(transformers.Gemma3Config(
+        text_config=text, vision_config=vision, mm_tokens_per_image=4, image_token_index=299, boi_token_index=297,
+        eoi_token_index=298))
+    part = {b.name: b.layout() for b in lowmem.partition(model)}
+    assert part["model.language_model.layers.0.self_attn.q_proj.weight"] == "4 of 16 rows"
+    assert part["model.language_model.layers.0.self_attn.k_proj.weight"] == "2 of 16 rows"
+    assert part["model.vision_tower.encoder.layers.0.self_attn.q_proj.weight"] == "3 of 8 rows"
+    assert part["model.language_model.embed_tokens.weight"] == "300 of 1 row"
+
+
 def test_adam_mini_on_a_peft_lora_model_updates_only_the_adapters_one_v_per_output_row():
     """A real peft LoRA model: only the adapter tensors are trainable, and they are not heads
     (lora_A is rank x in, lora_B out x rank): each gets one v per output row, finer than a head,
