@@ -920,6 +920,12 @@ class AdamMini(_LowMemOptimizer):
         named, params = _named_trainable(model_or_named_params)
         module = params if isinstance(params, nn.Module) else None
         self.partition = partition(named if module is None else module, n_heads, n_kv_heads, head_dim)
+        if module is None:  # a param group may give its own head counts (another tower's attention)
+            by_name = {b.name: b for b in self.partition}
+            for i, group in enumerate(params):
+                own = _heads_of_group(group, None, f"param group {i}: ")
+                by_name.update((b.name, b) for b in (partition(group["params"], **own) if own else ()))
+            self.partition = Partition(by_name[n] for n, _ in named)
         self.state_dtype = state_dtype
         defaults = dict(lr=lr, betas=tuple(betas) if isinstance(betas, list) else betas, eps=eps, weight_decay=weight_decay)
         super().__init__(params, defaults, clip_grad_norm, clip_grad_value, loss_scale, stochastic_rounding,
@@ -931,12 +937,13 @@ class AdamMini(_LowMemOptimizer):
 
     def add_param_group(self, param_group):
         """Blocks for the new parameters too: named by (name, parameter) pairs, with this
-        optimizer's head counts."""
+        optimizer's head counts, or the group's own n_heads / n_kv_heads / head_dim."""
         if not hasattr(self, "_group_of"):
             return super().add_param_group(param_group)
         param_group = dict(param_group, params=list(param_group["params"]))  # a generator is read once
         named, _ = _named_trainable([param_group])  # refuses parameters without names, as __init__ does
-        part = partition(named, **self._head_args)  # may refuse: nothing changed yet
+        heads = _heads_of_group(param_group, self._head_args, f"param group {len(self.param_groups)}: ")
+        part = partition(named, **heads)  # may refuse: nothing changed yet
         super().add_param_group(param_group)
         self._blocks.update((p, b) for (_, p), b in zip(named, part))
         self.partition.extend(part)
@@ -1940,6 +1947,17 @@ def _check_adam_mini_settings(s, where=""):
     if not _pair(betas) or any(not isinstance(b, (int, float)) or not 0.0 <= b < 1.0 for b in betas):
         raise ValueError(f"{where}betas must be two numbers in [0, 1), got {betas!r}")
     _check_positive(where + "eps", s["eps"], allow_none=False)
+
+
+def _heads_of_group(group, heads, where):
+    """The head counts an AdamMini param group's tensors are partitioned with: the group's own
+    when it gives any of n_heads, n_kv_heads, head_dim (the others then come from its tensors),
+    else `heads`, the optimizer's."""
+    own = {k: group[k] for k in ("n_heads", "n_kv_heads", "head_dim") if k in group}
+    for key, value in own.items():
+        if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+            raise ValueError(f"{where}{key} must be a positive integer, got {value!r}")
+    return dict(dict.fromkeys(("n_heads", "n_kv_heads", "head_dim")), **own) if own else heads
 
 
 def _check_state_dtype(state_dtype):

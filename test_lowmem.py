@@ -641,6 +641,27 @@ def test_add_param_group_after_construction_trains_the_new_parameters(name, driv
         assert [b.name for b in opt.partition][-2:] == ["fc.weight", "fc.bias"]
 
 
+def test_adam_mini_param_group_with_its_own_head_counts():
+    """A param group may give its own n_heads / n_kv_heads / head_dim: a second tower whose
+    attention has 2 heads of 12 where the model's has 4 of 8 (without them, the model's head_dim
+    cuts it as 3 heads of 8). At construction and in add_param_group, the same blocks; a bad
+    count is refused by name before anything changes."""
+    model = nn.ModuleDict({"attn": nn.ModuleDict({"q_proj": nn.Linear(32, 32)}),
+                           "tower": nn.ModuleDict({"q_proj": nn.Linear(32, 24)})})
+    main, tower = list(model["attn"].named_parameters(prefix="attn")), list(model["tower"].named_parameters(prefix="tower"))
+    layout = lambda opt: {b.name: b.layout() for b in opt.partition if b.name.endswith("q_proj.weight")}
+    assert layout(lowmem.AdamMini(main + tower, n_heads=4)) == {"attn.q_proj.weight": "4 of 8 rows",
+                                                               "tower.q_proj.weight": "3 of 8 rows"}
+    want = {"attn.q_proj.weight": "4 of 8 rows", "tower.q_proj.weight": "2 of 12 rows"}
+    assert layout(lowmem.AdamMini([{"params": main}, {"params": tower, "n_heads": 2}], n_heads=4)) == want
+    opt = lowmem.AdamMini([{"params": main}], n_heads=4)
+    with pytest.raises(ValueError, match="param group 1: n_heads must be a positive integer, got 0"):
+        opt.add_param_group({"params": tower, "n_heads": 0})
+    assert len(opt.param_groups) == 1 and len(opt.partition) == 2
+    opt.add_param_group({"params": tower, "n_heads": 2})
+    assert layout(opt) == want
+
+
 # ---------------------------------------------------------------------------- fp16 and rounding
 
 
