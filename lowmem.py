@@ -795,9 +795,15 @@ class _LowMemOptimizer(torch.optim.Optimizer):
 
     def load_state_dict(self, state_dict):
         """Load state exactly (dtype kept: torch's loader would cast fp32 state to bf16); a step
-        being accumulated is dropped. Takes sharded_state_dict()'s too."""
+        being accumulated is dropped. Takes sharded_state_dict()'s too. torch.optim's load hooks
+        (register_load_state_dict_pre_hook / _post_hook) run around it, as in torch's."""
+        state_dict = dict(state_dict)
+        for hook in self._optimizer_load_state_dict_pre_hooks.values():
+            state_dict = hook(self, state_dict) or state_dict
         _load_state(self, state_dict)
         self._micro, self._window = 0, {}
+        for hook in self._optimizer_load_state_dict_post_hooks.values():
+            hook(self)
 
     def sharded_state_dict(self):
         """state_dict() for torch.distributed.checkpoint under FSDP2, resumable on any number of

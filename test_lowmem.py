@@ -454,6 +454,27 @@ def whole_and_resumed(make_opt, start, data, at=3, fused=True):
     return model, opt, resumed, opt2
 
 
+@pytest.mark.parametrize("name", OPTIMIZERS)
+def test_state_dict_hooks_run_as_in_torch(name):
+    """torch.optim's state-dict hooks run around state_dict() and load_state_dict(), and what a
+    load pre hook returns is what is loaded (frameworks rename or convert saved state there)."""
+    model = TinyNet()
+    opt = make(name, model)
+    seen = []
+    opt.register_state_dict_pre_hook(lambda o: seen.append("save pre"))
+    opt.register_state_dict_post_hook(lambda o, sd: seen.append("save post"))
+
+    def halve_lr(o, sd):
+        seen.append("load pre")
+        return {**sd, "param_groups": [{**g, "lr": g["lr"] / 2} for g in sd["param_groups"]]}
+    opt.register_load_state_dict_pre_hook(halve_lr)
+    opt.register_load_state_dict_post_hook(lambda o: seen.append("load post"))
+    one_step(opt, lm_loss(model, batches(1)[0]), fused=True)
+    lr = opt.param_groups[0]["lr"]
+    opt.load_state_dict(opt.state_dict())
+    assert seen == ["save pre", "save post", "load pre", "load post"] and opt.param_groups[0]["lr"] == lr / 2
+
+
 def test_load_state_dict_rejects_mismatch_before_changing_anything():
     model = TinyNet()
     opt = make("adam_mini", model)
