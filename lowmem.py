@@ -431,13 +431,13 @@ def _classify(name, p, module, heads, attention=None):
 
 
 def partition(model_or_named_params, n_heads=None, n_kv_heads=None, head_dim=None):
-    """Adam-mini blocks of every trainable tensor, as a printable Partition (a list).
+    """Adam-mini blocks of every trainable tensor of a module, or of every tensor of a list of
+    (name, parameter) pairs, as a printable Partition (a list).
 
-    Accepts an nn.Module (structure-aware) or an iterable of (name, parameter) pairs
-    (name-based only, weights assumed (out, in)). Tied parameters appear once."""
+    A module is read by its structure; pairs by name only (weights assumed (out, in)). Tied
+    parameters appear once."""
     model = model_or_named_params if isinstance(model_or_named_params, nn.Module) else None
-    named = [(n, p) for n, p in (model.named_parameters() if model else model_or_named_params)
-             if p.requires_grad]
+    named = [(n, p) for n, p in model.named_parameters() if p.requires_grad] if model else list(model_or_named_params)
     owners = _module_of(model) if model else {}
     modules = dict(model.named_modules()) if model else {}
     heads = _Heads(model, n_heads, n_kv_heads, head_dim)
@@ -532,7 +532,8 @@ class _LowMemOptimizer(torch.optim.Optimizer):
         # last optimizer step, and the parameters they reached, in order (each one's first is decayed).
         self.accumulation_steps, self._micro, self._window = accumulation_steps, 0, {}
         self._in_caller_backward = False
-        self._hooks = [p.register_post_accumulate_grad_hook(self._hook) for p in params if p.requires_grad]
+        self._hooks, self._hooked = [], set()
+        self._register_hooks(params)
 
     # -- per-parameter pipeline shared by both drivers --------------------------------
 
@@ -646,6 +647,7 @@ class _LowMemOptimizer(torch.optim.Optimizer):
         with _batched():  # one kernel call per kernel for all the tensors
             for p, grad in grads.items():
                 self._apply(p, grad, 1.0, None, clip_coef)
+        self._register_hooks(self._group_of)  # parameters unfrozen since: update_in_backward's next backward
         return loss
 
     # -- fused driver -------------------------------------------------------------------
@@ -662,6 +664,15 @@ class _LowMemOptimizer(torch.optim.Optimizer):
             self._add_sumsq(p, grad, scale)  # on device: no sync
         else:
             self._apply(p, grad, scale, self._lr, self._clip_coef, self.accumulation_steps > 1)  # micro: accumulating
+
+    def _register_hooks(self, params):
+        """The gradient hook on each parameter that trains and has none yet. A parameter frozen
+        when it joined a group and unfrozen later gets its hook at the next fused_backward or at
+        the end of the next step() (which applies the .grad it has meanwhile, as step() does)."""
+        for p in params:
+            if p.requires_grad and p not in self._hooked:
+                self._hooks.append(p.register_post_accumulate_grad_hook(self._hook))
+                self._hooked.add(p)
 
     def _caller_backward_starts(self):
         """update_in_backward: the first hook of each backward of the caller's. More backward
@@ -702,6 +713,7 @@ class _LowMemOptimizer(torch.optim.Optimizer):
 
     def _backward(self, loss, mode, retain_graph=False):
         _check_no_grads(self._group_of, self._names)
+        self._register_hooks(self._group_of)  # parameters unfrozen since the last step
         self._mode = mode
         try:
             (loss * self.loss_scale if self.loss_scale != 1.0 else loss).backward(retain_graph=retain_graph)
@@ -923,7 +935,7 @@ class AdamMini(_LowMemOptimizer):
                  stochastic_rounding=False, seed=0, state_dtype=torch.float32, update_in_backward=False,
                  accumulation_steps=1):
         _check_state_dtype(state_dtype)
-        named, params = _named_trainable(model_or_named_params)
+        named, params = _named_params(model_or_named_params)
         module = params if isinstance(params, nn.Module) else None
         self.partition = partition(named if module is None else module, n_heads, n_kv_heads, head_dim)
         if module is None:  # a param group may give its own head counts (another tower's attention)
@@ -947,7 +959,7 @@ class AdamMini(_LowMemOptimizer):
         if not hasattr(self, "_group_of"):
             return super().add_param_group(param_group)
         param_group = dict(param_group, params=list(param_group["params"]))  # a generator is read once
-        named, _ = _named_trainable([param_group])  # refuses parameters without names, as __init__ does
+        named, _ = _named_params([param_group])  # refuses parameters without names, as __init__ does
         heads = _heads_of_group(param_group, self._head_args, f"param group {len(self.param_groups)}: ")
         part = partition(named, **heads)  # may refuse: nothing changed yet
         super().add_param_group(param_group)
@@ -1732,8 +1744,8 @@ class Shard(Whole):
 # saves each row once and reads back the rows each rank of the new run holds. The rest is the
 # same on every rank and saved once: Adam-mini's v (one value per block, kept whole on every
 # rank; its block sums are all-reduced), AdaLomo's column statistic of a matrix (a mean over
-# all rows), the step counts. Every parameter appears, with zero state at step 0 if it has
-# none yet, so that a fresh optimizer's sharded_state_dict() is the template DCP loads into.
+# all rows), the step counts. Every trainable parameter appears, with zero state at step 0 if
+# it has none yet, so that a fresh optimizer's sharded_state_dict() is the template DCP loads into.
 
 
 def _sharded_state_dict(opt):
@@ -1741,6 +1753,8 @@ def _sharded_state_dict(opt):
     old, sd["state"] = sd["state"], {}  # str keys: DCP writes what it loads under str keys
     for group, saved in zip(opt.param_groups, sd["param_groups"]):
         for p, i in zip(group["params"], saved["params"]):
+            if i not in old and not p.requires_grad:  # frozen: no state to save or to load
+                continue
             x = p.to_local() if opt._geo[p].sharded else p
             state = sd["state"][str(i)] = dict(old.get(i) or opt._new_state(p, x))  # a copy: opt.state stays
             if opt._geo[p].sharded:
@@ -1815,9 +1829,10 @@ def _param_groups(model_or_params, first=0):
     return groups, names
 
 
-def _named_trainable(model_or_named_params):
-    """AdamMini's input as (trainable (name, parameter) pairs, what the driver is built from):
-    a module, named_parameters(), (name, parameter) pairs, or param groups of such pairs."""
+def _named_params(model_or_named_params):
+    """AdamMini's input as ((name, parameter) pairs, what the driver is built from): a module
+    (its trainable parameters), or named_parameters(), (name, parameter) pairs or param groups of
+    such pairs (all of them, frozen ones too, as torch's optimizers keep them: one unfrozen later trains)."""
     if isinstance(model_or_named_params, nn.Module):
         return [(n, p) for n, p in model_or_named_params.named_parameters() if p.requires_grad], model_or_named_params
     items = list(model_or_named_params)  # named_parameters() is a generator: read it once
@@ -1829,7 +1844,7 @@ def _named_trainable(model_or_named_params):
     for name, p in pairs:
         if not isinstance(p, torch.Tensor):
             raise TypeError(f"optimizer can only optimize tensors, got {type(p).__name__} for '{name}'")
-    groups = [dict(g, params=[(n, p) for n, p in g["params"] if p.requires_grad]) for g in groups]
+    groups = [dict(g, params=list(g["params"])) for g in groups]
     return [x for g in groups for x in g["params"]], groups
 
 
@@ -1904,7 +1919,7 @@ def _add_group(opt, param_group):
     opt._names.update(names)
     opt._geo.update(geos)
     opt._group_of.update((p, opt.param_groups[-1]) for p in params)
-    opt._hooks += [p.register_post_accumulate_grad_hook(opt._hook) for p in params if p.requires_grad]
+    opt._register_hooks(params)
     for device_type in {p.device.type for p in params}:
         _load(device_type)
 
@@ -1996,7 +2011,8 @@ def _copyable_state(opt):
 def _restore_copy(opt, state):
     torch.optim.Optimizer.__setstate__(opt, state)  # torch's: empty step hooks, the step() wrapper
     opt._kernel_args = {}
-    opt._hooks = [p.register_post_accumulate_grad_hook(opt._hook) for p in opt._group_of if p.requires_grad]
+    opt._hooks, opt._hooked = [], set()
+    opt._register_hooks(opt._group_of)
 
 
 def _load_state(opt, state_dict):

@@ -683,6 +683,30 @@ def test_adam_mini_param_group_with_its_own_head_counts():
     assert layout(opt) == want
 
 
+@pytest.mark.parametrize("name", OPTIMIZERS)
+@pytest.mark.parametrize("driver", ["fused", "update_in_backward"])
+def test_a_parameter_unfrozen_after_construction_trains_in_the_fused_drivers(name, driver):
+    """Progressive unfreezing within a group: a parameter given while frozen (requires_grad False:
+    no gradient hook can be registered on it) and unfrozen after two steps trains from then on
+    as with the classic driver, with no .grad left behind (it used to keep a .grad that the
+    fused driver never applied, and the next step refused it)."""
+    def run(driver):
+        torch.manual_seed(0)
+        model = TinyNet()
+        model.fc.weight.requires_grad_(False)
+        opt = make(name, list(model.named_parameters()), update_in_backward=driver == "update_in_backward")
+        opt = torch_path(opt)  # one path for every driver: the comparison is of the drivers
+        for i, idx in enumerate(batches(4)):
+            if i == 2:
+                model.fc.weight.requires_grad_(True)
+            one_step(opt, lm_loss(model, idx), fused=driver == "fused")
+        return model
+    classic, fused = run("classic"), run(driver)
+    assert max_diff(classic, fused) < 1e-6 and all(p.grad is None for p in fused.parameters())
+    torch.manual_seed(0)
+    assert (classic.fc.weight - TinyNet().fc.weight).abs().max() > 1e-3  # it moved once unfrozen
+
+
 # ---------------------------------------------------------------------------- fp16 and rounding
 
 
