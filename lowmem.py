@@ -430,23 +430,30 @@ def _classify(name, p, module, heads, attention=None):
     return by_rows("neuron", (0, rows, 1))
 
 
-def partition(model_or_named_params, n_heads=None, n_kv_heads=None, head_dim=None):
-    """Adam-mini blocks of every trainable tensor of a module, or of every tensor of a list of
-    (name, parameter) pairs, as a printable Partition (a list).
-
-    A module is read by its structure; pairs by name only (weights assumed (out, in)). Tied
-    parameters appear once."""
-    model = model_or_named_params if isinstance(model_or_named_params, nn.Module) else None
-    named = [(n, p) for n, p in model.named_parameters() if p.requires_grad] if model else list(model_or_named_params)
-    owners = _module_of(model) if model else {}
-    modules = dict(model.named_modules()) if model else {}
+def _heads_of(model, named, owners, n_heads=None, n_kv_heads=None, head_dim=None):
+    """The head geometry: given, from the config, or head_dim from the first query (or fused
+    qkv) tensor of `named`."""
     heads = _Heads(model, n_heads, n_kv_heads, head_dim)
-    for name, p in named:  # the first query (or fused qkv) tensor fixes head_dim
+    for name, p in named:
         leaf, owner = _owner_name(name)
         fused = owner in FUSED_QKV_NAMES | GROUPED_QKV_NAMES
         if (fused or owner in {"q_proj", "wq", "query", "to_q", "q"}) and p.dim() >= 2:
             heads.infer_head_dim(p.shape[_output_axis(owners.get(id(p)))], fused)
             break
+    return heads
+
+
+def partition(model_or_named_params, n_heads=None, n_kv_heads=None, head_dim=None):
+    """Adam-mini blocks of every trainable tensor, as a printable Partition (a list).
+
+    Accepts an nn.Module (structure-aware) or an iterable of (name, parameter) pairs
+    (name-based only, weights assumed (out, in)). Tied parameters appear once."""
+    model = model_or_named_params if isinstance(model_or_named_params, nn.Module) else None
+    named = [(n, p) for n, p in (model.named_parameters() if model else model_or_named_params)
+             if p.requires_grad]
+    owners = _module_of(model) if model else {}
+    modules = dict(model.named_modules()) if model else {}
+    heads = _heads_of(model, named, owners, n_heads, n_kv_heads, head_dim)
     return Partition(_classify(n, p, owners.get(id(p)), heads, modules.get(n.rsplit(".", 2)[0])) for n, p in named)
 
 
@@ -636,6 +643,7 @@ class _LowMemOptimizer(torch.optim.Optimizer):
             with torch.enable_grad():
                 loss = closure()  # update_in_backward: the closure's backward is the update
         self._end_window()
+        self._register_hooks(self._group_of)  # parameters unfrozen since: update_in_backward's next backward
         grads = {p: self._geo[p].grad_rows(p.grad) if self._geo[p].sharded else p.grad
                  for g in self.param_groups for p in g["params"] if p.grad is not None}
         clip_coef = None  # replicated .grad is synced by DDP in this driver, sharded by FSDP2
@@ -647,7 +655,6 @@ class _LowMemOptimizer(torch.optim.Optimizer):
         with _batched():  # one kernel call per kernel for all the tensors
             for p, grad in grads.items():
                 self._apply(p, grad, 1.0, None, clip_coef)
-        self._register_hooks(self._group_of)  # parameters unfrozen since: update_in_backward's next backward
         return loss
 
     # -- fused driver -------------------------------------------------------------------
@@ -937,18 +944,22 @@ class AdamMini(_LowMemOptimizer):
         _check_state_dtype(state_dtype)
         named, params = _named_params(model_or_named_params)
         module = params if isinstance(params, nn.Module) else None
-        self.partition = partition(named if module is None else module, n_heads, n_kv_heads, head_dim)
-        if module is None:  # a param group may give its own head counts (another tower's attention)
-            by_name = {b.name: b for b in self.partition}
+        if module is not None:
+            self.partition = partition(module, n_heads, n_kv_heads, head_dim)
+            self._blocks, self._waiting = {p: b for (_, p), b in zip(named, self.partition)}, {}
+        else:  # pairs: head_dim from all of them; a param group may give its own heads (another tower's)
+            shared = _heads_of(None, named, {}, n_heads, n_kv_heads, head_dim)
+            self._blocks, self._waiting = {}, {}  # _waiting: frozen parameters, cut when unfrozen
             for i, group in enumerate(params):
                 own = _heads_of_group(group, None, f"param group {i}: ")
-                by_name.update((b.name, b) for b in (partition(group["params"], **own) if own else ()))
-            self.partition = Partition(by_name[n] for n, _ in named)
+                blocks, waiting = _cut_pairs(group["params"], _heads_of(None, group["params"], {}, **own) if own else shared)
+                self._blocks.update(blocks)
+                self._waiting.update(waiting)
+            self.partition = Partition(self._blocks.values())
         self.state_dtype = state_dtype
         defaults = dict(lr=lr, betas=tuple(betas) if isinstance(betas, list) else betas, eps=eps, weight_decay=weight_decay)
         super().__init__(params, defaults, clip_grad_norm, clip_grad_value, loss_scale, stochastic_rounding,
                          seed, update_in_backward, accumulation_steps)
-        self._blocks = {p: b for (_, p), b in zip(named, self.partition)}
         heads = _Heads(module, n_heads, n_kv_heads, head_dim)  # for parameters added later
         self._head_args = dict(n_heads=heads.n_heads, n_kv_heads=heads.n_kv_heads, head_dim=heads.head_dim)
         self._starts = {}  # section 5: each blocked tensor's block offsets, for the kernel
@@ -961,10 +972,21 @@ class AdamMini(_LowMemOptimizer):
         param_group = dict(param_group, params=list(param_group["params"]))  # a generator is read once
         named, _ = _named_params([param_group])  # refuses parameters without names, as __init__ does
         heads = _heads_of_group(param_group, self._head_args, f"param group {len(self.param_groups)}: ")
-        part = partition(named, **heads)  # may refuse: nothing changed yet
+        blocks, waiting = _cut_pairs(named, _heads_of(None, named, {}, **heads))  # may refuse: nothing changed yet
         super().add_param_group(param_group)
-        self._blocks.update((p, b) for (_, p), b in zip(named, part))
-        self.partition.extend(part)
+        self._blocks.update(blocks)
+        self._waiting.update(waiting)
+        self.partition.extend(blocks.values())
+
+    def _register_hooks(self, params):
+        """A parameter given frozen and unfrozen since gets its blocks first, cut as they would
+        have been at construction (its name, the head geometry of its group)."""
+        for p in [p for p in params if p.requires_grad and p in self._waiting]:
+            name, heads = self._waiting[p]
+            self._blocks[p] = _classify(name, p, None, heads)  # may refuse (no head count): before any update
+            self.partition.append(self._blocks[p])
+            del self._waiting[p]
+        super()._register_hooks(params)
 
     def _m_dtype(self, x):
         """How m of a parameter whose data (or shard) is x is kept: 8 bits needs rows to scale by."""
@@ -1749,6 +1771,7 @@ class Shard(Whole):
 
 
 def _sharded_state_dict(opt):
+    opt._register_hooks(opt._group_of)  # a parameter unfrozen since the last step: its blocks (Adam-mini)
     sd = opt.state_dict()
     old, sd["state"] = sd["state"], {}  # str keys: DCP writes what it loads under str keys
     for group, saved in zip(opt.param_groups, sd["param_groups"]):
@@ -1968,6 +1991,13 @@ def _check_adam_mini_settings(s, where=""):
     if not _pair(betas) or any(not isinstance(b, (int, float)) or not 0.0 <= b < 1.0 for b in betas):
         raise ValueError(f"{where}betas must be two numbers in [0, 1), got {betas!r}")
     _check_positive(where + "eps", s["eps"], allow_none=False)
+
+
+def _cut_pairs(named, heads):
+    """AdamMini's blocks of the trainable (name, parameter) pairs, and the frozen ones, waiting
+    to be cut when unfrozen, with the head geometry to cut them by."""
+    blocks = {p: _classify(n, p, None, heads) for n, p in named if p.requires_grad}
+    return blocks, {p: (n, heads) for n, p in named if not p.requires_grad}
 
 
 def _heads_of_group(group, heads, where):

@@ -707,6 +707,21 @@ def test_a_parameter_unfrozen_after_construction_trains_in_the_fused_drivers(nam
     assert (classic.fc.weight - TinyNet().fc.weight).abs().max() > 1e-3  # it moved once unfrozen
 
 
+def test_adam_mini_cuts_an_unfrozen_parameters_blocks_before_any_update():
+    """A frozen (name, parameter) pair waits for its blocks until it is unfrozen; then they are cut
+    by its group's head geometry, and a query weight whose head count nobody gave is refused at the
+    next fused_backward before any weight moves."""
+    model = nn.ModuleDict({"q_proj": nn.Linear(8, 8), "mlp": nn.Linear(8, 8)})
+    model.q_proj.requires_grad_(False)
+    opt = lowmem.AdamMini(list(model.named_parameters()), lr=0.1)  # no heads needed: q_proj is frozen
+    assert [b.name for b in opt.partition] == ["mlp.weight", "mlp.bias"]
+    model.q_proj.requires_grad_(True)
+    before = copy.deepcopy(model.state_dict())
+    with pytest.raises(ValueError, match="'q_proj.weight' is a query/key weight but the number of attention heads"):
+        opt.fused_backward(model.mlp(model.q_proj(torch.ones(2, 8))).sum())
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+
+
 # ---------------------------------------------------------------------------- fp16 and rounding
 
 
@@ -1063,6 +1078,9 @@ def test_adam_mini_on_a_peft_lora_model_updates_only_the_adapters_one_v_per_outp
         opt.step()
     changed = {n for n, p in model.named_parameters() if not torch.equal(before[n], p)}
     assert changed == set(part) and all(p.grad is None for p in model.parameters())
+    # given all named_parameters() (no config to read heads from), the frozen q_proj needs none until unfrozen
+    opt = lowmem.AdamMini(model.named_parameters(), lr=1e-2)
+    assert {b.name: (b.kind, b.n_v) for b in opt.partition} == part and len(opt.param_groups[0]["params"]) > len(part)
 
 
 GROUPED_QKV_FAMILIES = {  # tiny configs: 4 heads of 8; Falcon's multi-query (1 k/v head) and grouped (2)
