@@ -457,6 +457,13 @@ def partition(model_or_named_params, n_heads=None, n_kv_heads=None, head_dim=Non
     return Partition(_classify(n, p, owners.get(id(p)), heads, modules.get(n.rsplit(".", 2)[0])) for n, p in named)
 
 
+def _cut_pairs(named, heads):
+    """AdamMini's blocks of the trainable (name, parameter) pairs, and the frozen ones, waiting
+    to be cut when unfrozen, with the head geometry to cut them by."""
+    blocks = {p: _classify(n, p, None, heads) for n, p in named if p.requires_grad}
+    return blocks, {p: (n, heads) for n, p in named if not p.requires_grad}
+
+
 # ----------------------------------------------------------------------------------------
 # 3. The shared driver: the per-parameter pipeline (unscale, clip, the rule, write-back), the
 # classic step(), the fused drivers (hooks inside backward), clipping and fp16 loss scaling
@@ -1991,13 +1998,6 @@ def _check_adam_mini_settings(s, where=""):
     if not _pair(betas) or any(not isinstance(b, (int, float)) or not 0.0 <= b < 1.0 for b in betas):
         raise ValueError(f"{where}betas must be two numbers in [0, 1), got {betas!r}")
     _check_positive(where + "eps", s["eps"], allow_none=False)
-
-
-def _cut_pairs(named, heads):
-    """AdamMini's blocks of the trainable (name, parameter) pairs, and the frozen ones, waiting
-    to be cut when unfrozen, with the head geometry to cut them by."""
-    blocks = {p: _classify(n, p, None, heads) for n, p in named if p.requires_grad}
-    return blocks, {p: (n, heads) for n, p in named if not p.requires_grad}
 
 
 def _heads_of_group(group, heads, where):
