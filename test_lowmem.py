@@ -3069,6 +3069,14 @@ def test_train_gpt2_fsdp_two_ranks_resume_is_exact(tmp_path):
     assert sorted(os.listdir(tmp_path / "b" / "out")) == ["ckpt-fsdp", "ckpt-fsdp-00000008"]  # the link and its target
 
 
+def run_on_ranks(world, script, *args):
+    """A script's run on 2 ranks (torchrun), or on 1 in a plain process (one thread)."""
+    if world == 2:
+        return torchrun_two_ranks(script, *args)
+    return subprocess.run([sys.executable, str(script), *args], capture_output=True, text=True, check=True,
+                          env={**os.environ, "OMP_NUM_THREADS": "1"})
+
+
 def sharded_checkpoint(directory):
     """A torch.distributed.checkpoint directory's model and optimizer state, whole, read in this process."""
     from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
@@ -3102,11 +3110,8 @@ def test_train_gpt2_fsdp_resumes_on_another_number_of_ranks(tmp_path):
     args = dict(optimizer="adam_mini", fsdp=True, lr_decay_iters=8, eval_interval=4, eval_iters=2)
 
     def run(d, world, iters, **kw):
-        argv = ["--device='cpu'", *gpt_args(tmp_path / d, max_iters=iters, batch_size=4 // world, **args, **kw)]
-        if world == 2:
-            return torchrun_two_ranks(train_gpt2.__file__, *argv)
-        return subprocess.run([sys.executable, train_gpt2.__file__, *argv], capture_output=True, text=True, check=True,
-                              env={**os.environ, "OMP_NUM_THREADS": "1"})
+        return run_on_ranks(world, train_gpt2.__file__, "--device='cpu'",
+                            *gpt_args(tmp_path / d, max_iters=iters, batch_size=4 // world, **args, **kw))
     run("a", 2, 8)
     for d, first, then in (("b", 2, 1), ("c", 1, 2)):
         run(d, first, 4)
@@ -3132,12 +3137,9 @@ def test_train_llama_fsdp_resumes_on_another_number_of_ranks(tmp_path):
     args = dict(optimizer="adalomo", fused=False, fsdp=True, eval_interval=2, lr_decay_iters=4, num_hidden_layers=1,
                 batch_size=2)
 
-    def run(d, world, iters, **kw):
-        argv = ["--device='cpu'", *llama_args(tmp_path / d, max_iters=iters, **args, **kw)]
-        if world == 2:
-            return torchrun_two_ranks(train_llama.__file__, *argv)
-        return subprocess.run([sys.executable, train_llama.__file__, *argv, "--gradient_accumulation_steps=2"],
-                              check=True, capture_output=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    def run(d, world, iters, **kw):  # 1 rank accumulates the 2 ranks' micro-batches
+        return run_on_ranks(world, train_llama.__file__, "--device='cpu'", *llama_args(
+            tmp_path / d, max_iters=iters, **args, **kw), *(["--gradient_accumulation_steps=2"] if world == 1 else []))
     assert run("a", 2, 4).stdout.count("done: val loss") == 1  # rank 0 logs
     saved = train_llama.Llama.from_pretrained(str(tmp_path / "a" / "out" / "hf")).eval()
     with torch.no_grad():
