@@ -650,7 +650,7 @@ class _LowMemOptimizer(torch.optim.Optimizer):
             with torch.enable_grad():
                 loss = closure()  # update_in_backward: the closure's backward is the update
         self._end_window()
-        self._register_hooks(self._group_of)  # parameters unfrozen since: update_in_backward's next backward
+        self._register_hooks(self._group_of)  # parameters unfrozen since (Adam-mini: their blocks, before the update)
         grads = {p: self._geo[p].grad_rows(p.grad) if self._geo[p].sharded else p.grad
                  for g in self.param_groups for p in g["params"] if p.grad is not None}
         clip_coef = None  # replicated .grad is synced by DDP in this driver, sharded by FSDP2
@@ -681,8 +681,8 @@ class _LowMemOptimizer(torch.optim.Optimizer):
 
     def _register_hooks(self, params):
         """The gradient hook on each parameter that trains and has none yet. A parameter frozen
-        when it joined a group and unfrozen later gets its hook at the next fused_backward or at
-        the end of the next step() (which applies the .grad it has meanwhile, as step() does)."""
+        when it joined a group and unfrozen later gets its hook at the start of the next
+        fused_backward or step() (which then applies the .grad it has meanwhile, as step() does)."""
         for p in params:
             if p.requires_grad and p not in self._hooked:
                 self._hooks.append(p.register_post_accumulate_grad_hook(self._hook))
